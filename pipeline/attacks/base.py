@@ -1,0 +1,63 @@
+"""The base class enforces the threat model so no attack has to be trusted to.
+
+Following foolbox: `__call__` is the only entry point; it evaluates the model in
+eval mode (restoring its mode after), and projects whatever `run` returns onto
+the ε-ball intersected with the data domain.
+"""
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+
+import torch
+from torch import nn
+
+from pipeline.threat import Domain, project
+
+
+class Attack(ABC):
+    name: str = "attack"
+
+    def __call__(
+        self,
+        model: nn.Module,
+        x: torch.Tensor,
+        y: torch.Tensor,
+        epsilon: float,
+        norm: str,
+        domain: Domain,
+        generator: torch.Generator,
+    ) -> torch.Tensor:
+        if not domain.contains(x, tol=1e-6):
+            raise ValueError(f"{self.name}: clean inputs lie outside the data domain")
+        was_training = model.training
+        model.eval()
+        try:
+            x_adv = self.run(model, x, y, epsilon, norm, domain, generator)
+        finally:
+            model.train(was_training)
+        return project(x_adv.detach(), x, epsilon, norm, domain)
+
+    @abstractmethod
+    def run(
+        self,
+        model: nn.Module,
+        x: torch.Tensor,
+        y: torch.Tensor,
+        epsilon: float,
+        norm: str,
+        domain: Domain,
+        generator: torch.Generator,
+    ) -> torch.Tensor:
+        """Return candidate adversarial inputs (projected by the caller)."""
+
+    def settings(self) -> dict:
+        """Hyperparameters, for the metrics and the report."""
+        return {}
+
+
+def loss_gradient(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Gradient of the summed cross-entropy with respect to the input."""
+    x = x.detach().requires_grad_(True)
+    loss = nn.functional.cross_entropy(model(x), y, reduction="sum")
+    (grad,) = torch.autograd.grad(loss, x)
+    return grad

@@ -1,0 +1,1 @@
+"""Formal certificates: bound propagation through auto_LiRPA."""

@@ -1,0 +1,221 @@
+"""`params.yaml` parsed into typed, validated config objects.
+
+Every stage calls :func:`load_params` before it does any work, so a typo or an
+out-of-range value costs one clear line (key path, value, what is allowed) and
+exit code 2, never a half-run pipeline.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from pathlib import Path
+from typing import Literal, Optional, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from pipeline.errors import UsageError
+from pipeline.io import confine
+
+BUILTIN_MODELS = ("mlp", "cnn_small")
+_FACTORY_PATTERN = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+
+
+class DataConfig(_Section):
+    dataset: Literal["digits", "breast_cancer", "idx", "npz"] = "digits"
+    path: Optional[str] = Field(None, description="IDX directory or NPZ file, inside the workspace")
+    val_fraction: float = Field(0.15, gt=0.0, lt=0.5)
+    test_fraction: float = Field(0.25, gt=0.0, lt=0.5)
+    max_samples: Optional[int] = Field(None, ge=20, description="stratified subsample before splitting")
+
+    @model_validator(mode="after")
+    def _path_matches_dataset(self) -> "DataConfig":
+        if self.dataset in ("idx", "npz") and not self.path:
+            raise ValueError(f"dataset {self.dataset!r} needs data.path")
+        return self
+
+
+class ModelConfig(_Section):
+    name: str = "cnn_small"
+    hidden: list[int] = Field(default_factory=lambda: [128, 64], description="mlp layer widths")
+    channels: list[int] = Field(default_factory=lambda: [16, 32], description="cnn_small conv widths")
+    dense: int = Field(100, ge=1, description="cnn_small dense width")
+    options: dict[str, Union[int, float, str, bool, list[int]]] = Field(
+        default_factory=dict, description="keyword arguments for a 'module:callable' factory"
+    )
+
+    def factory_options(self) -> dict:
+        """Keyword arguments the named model factory is called with."""
+        if self.name == "mlp":
+            return {"hidden": list(self.hidden)}
+        if self.name == "cnn_small":
+            return {"channels": list(self.channels), "dense": self.dense}
+        return dict(self.options)
+
+    @field_validator("name")
+    @classmethod
+    def _known_model(cls, name: str) -> str:
+        if name not in BUILTIN_MODELS and not _FACTORY_PATTERN.match(name):
+            raise ValueError(f"unknown model; allowed: {', '.join(BUILTIN_MODELS)} or 'module:callable'")
+        return name
+
+    @field_validator("hidden", "channels")
+    @classmethod
+    def _positive_widths(cls, widths: list[int]) -> list[int]:
+        if not widths or any(w < 1 for w in widths):
+            raise ValueError("must be a non-empty list of integers >= 1")
+        return widths
+
+
+class ThreatConfig(_Section):
+    norm: Literal["linf", "l2"] = "linf"
+    epsilon: float = Field(0.1, ge=0.0)
+    rationale: Optional[str] = None
+
+
+class PGDConfig(_Section):
+    steps: int = Field(10, ge=1)
+    step_size: float = Field(0.025, gt=0.0)
+    restarts: int = Field(1, ge=1)
+
+
+class TrainConfig(_Section):
+    method: Literal["standard", "pgd_at"] = "pgd_at"
+    epochs: int = Field(20, ge=1)
+    batch_size: int = Field(64, ge=1)
+    optimizer: Literal["adam", "sgd"] = "adam"
+    lr: float = Field(1e-3, gt=0.0)
+    momentum: float = Field(0.9, ge=0.0, lt=1.0)
+    weight_decay: float = Field(0.0, ge=0.0)
+    epsilon_warmup_epochs: int = Field(0, ge=0)
+    pgd: PGDConfig = PGDConfig(steps=7, step_size=0.025)
+    val_pgd: PGDConfig = PGDConfig(steps=10, step_size=0.02)
+
+
+class AttackConfig(_Section):
+    attacks: list[Literal["fgsm", "pgd"]] = Field(default_factory=lambda: ["fgsm", "pgd"])
+    pgd: PGDConfig = PGDConfig(steps=50, step_size=0.01, restarts=2)
+    batch_size: int = Field(256, ge=1)
+    max_samples: Optional[int] = Field(None, ge=1)
+
+    @field_validator("attacks")
+    @classmethod
+    def _non_empty(cls, attacks: list[str]) -> list[str]:
+        if not attacks or len(set(attacks)) != len(attacks):
+            raise ValueError("must list each attack once and at least one")
+        return attacks
+
+
+class CertifyConfig(_Section):
+    methods: list[Literal["ibp", "crown"]] = Field(default_factory=lambda: ["ibp", "crown"])
+    batch_size: int = Field(128, ge=1)
+    max_samples: Optional[int] = Field(None, ge=1)
+    random_points: int = Field(32, ge=0, description="random points per sample for the containment check")
+    tolerance: float = Field(1e-4, gt=0.0, description="float slack allowed in the containment check")
+
+
+class ExportConfig(_Section):
+    opset: int = Field(17, ge=9, le=20)
+    atol: float = Field(1e-4, gt=0.0, description="max |onnx - torch| logit difference")
+    min_label_agreement: float = Field(1.0, gt=0.0, le=1.0)
+
+
+class ReportConfig(_Section):
+    title: str = "Robustness evidence report"
+    intended_purpose: Optional[str] = None
+    input_domain: Optional[str] = None
+    out_of_scope_use: Optional[str] = None
+
+
+class GateConfig(_Section):
+    policy: str = "policies/default.yaml"
+
+
+class RegisterConfig(_Section):
+    model_name: str = Field("robustgate-model", min_length=1, pattern=r"^[\w.\-]+$")
+    experiment: str = Field("robustgate", min_length=1)
+
+
+class Params(_Section):
+    seed: int = Field(0, ge=0)
+    data: DataConfig = DataConfig()
+    model: ModelConfig = ModelConfig()
+    threat: ThreatConfig = ThreatConfig()
+    train: TrainConfig = TrainConfig()
+    attack: AttackConfig = AttackConfig()
+    certify: CertifyConfig = CertifyConfig()
+    export: ExportConfig = ExportConfig()
+    report: ReportConfig = ReportConfig()
+    gate: GateConfig = GateConfig()
+    # `register` would shadow ABCMeta.register on the model class, hence the alias.
+    registry: RegisterConfig = Field(RegisterConfig(), alias="register")
+
+    def section_hash(self, *sections: str) -> str:
+        """SHA-256 of the named sections (all when none), for traceability."""
+        dumped = self.model_dump(mode="json", by_alias=True)
+        chosen = {k: dumped[k] for k in (sections or dumped.keys())}
+        return hashlib.sha256(json.dumps(chosen, sort_keys=True).encode()).hexdigest()
+
+
+def format_validation_error(source: str, error: ValidationError) -> str:
+    """One line: the first offending key path, its value and what is allowed."""
+    first = error.errors()[0]
+    path = ".".join(str(p) for p in first["loc"]) or "<root>"
+    message = first["msg"]
+    if first["type"] == "extra_forbidden":
+        message = "unknown key"
+    value = first.get("input")
+    shown = "{...}" if isinstance(value, dict) else repr(value)
+    more = len(error.errors()) - 1
+    suffix = f" (and {more} more problem{'s' if more > 1 else ''})" if more else ""
+    return f"{source}: {path} = {shown}: {message}{suffix}"
+
+
+class _Yaml11Loader(yaml.SafeLoader):
+    """SafeLoader that reads `1e-4` as a float (plain YAML 1.1 reads it as a string)."""
+
+
+_Yaml11Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:\d+\.?\d*|\.\d+)[eE][-+]?\d+$"),
+    list("-+0123456789."),
+)
+
+
+def read_yaml(path: Path) -> object:
+    """Parse a YAML file safely (no object construction), with scientific floats."""
+    try:
+        return yaml.load(path.read_text(encoding="utf-8"), Loader=_Yaml11Loader)  # noqa: S506 (SafeLoader subclass)
+    except yaml.YAMLError as error:
+        raise UsageError(f"{path.name}: not valid YAML: {str(error).splitlines()[0]}") from None
+
+
+def parse_params(raw: object, source: str = "params.yaml") -> Params:
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise UsageError(f"{source}: top level must be a mapping of sections, got {type(raw).__name__}")
+    try:
+        return Params.model_validate(raw)
+    except ValidationError as error:
+        raise UsageError(format_validation_error(source, error)) from None
+
+
+def load_params(path: Path, root: Path) -> Params:
+    """Read, validate and check the file references of `params.yaml`."""
+    if not path.is_file():
+        raise UsageError(f"params file {path} does not exist")
+    params = parse_params(read_yaml(path), path.name)
+    if params.data.path is not None:
+        data_path = confine(params.data.path, root, "data.path")
+        if not data_path.exists():
+            raise UsageError(f"{path.name}: data.path = {params.data.path!r}: no such file or directory")
+    policy = confine(params.gate.policy, root, "gate.policy")
+    if not policy.is_file():
+        raise UsageError(f"{path.name}: gate.policy = {params.gate.policy!r}: no such file")
+    return params

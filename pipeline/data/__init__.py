@@ -1,0 +1,1 @@
+"""Datasets by name, validation, stratified splitting and fingerprinting."""

@@ -1,0 +1,116 @@
+"""Datasets by name. Each loader returns raw arrays plus the input domain box.
+
+Images live in [0, 1] and carry that box; tabular data is standardised later
+(with training-split statistics) and gets a per-feature box. Attacks,
+certifiers and ONNX all see this one domain.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Optional
+
+import numpy as np
+
+from pipeline.data.idx import load_idx_directory
+from pipeline.errors import UsageError
+
+
+@dataclass(frozen=True)
+class RawDataset:
+    x: np.ndarray  # float32, (N, *input_shape)
+    y: np.ndarray  # int64, (N,)
+    standardize: bool  # tabular: z-score with train statistics, box from the data
+    lower: Optional[np.ndarray] = None  # domain box for images, broadcastable to one input
+    upper: Optional[np.ndarray] = None
+
+
+def _digits(_: Optional[Path]) -> RawDataset:
+    from sklearn.datasets import load_digits
+
+    bunch = load_digits()
+    x = (bunch.images / 16.0).astype(np.float32)[:, None, :, :]
+    return RawDataset(x, bunch.target.astype(np.int64), False, np.zeros(1, np.float32), np.ones(1, np.float32))
+
+
+def _breast_cancer(_: Optional[Path]) -> RawDataset:
+    from sklearn.datasets import load_breast_cancer
+
+    bunch = load_breast_cancer()
+    return RawDataset(bunch.data.astype(np.float32), bunch.target.astype(np.int64), True)
+
+
+def _idx(path: Optional[Path]) -> RawDataset:
+    images, labels = load_idx_directory(path)
+    x = (images.astype(np.float32) / 255.0)[:, None, :, :]
+    return RawDataset(x, labels.astype(np.int64), False, np.zeros(1, np.float32), np.ones(1, np.float32))
+
+
+def _npz(path: Optional[Path]) -> RawDataset:
+    try:
+        with np.load(path, allow_pickle=False) as archive:
+            arrays = {k: archive[k] for k in archive.files}
+    except (ValueError, OSError) as error:
+        raise UsageError(f"{path}: not a readable .npz without pickles ({error})") from None
+    missing = {"x", "y"} - set(arrays)
+    if missing:
+        raise UsageError(f"{path}: missing array(s) {sorted(missing)}; an npz dataset needs 'x' and 'y'")
+    x, y = arrays["x"], arrays["y"]
+    if x.dtype == np.uint8:
+        x = x.astype(np.float32) / 255.0
+    if not (np.issubdtype(x.dtype, np.floating) or np.issubdtype(x.dtype, np.integer)):
+        raise UsageError(f"{path}: x has dtype {x.dtype}; expected numbers")
+    if not np.issubdtype(y.dtype, np.integer):
+        raise UsageError(f"{path}: y has dtype {y.dtype}; expected integer class labels")
+    x = x.astype(np.float32)
+    lower, upper = arrays.get("lower"), arrays.get("upper")
+    if (lower is None) != (upper is None):
+        raise UsageError(f"{path}: give both 'lower' and 'upper' domain bounds, or neither")
+    if lower is None and np.isfinite(x).all() and x.min() >= 0.0 and x.max() <= 1.0:
+        lower, upper = np.zeros(1, np.float32), np.ones(1, np.float32)
+    if lower is not None:
+        lower, upper = lower.astype(np.float32), upper.astype(np.float32)
+    return RawDataset(x, y.astype(np.int64), False, lower, upper)
+
+
+DATASETS: dict[str, Callable[[Optional[Path]], RawDataset]] = {
+    "digits": _digits,
+    "breast_cancer": _breast_cancer,
+    "idx": _idx,
+    "npz": _npz,
+}
+
+
+def load_dataset(name: str, path: Optional[Path] = None) -> RawDataset:
+    if name not in DATASETS:
+        raise UsageError(f"unknown dataset {name!r}; allowed: {', '.join(DATASETS)}")
+    dataset = DATASETS[name](path)
+    validate(dataset, name)
+    return dataset
+
+
+def validate(dataset: RawDataset, name: str) -> None:
+    """Refuse data that would make every later figure meaningless."""
+    x, y = dataset.x, dataset.y
+    if x.ndim < 2 or len(x) == 0:
+        raise UsageError(f"{name}: x must have shape (N, features...) with N > 0, got {x.shape}")
+    if y.shape != (len(x),):
+        raise UsageError(f"{name}: {len(x)} samples but labels of shape {y.shape}")
+    if not np.isfinite(x).all():
+        bad = int((~np.isfinite(x)).reshape(len(x), -1).any(axis=1).sum())
+        raise UsageError(f"{name}: {bad} sample(s) contain NaN or inf")
+    if y.min() < 0:
+        raise UsageError(f"{name}: negative class label {int(y.min())}")
+    counts = np.bincount(y)
+    present = np.flatnonzero(counts)
+    if len(present) < 2:
+        raise UsageError(f"{name}: need at least two classes, found {len(present)}")
+    if len(present) != len(counts):
+        raise UsageError(f"{name}: labels must be 0..K-1; class(es) {sorted(set(range(len(counts))) - set(present))} missing")
+    if dataset.lower is not None:
+        lower = np.broadcast_to(dataset.lower, x.shape[1:]) if dataset.lower.size == 1 else dataset.lower
+        upper = np.broadcast_to(dataset.upper, x.shape[1:]) if dataset.upper.size == 1 else dataset.upper
+        if lower.shape != x.shape[1:] or upper.shape != x.shape[1:]:
+            raise UsageError(f"{name}: domain bounds of shape {lower.shape} do not match inputs {x.shape[1:]}")
+        if (x < lower).any() or (x > upper).any():
+            raise UsageError(f"{name}: samples lie outside the declared domain bounds")

@@ -1,0 +1,45 @@
+"""Plots for the report, returned as PNG data URLs so the HTML stays one file."""
+from __future__ import annotations
+
+import base64
+import io
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+
+def _data_url(fig) -> str:
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=110, bbox_inches="tight", metadata={"Software": None})
+    plt.close(fig)
+    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
+
+
+def training_curves(history: list[dict]) -> str:
+    epochs = [row["epoch"] for row in history]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(9, 3.2))
+    left.plot(epochs, [r["train_clean_accuracy"] for r in history], label="train clean")
+    left.plot(epochs, [r["val_clean_accuracy"] for r in history], label="val clean")
+    left.plot(epochs, [r["val_robust_accuracy"] for r in history], label="val robust (PGD)")
+    left.set(xlabel="epoch", ylabel="accuracy", ylim=(0, 1.02), title="Accuracy per epoch")
+    left.grid(alpha=0.3)
+    left.legend(fontsize=8)
+    right.plot(epochs, [r["loss"] for r in history], color="tab:red")
+    right.set(xlabel="epoch", ylabel="training loss", title="Training objective")
+    right.grid(alpha=0.3)
+    return _data_url(fig)
+
+
+def accuracy_bars(entries: list[tuple[str, float, list[float]]]) -> str:
+    """One bar per figure with its 95% interval drawn as an error bar."""
+    labels = [e[0] for e in entries]
+    values = [e[1] for e in entries]
+    errors = [[v - e[2][0] for v, e in zip(values, entries)], [e[2][1] - v for v, e in zip(values, entries)]]
+    fig, ax = plt.subplots(figsize=(7, 0.5 + 0.45 * len(entries)))
+    ax.barh(labels, values, xerr=errors, capsize=4, color="tab:blue", alpha=0.8)
+    ax.set(xlim=(0, 1), xlabel="accuracy on the test split (bar: estimate, whisker: 95% Clopper-Pearson)")
+    ax.invert_yaxis()
+    ax.grid(axis="x", alpha=0.3)
+    return _data_url(fig)

@@ -1,0 +1,96 @@
+"""MLflow model registry: log the evidence, register the ONNX model, move aliases.
+
+`approved` moves only for a passed verdict whose pinned hashes still match the
+files; the previous holder stays recorded so a rollback is one alias move.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+CANDIDATE, APPROVED = "candidate", "approved"
+
+
+@dataclass(frozen=True)
+class Registration:
+    run_id: str
+    model_name: str
+    version: str
+    approved: bool
+    previous_approved: Optional[str]
+
+
+def default_tracking_uri(root: Path) -> str:
+    return f"sqlite:///{(root / 'mlflow.db').as_posix()}"
+
+
+def _flatten(prefix: str, value, out: dict) -> None:
+    if isinstance(value, dict):
+        for key, sub in value.items():
+            _flatten(f"{prefix}.{key}" if prefix else str(key), sub, out)
+    else:
+        out[prefix] = value
+
+
+def flatten(tree: dict) -> dict:
+    out: dict = {}
+    _flatten("", tree, out)
+    return out
+
+
+def register(
+    tracking_uri: str,
+    experiment: str,
+    model_name: str,
+    params: dict,
+    metrics: dict[str, dict],
+    onnx_path: Path,
+    artifacts: list[Path],
+    tags: dict[str, str],
+    approve: bool,
+    input_example,
+    artifact_root: Optional[Path] = None,
+) -> Registration:
+    import mlflow
+    import mlflow.onnx
+    import onnx
+    from mlflow import MlflowClient
+    from mlflow.models import infer_signature
+
+    mlflow.set_tracking_uri(tracking_uri)
+    client = MlflowClient(tracking_uri)
+    found = client.get_experiment_by_name(experiment)
+    if found is None:
+        location = artifact_root.as_uri() if artifact_root is not None else None
+        experiment_id = client.create_experiment(experiment, artifact_location=location)
+    else:
+        experiment_id = found.experiment_id
+    numeric = {k: float(v) for k, v in flatten(metrics).items()
+               if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    with mlflow.start_run(experiment_id=experiment_id) as run:
+        mlflow.log_params({k: str(v)[:500] for k, v in flatten(params).items()})
+        mlflow.log_metrics(numeric)
+        mlflow.set_tags(tags)
+        for path in artifacts:
+            mlflow.log_artifact(str(path), artifact_path="evidence")
+        model = onnx.load(str(onnx_path))
+        from pipeline.onnx_export import onnx_logits
+
+        signature = infer_signature(input_example, onnx_logits(onnx_path, input_example))
+        info = mlflow.onnx.log_model(
+            model, name="model", signature=signature, input_example=input_example,
+            onnx_execution_providers=["CPUExecutionProvider"],
+        )
+    version = mlflow.register_model(info.model_uri, model_name, tags=tags)
+    previous = None
+    try:
+        previous = client.get_model_version_by_alias(model_name, APPROVED).version
+    except Exception:  # no approved version yet
+        previous = None
+    client.set_registered_model_alias(model_name, CANDIDATE, version.version)
+    if approve:
+        if previous is not None:
+            client.set_model_version_tag(model_name, version.version, "previous_approved", str(previous))
+        client.set_registered_model_alias(model_name, APPROVED, version.version)
+    return Registration(run.info.run_id, model_name, str(version.version), approve, previous)

@@ -1,0 +1,112 @@
+"""Stage `certify`: IBP and CROWN verified accuracy, with soundness cross-checks.
+
+Two checks run every time, because a wrong certificate is the worst error a
+report can carry: (1) no certified sample may have an adversarial example from
+the attack stage; (2) the certified margin bounds must contain the margins of
+the attack's adversarial points and of random points in the ε-ball. Either
+failing stops the stage with exit code 1.
+"""
+from __future__ import annotations
+
+import json
+import time
+
+import numpy as np
+import torch
+
+from pipeline.certify.bounds import BoundComputer, NotBoundable, margins_of
+from pipeline.errors import GateFailed, UsageError
+from pipeline.io import write_json, write_text
+from pipeline.stages.common import load_data, load_model_for, seed_everything, tensors
+from pipeline.stats import proportion
+from pipeline.threat import random_start
+from pipeline.workspace import SCHEMA_VERSION, Workspace
+
+
+def _attack_evidence(ws: Workspace, n: int, epsilon: float, norm: str):
+    if not ws.adversarial.is_file():
+        raise UsageError(f"missing {ws.adversarial}: run `robustgate attack` first (the soundness check needs it)")
+    with np.load(ws.adversarial, allow_pickle=False) as archive:
+        if float(archive["epsilon"]) != np.float32(epsilon) or str(archive["norm"]) != norm:
+            raise UsageError(f"{ws.adversarial} is for {archive['norm']} ε={float(archive['epsilon'])}; re-run attack")
+        m = min(n, len(archive["y"]))
+        return torch.as_tensor(archive["x_adv"][:m]), torch.as_tensor(archive["robust"][:m]), m
+
+
+def containment_violations(computer, model, x, y, x_adv, epsilon, norm, method, num_classes, domain,
+                           generator, random_points: int, tolerance: float, batch_size: int) -> tuple[int, int]:
+    """Points whose true margins fall outside the certified bounds (must be zero)."""
+    violations = checked = 0
+    for start in range(0, len(x), batch_size):
+        xb, yb = x[start:start + batch_size], y[start:start + batch_size]
+        lower, upper = computer.margin_bounds(xb, yb, epsilon, norm, method, num_classes)
+        probes = [x_adv[start:start + batch_size]] if x_adv is not None else []
+        probes += [random_start(xb, epsilon, norm, domain, generator) for _ in range(random_points)]
+        with torch.no_grad():
+            for probe in probes:
+                margin = margins_of(model(probe), yb)
+                bad = (margin < lower - tolerance) | (margin > upper + tolerance)
+                violations += int(bad.any(dim=1).sum())
+                checked += len(probe)
+    return violations, checked
+
+
+def main(ws: Workspace) -> int:
+    params = ws.params()
+    cfg, threat = params.certify, params.threat
+    data, domain, data_fingerprint = load_data(ws, params)
+    model, _ = load_model_for(ws, data_fingerprint)
+    generator = seed_everything(params.seed)
+    x, y = tensors(data, "test", cfg.max_samples)
+    x_adv, attack_robust, m = _attack_evidence(ws, len(x), threat.epsilon, threat.norm)
+    with torch.no_grad():
+        clean_correct = model(x).argmax(1) == y
+    n = len(y)
+    metrics = {
+        "schema_version": SCHEMA_VERSION, "n": n, "epsilon": threat.epsilon, "norm": threat.norm,
+        "status": "ok", "verified_accuracy": {}, "verified_accuracy_ci": {}, "methods": {},
+        "bound": "lower bound on true robust accuracy (sound bound propagation, float32)",
+        "seed": params.seed, "dataset_fingerprint": data_fingerprint,
+    }
+    per_sample = {i: {"index": i, "label": int(y[i]), "clean_correct": bool(clean_correct[i])} for i in range(n)}
+    try:
+        computer = BoundComputer(model, tuple(x.shape[1:]), domain)
+        for method in cfg.methods:
+            started = time.perf_counter()
+            cert = computer.certify(x, y, threat.epsilon, threat.norm, method, data.num_classes,
+                                    cfg.batch_size, cfg.tolerance)
+            verified = cert.verified & clean_correct
+            conflicts = int((verified[:m] & ~attack_robust).sum())
+            if conflicts:
+                raise GateFailed(
+                    f"SOUNDNESS: {conflicts} sample(s) certified by {method} at ε={threat.epsilon} "
+                    "have an adversarial example from the attack stage; the certificate cannot be trusted"
+                )
+            violations, checked = containment_violations(
+                computer, model, x[:m], y[:m], x_adv, threat.epsilon, threat.norm, method, data.num_classes,
+                domain, generator, cfg.random_points, cfg.tolerance, cfg.batch_size)
+            if violations:
+                raise GateFailed(
+                    f"SOUNDNESS: {violations} of {checked} points have margins outside the {method} bounds"
+                )
+            stats = proportion(int(verified.sum()), n)
+            metrics["verified_accuracy"][method] = stats["value"]
+            metrics["verified_accuracy_ci"][method] = stats["ci"]
+            metrics["methods"][method] = {
+                **stats, "seconds": time.perf_counter() - started,
+                "soundness": {"attack_conflicts": conflicts, "containment_violations": violations,
+                              "points_checked": checked, "samples_cross_checked": m, "tolerance": cfg.tolerance},
+            }
+            for i in range(n):
+                per_sample[i][f"{method}_margin_lower"] = float(cert.margin_lower[i])
+                per_sample[i][f"{method}_verified"] = bool(verified[i])
+            print(f"certify: {method} verified {stats['value']:.3f} [{stats['ci'][0]:.3f}, {stats['ci'][1]:.3f}] "
+                  f"n={n}; soundness: 0 conflicts, 0/{checked} containment violations")
+    except NotBoundable as error:
+        metrics["status"] = "not_applicable"
+        metrics["reason"] = f"auto_LiRPA cannot bound this model: {error}"
+        metrics["verified_accuracy"] = {method: "not_applicable" for method in cfg.methods}
+        print(f"certify: not applicable: {error}")
+    write_text(ws.certify_samples, "".join(json.dumps(row) + "\n" for row in per_sample.values()))
+    write_json(ws.metrics("certify"), metrics)
+    return 0

@@ -1,0 +1,83 @@
+"""Stage `export`: ONNX file, checked, with onnxruntime parity on clean and adversarial inputs."""
+from __future__ import annotations
+
+import os
+import tempfile
+
+import numpy as np
+import onnx
+
+from pipeline import __version__
+from pipeline.errors import GateFailed, UsageError
+from pipeline.io import sha256_file, write_json
+from pipeline.onnx_export import EXPORTER, ExportError, export_onnx, onnx_logits, parity, torch_logits
+from pipeline.stages.common import load_data, load_model_for, seed_everything
+from pipeline.workspace import SCHEMA_VERSION, Workspace
+
+
+def main(ws: Workspace) -> int:
+    params = ws.params()
+    cfg, threat = params.export, params.threat
+    data, _, data_fingerprint = load_data(ws, params)
+    model, meta = load_model_for(ws, data_fingerprint)
+    seed_everything(params.seed)
+    if not ws.adversarial.is_file():
+        raise UsageError(f"missing {ws.adversarial}: run `robustgate attack` first")
+    with np.load(ws.adversarial, allow_pickle=False) as archive:
+        x_adv, y_adv = archive["x_adv"], archive["y"]
+        torch_robust = float(archive["robust"].mean())
+    x_test, y_test = data.x["test"], data.y["test"]
+    metadata = {
+        "robustgate.version": __version__,
+        "robustgate.git_commit": ws.git_commit(),
+        "robustgate.dataset_fingerprint": data_fingerprint,
+        "robustgate.params_sha256": params.section_hash(),
+        "robustgate.epsilon": str(threat.epsilon),
+        "robustgate.norm": threat.norm,
+        "robustgate.training_method": meta["method"],
+        "robustgate.exporter": EXPORTER,
+    }
+    ws.onnx.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=".model.", suffix=".onnx", dir=ws.onnx.parent)
+    os.close(fd)
+    tmp = ws.onnx.parent / os.path.basename(tmp_name)
+    try:
+        try:
+            export_onnx(model, tuple(meta["input_shape"]), tmp, cfg.opset, metadata)
+        except (ExportError, onnx.checker.ValidationError) as error:
+            raise UsageError(f"ONNX export failed (opset {cfg.opset}): {error}") from None
+        clean = parity(torch_logits(model, x_test), onnx_logits(tmp, x_test))
+        adv_onnx = onnx_logits(tmp, x_adv)
+        adv = parity(torch_logits(model, x_adv), adv_onnx)
+        clean_onnx_ok = onnx_logits(tmp, x_test[: len(y_adv)]).argmax(1) == y_adv
+        onnx_robust = float((clean_onnx_ok & (adv_onnx.argmax(1) == y_adv)).mean())
+        worst = max(clean["max_abs_diff"], adv["max_abs_diff"])
+        if worst > cfg.atol or min(clean["label_agreement"], adv["label_agreement"]) < cfg.min_label_agreement:
+            raise GateFailed(
+                f"ONNX parity out of tolerance: max |Δlogit| {worst:.3g} (allowed {cfg.atol}), label agreement "
+                f"clean {clean['label_agreement']:.4f} adversarial {adv['label_agreement']:.4f} "
+                f"(required {cfg.min_label_agreement}); no model.onnx written"
+            )
+        os.replace(tmp, ws.onnx)
+    finally:
+        tmp.unlink(missing_ok=True)
+    digest = sha256_file(ws.onnx)
+    write_json(ws.metrics("export"), {
+        "schema_version": SCHEMA_VERSION,
+        "onnx_sha256": digest,
+        "opset": cfg.opset,
+        "exporter": EXPORTER,
+        "max_abs_diff": clean["max_abs_diff"],
+        "label_agreement": clean["label_agreement"],
+        "n": clean["n"],
+        "adv_max_abs_diff": adv["max_abs_diff"],
+        "adv_label_agreement": adv["label_agreement"],
+        "adv_n": adv["n"],
+        "robust_accuracy_onnx": onnx_robust,
+        "robust_accuracy_torch": torch_robust,
+        "robust_accuracy_diff": abs(onnx_robust - torch_robust),
+        "metadata": metadata,
+    })
+    print(f"export: {ws.onnx.name} sha256 {digest[:12]} max|Δ| {worst:.2e} labels {clean['label_agreement']:.4f}/"
+          f"{adv['label_agreement']:.4f} robust onnx {onnx_robust:.3f} vs torch {torch_robust:.3f}")
+    return 0

@@ -1,0 +1,1 @@
+"""Training methods (the inner maximisation) and the epoch loop around them."""
