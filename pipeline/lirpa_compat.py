@@ -11,6 +11,7 @@ from __future__ import annotations
 import importlib
 import sys
 import types
+import warnings
 
 import numpy as np
 import torch
@@ -87,7 +88,14 @@ def load() -> types.ModuleType:
         _bridge_opset_setter()
         _bridge_node_getitem()
     try:
-        auto_lirpa = importlib.import_module("auto_LiRPA")  # tqdm is declared in pyproject
+        # At import auto_LiRPA calls warnings.simplefilter("once") for the whole process and
+        # decorates with torch.jit.script (deprecated in torch 2.x, still working). Import it
+        # with warnings recorded, so the filters come back unchanged, and re-emit the rest.
+        with warnings.catch_warnings(record=True) as caught:
+            auto_lirpa = importlib.import_module("auto_LiRPA")  # tqdm is declared in pyproject
+        for warning in caught:
+            if "torch.jit.script" not in str(warning.message):
+                warnings.warn_explicit(warning.message, warning.category, warning.filename, warning.lineno)
     except ImportError as exc:
         raise ImportError(
             "auto_LiRPA is not installed: run `pip install --no-deps auto-LiRPA==0.3` "

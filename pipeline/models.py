@@ -7,6 +7,7 @@ Models take inputs in the data domain; any normalisation belongs inside them.
 from __future__ import annotations
 
 import importlib
+import io
 import json
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -82,7 +83,9 @@ def build_model(name: str, input_shape: Sequence[int], num_classes: int, options
 def save_checkpoint(model: nn.Module, directory: Path, meta: dict[str, Any]) -> None:
     """Write `model.pt` (state_dict) and `model.json` (how to rebuild it, and provenance)."""
     state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
-    atomic_write(directory / "model.pt", lambda tmp: torch.save(state, tmp))
+    buffer = io.BytesIO()  # via memory: torch.save names the zip's records after the file name
+    torch.save(state, buffer)
+    atomic_write(directory / "model.pt", lambda tmp: tmp.write_bytes(buffer.getvalue()))
     text = json.dumps(meta, indent=2, sort_keys=True) + "\n"
     atomic_write(directory / "model.json", lambda tmp: tmp.write_text(text, encoding="utf-8"))
 

@@ -49,8 +49,8 @@ class BoundComputer:
         self.domain = domain
         model = model.eval()
         try:
-            with warnings.catch_warnings():  # torch deprecates the TorchScript tracer auto_LiRPA relies on
-                warnings.simplefilter("ignore", DeprecationWarning)
+            with warnings.catch_warnings():  # tracing warnings are expected for a plain module
+                warnings.simplefilter("ignore")
                 self.bounded = self.lirpa.BoundedModule(model, torch.zeros(1, *input_shape), device="cpu")
         except Exception as error:  # auto_LiRPA raises plain exceptions for unsupported operators
             raise NotBoundable(_name_layer(error)) from error
@@ -73,7 +73,7 @@ class BoundComputer:
             lower, upper = self.bounded.compute_bounds(
                 x=(bounded_x,), C=specification(y, num_classes), method=METHODS[method]
             )
-        except Exception as error:
+        except NotImplementedError as error:  # an operator without a bound rule; anything else is a bug
             raise NotBoundable(_name_layer(error)) from error
         return lower.detach(), upper.detach()
 

@@ -1,0 +1,86 @@
+"""Shared fixtures: a tiny but complete workspace, and a quickly trained model."""
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from pipeline.cli import main as cli
+
+REPO = Path(__file__).resolve().parents[1]
+
+TINY_PARAMS = {
+    "seed": 0,
+    "data": {"dataset": "digits", "max_samples": 400},
+    "model": {"name": "mlp", "hidden": [32]},
+    "threat": {"norm": "linf", "epsilon": 0.05},
+    "train": {"method": "pgd_at", "epochs": 4, "batch_size": 64, "lr": 0.005,
+              "pgd": {"steps": 3, "step_size": 0.02}, "val_pgd": {"steps": 3, "step_size": 0.02}},
+    "attack": {"attacks": ["fgsm", "pgd"], "pgd": {"steps": 10, "step_size": 0.01, "restarts": 1}},
+    "certify": {"methods": ["ibp", "crown"], "random_points": 4},
+    "export": {"opset": 17},
+    "gate": {"policy": "policies/tiny.yaml"},
+    "register": {"model_name": "tiny-model"},
+}
+
+TINY_POLICY = {
+    "name": "tiny",
+    "requirements": [
+        {"id": "ACC", "title": "Clean accuracy", "metric": "attack.clean_accuracy", "comparator": ">=",
+         "threshold": 0.5, "clause": "test clause"},
+        {"id": "VER", "title": "Verified", "metric": "certify.verified_accuracy.crown", "comparator": ">=",
+         "threshold": 0.0, "bound": "lower", "clause": "test clause"},
+        {"id": "ONNX", "title": "Parity", "metric": "export.max_abs_diff", "comparator": "<=",
+         "threshold": 1e-4, "clause": "test clause"},
+    ],
+}
+
+
+def make_workspace(root: Path, params: dict = TINY_PARAMS, policy: dict = TINY_POLICY) -> Path:
+    """A workspace with the repo's templates and policies plus tiny params and policy."""
+    root.mkdir(parents=True, exist_ok=True)
+    shutil.copytree(REPO / "reports" / "templates", root / "reports" / "templates", dirs_exist_ok=True)
+    shutil.copytree(REPO / "policies", root / "policies", dirs_exist_ok=True)
+    (root / "policies" / "tiny.yaml").write_text(yaml.safe_dump(policy))
+    (root / "params.yaml").write_text(yaml.safe_dump(params))
+    return root
+
+
+def run_stage(stage: str, root: Path) -> int:
+    return cli([stage, "--workspace", str(root)])
+
+
+@pytest.fixture(scope="session")
+def pipeline_workspace(tmp_path_factory) -> Path:
+    """Every stage up to the gate, run once in-process on the tiny config."""
+    root = make_workspace(tmp_path_factory.mktemp("ws"))
+    for stage in ("prepare", "train", "attack", "certify", "export", "report", "gate"):
+        assert run_stage(stage, root) == 0, stage
+    return root
+
+
+@pytest.fixture(scope="session")
+def digits_model():
+    """A small MLP trained for a few seconds on digits, with its test data and domain."""
+    from pipeline.data.datasets import load_dataset
+    from pipeline.data.split import prepare
+    from pipeline.models import mlp
+    from pipeline.threat import Domain
+
+    torch.manual_seed(0)
+    data = prepare(load_dataset("digits"), 0.15, 0.25, seed=0)
+    x = torch.as_tensor(data.x["train"])
+    y = torch.as_tensor(data.y["train"])
+    model = mlp((1, 8, 8), 10, hidden=(64,))
+    optimizer = torch.optim.Adam(model.parameters(), lr=0.01)
+    for _ in range(30):
+        optimizer.zero_grad()
+        torch.nn.functional.cross_entropy(model(x), y).backward()
+        optimizer.step()
+    model.eval()
+    x_test = torch.as_tensor(data.x["test"][:200])
+    y_test = torch.as_tensor(data.y["test"][:200])
+    return model, x_test, y_test, Domain.from_arrays(data.lower, data.upper)

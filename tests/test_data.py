@@ -1,0 +1,97 @@
+import gzip
+import struct
+
+import numpy as np
+import pytest
+
+from pipeline.data.datasets import load_dataset
+from pipeline.data.idx import read_idx
+from pipeline.data.split import fingerprint, prepare
+from pipeline.errors import UsageError
+
+
+def write_idx(path, array, compress=False):
+    header = struct.pack(">BBBB", 0, 0, 0x08, array.ndim) + b"".join(struct.pack(">I", d) for d in array.shape)
+    payload = header + array.astype(np.uint8).tobytes()
+    path.write_bytes(gzip.compress(payload) if compress else payload)
+
+
+def test_digits_in_unit_box():
+    data = load_dataset("digits")
+    assert data.x.shape == (1797, 1, 8, 8)
+    assert data.x.min() >= 0 and data.x.max() <= 1
+    assert set(np.unique(data.y)) == set(range(10))
+
+
+def test_split_is_stratified_disjoint_and_seeded():
+    raw = load_dataset("digits")
+    a = prepare(raw, 0.15, 0.25, seed=3)
+    b = prepare(raw, 0.15, 0.25, seed=3)
+    c = prepare(raw, 0.15, 0.25, seed=4)
+    sets = [set(a.indices[s].tolist()) for s in ("train", "val", "test")]
+    assert not (sets[0] & sets[1] or sets[0] & sets[2] or sets[1] & sets[2])
+    assert sum(len(s) for s in sets) == 1797
+    test_share = np.bincount(a.y["test"]) / np.bincount(raw.y)
+    assert np.allclose(test_share, 0.25, atol=0.02)
+    assert fingerprint(a) == fingerprint(b)
+    assert fingerprint(a) != fingerprint(c)
+
+
+def test_breast_cancer_is_standardised_with_train_statistics():
+    data = prepare(load_dataset("breast_cancer"), 0.15, 0.25, seed=0)
+    assert np.allclose(data.x["train"].mean(axis=0), 0, atol=1e-4)
+    assert data.lower.shape == (30,) and (data.lower < data.upper).all()
+    for split in ("train", "val", "test"):
+        assert (data.x[split] >= data.lower).all() and (data.x[split] <= data.upper).all()
+
+
+@pytest.mark.parametrize("compress", [False, True])
+def test_idx_directory_roundtrip(tmp_path, compress):
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, size=(40, 6, 6), dtype=np.uint8)
+    labels = np.repeat(np.arange(4), 10).astype(np.uint8)
+    suffix = ".gz" if compress else ""
+    write_idx(tmp_path / f"t10k-images-idx3-ubyte{suffix}", images, compress)
+    write_idx(tmp_path / f"t10k-labels-idx1-ubyte{suffix}", labels, compress)
+    data = load_dataset("idx", tmp_path)
+    assert data.x.shape == (40, 1, 6, 6)
+    assert np.allclose(data.x[:, 0] * 255, images)
+    assert (data.y == labels).all()
+
+
+def test_truncated_idx_is_refused(tmp_path):
+    write_idx(tmp_path / "a-images-idx3-ubyte", np.zeros((10, 4, 4), np.uint8))
+    path = tmp_path / "a-images-idx3-ubyte"
+    path.write_bytes(path.read_bytes()[:-5])
+    with pytest.raises(UsageError, match="truncated"):
+        read_idx(path)
+
+
+def test_label_count_mismatch_is_refused(tmp_path):
+    write_idx(tmp_path / "a-images-idx3-ubyte", np.zeros((10, 4, 4), np.uint8))
+    write_idx(tmp_path / "a-labels-idx1-ubyte", np.zeros(9, np.uint8))
+    with pytest.raises(UsageError, match="10 images but 9 labels"):
+        load_dataset("idx", tmp_path)
+
+
+def test_npz_dataset_and_its_errors(tmp_path):
+    rng = np.random.default_rng(0)
+    x = rng.random((60, 5)).astype(np.float32)
+    y = np.tile(np.arange(3), 20)
+    np.savez(tmp_path / "ok.npz", x=x, y=y)
+    data = load_dataset("npz", tmp_path / "ok.npz")
+    assert data.x.shape == (60, 5) and data.lower is not None
+    bad = x.copy()
+    bad[3, 2] = np.nan
+    np.savez(tmp_path / "nan.npz", x=bad, y=y)
+    with pytest.raises(UsageError, match="NaN or inf"):
+        load_dataset("npz", tmp_path / "nan.npz")
+    np.savez(tmp_path / "short.npz", x=x, y=y[:-1])
+    with pytest.raises(UsageError, match="60 samples but labels"):
+        load_dataset("npz", tmp_path / "short.npz")
+    np.savez(tmp_path / "nolabels.npz", x=x)
+    with pytest.raises(UsageError, match="missing array"):
+        load_dataset("npz", tmp_path / "nolabels.npz")
+    np.savez(tmp_path / "pickled.npz", x=np.array([object()], dtype=object), y=y)
+    with pytest.raises(UsageError, match="without pickles"):
+        load_dataset("npz", tmp_path / "pickled.npz")

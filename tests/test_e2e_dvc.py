@@ -1,0 +1,79 @@
+"""`dvc repro` on a tiny config in a temporary copy of the repository, as a user runs it."""
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests.conftest import REPO, TINY_PARAMS, TINY_POLICY
+
+pytestmark = pytest.mark.slow
+BIN = Path(sys.executable).parent
+
+
+def sh(args, cwd, check=True):
+    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", "DVC_NO_ANALYTICS": "1"}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    result = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True)
+    if check and result.returncode != 0:
+        raise AssertionError(f"{args} failed ({result.returncode}):\n{result.stdout}\n{result.stderr}")
+    return result
+
+
+def ran(output: str) -> list[str]:
+    return [line.split("'")[1] for line in output.splitlines() if line.startswith("Running stage '")]
+
+
+@pytest.fixture(scope="module")
+def repo_copy(tmp_path_factory):
+    root = tmp_path_factory.mktemp("repo")
+    tracked = subprocess.run(["git", "ls-files"], cwd=REPO, capture_output=True, text=True, check=True).stdout
+    for name in tracked.splitlines():
+        if (REPO / name).is_file():
+            (root / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(REPO / name, root / name)
+    (root / "params.yaml").write_text(yaml.safe_dump(TINY_PARAMS))
+    (root / "policies" / "tiny.yaml").write_text(yaml.safe_dump(TINY_POLICY))
+    sh(["git", "init", "-q"], root)
+    sh(["git", "-c", "user.email=ci@example.com", "-c", "user.name=ci", "commit", "-qm", "copy", "--allow-empty"], root)
+    if not (root / ".dvc").is_dir():
+        sh(["dvc", "init", "-q"], root)
+    return root
+
+
+def approved_version(root: Path) -> str:
+    from mlflow import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{root / 'mlflow.db'}")
+    return str(client.get_model_version_by_alias("tiny-model", "approved").version)
+
+
+def test_repro_noop_partial_rerun_and_failing_gate(repo_copy):
+    root = repo_copy
+    first = sh(["dvc", "repro"], root)
+    assert ran(first.stdout) == ["prepare", "train", "attack", "certify", "export", "report", "gate", "register"]
+    assert (root / "reports/build/report.html").is_file()
+    register = json.loads((root / "metrics/register.json").read_text())
+    assert register["approved"] and approved_version(root) == register["version"]
+
+    assert ran(sh(["dvc", "repro"], root).stdout) == []  # nothing changed, nothing runs
+
+    params = yaml.safe_load((root / "params.yaml").read_text())
+    params["attack"]["pgd"]["steps"] = 12
+    (root / "params.yaml").write_text(yaml.safe_dump(params))
+    rerun = ran(sh(["dvc", "repro"], root).stdout)
+    assert rerun[:2] == ["attack", "certify"] and "prepare" not in rerun and "train" not in rerun
+    approved_before = approved_version(root)
+
+    policy = yaml.safe_load((root / "policies/tiny.yaml").read_text())
+    policy["requirements"][0]["threshold"] = 0.999
+    (root / "policies/tiny.yaml").write_text(yaml.safe_dump(policy))
+    failing = sh(["dvc", "repro"], root, check=False)
+    assert failing.returncode != 0
+    assert "gate" in ran(failing.stdout) and "register" not in ran(failing.stdout)
+    assert "FAIL" in failing.stdout and "ACC" in failing.stdout
+    assert approved_version(root) == approved_before

@@ -1,0 +1,69 @@
+import pytest
+import yaml
+
+from pipeline.errors import UsageError
+from pipeline.policy import Policy, evaluate, format_table, load_policy
+
+METRICS = {
+    "attack": {"clean_accuracy": 0.97, "robust_accuracy": 0.80, "robust_accuracy_ci": [0.76, 0.84]},
+    "certify": {"verified_accuracy": {"crown": 0.30, "ibp": "not_applicable"},
+                "verified_accuracy_ci": {"crown": [0.25, 0.35]}},
+    "export": {"max_abs_diff": 3e-6},
+}
+
+
+def req(**overrides):
+    base = {"id": "R", "title": "t", "metric": "attack.robust_accuracy", "comparator": ">=",
+            "threshold": 0.78, "clause": "ISO 21448 §7"}
+    return {**base, **overrides}
+
+
+def policy(*requirements):
+    return Policy.model_validate({"name": "p", "requirements": list(requirements)})
+
+
+def test_point_passes_but_lower_bound_fails():
+    verdict = evaluate(policy(req(id="A"), req(id="B", bound="lower")), METRICS)
+    assert [r.passed for r in verdict.rows] == [True, False]
+    assert verdict.rows[1].compared == 0.76
+    assert not verdict.passed and [r.id for r in verdict.blocking_failures] == ["B"]
+
+
+def test_missing_and_not_applicable_fail_blocking():
+    verdict = evaluate(policy(req(id="M", metric="certify.verified_accuracy.crown", threshold=0.1),
+                              req(id="NA", metric="certify.verified_accuracy.ibp", threshold=0.0),
+                              req(id="GONE", metric="export.label_agreement", threshold=0.0)), METRICS)
+    assert [r.passed for r in verdict.rows] == [True, False, False]
+    assert verdict.rows[1].measured == "not_applicable" and verdict.rows[2].measured == "missing"
+
+
+def test_advisory_failure_does_not_block():
+    verdict = evaluate(policy(req(id="ADV", threshold=0.99, severity="advisory")), METRICS)
+    assert verdict.passed and not verdict.rows[0].passed
+
+
+def test_upper_comparisons():
+    verdict = evaluate(policy(req(id="P", metric="export.max_abs_diff", comparator="<=", threshold=1e-4)), METRICS)
+    assert verdict.passed
+    assert "PASS" in format_table(verdict.rows)
+
+
+@pytest.mark.parametrize("change,fragment", [
+    ({"metric": "attack.robustness"}, "unknown metric path"),
+    ({"comparator": "=>"}, "comparator"),
+    ({"clause": None}, "clause"),
+    ({"severity": "fatal"}, "severity"),
+])
+def test_invalid_policies_name_the_requirement(tmp_path, change, fragment):
+    path = tmp_path / "p.yaml"
+    path.write_text(yaml.safe_dump({"name": "p", "requirements": [req(), req(id="BAD", **change)]}))
+    with pytest.raises(UsageError) as info:
+        load_policy(path)
+    assert fragment in str(info.value) and "'BAD'" in str(info.value)
+
+
+def test_shipped_policies_are_valid():
+    from pathlib import Path
+
+    for path in (Path(__file__).parents[1] / "policies").glob("*.yaml"):
+        assert load_policy(path).requirements

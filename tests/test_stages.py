@@ -1,0 +1,94 @@
+"""Every stage end to end in-process on the tiny config: keys, soundness, determinism, no partial output."""
+import json
+import shutil
+
+import numpy as np
+import onnx
+
+from pipeline.io import sha256_file
+from tests.conftest import make_workspace, run_stage
+
+
+def metrics(root, stage):
+    return json.loads((root / "metrics" / f"{stage}.json").read_text())
+
+
+def test_metrics_carry_the_required_keys(pipeline_workspace):
+    root = pipeline_workspace
+    train = metrics(root, "train")
+    assert train["epochs"] == 4 and train["seconds"] > 0
+    attack = metrics(root, "attack")
+    for key in ("clean_accuracy", "robust_accuracy", "robust_accuracy_ci", "n"):
+        assert key in attack
+    assert attack["robust_accuracy"] <= attack["clean_accuracy"]
+    lo, hi = attack["robust_accuracy_ci"]
+    assert 0 <= lo <= attack["robust_accuracy"] <= hi <= 1
+    assert "upper bound" in attack["bound"]
+    certify = metrics(root, "certify")
+    assert set(certify["verified_accuracy"]) == {"ibp", "crown"}
+    for method in ("ibp", "crown"):
+        assert certify["verified_accuracy"][method] <= attack["robust_accuracy"]
+        assert certify["methods"][method]["soundness"]["attack_conflicts"] == 0
+        assert certify["methods"][method]["soundness"]["containment_violations"] == 0
+    export = metrics(root, "export")
+    assert export["max_abs_diff"] <= 1e-4 and export["label_agreement"] == 1.0
+    assert export["onnx_sha256"] == sha256_file(root / "models" / "model.onnx")
+    assert export["robust_accuracy_onnx"] == attack["robust_accuracy"]
+    gate = metrics(root, "gate")
+    assert gate["passed"] is True and len(gate["rows"]) == 3
+
+
+def test_per_sample_certificates_never_exceed_attack_verdicts(pipeline_workspace):
+    attack_rows = [json.loads(l) for l in (pipeline_workspace / "artifacts/attack/samples.jsonl").read_text().splitlines()]
+    cert_rows = [json.loads(l) for l in (pipeline_workspace / "artifacts/certify/samples.jsonl").read_text().splitlines()]
+    assert len(attack_rows) == len(cert_rows)
+    for a, c in zip(attack_rows, cert_rows):
+        for method in ("ibp", "crown"):
+            assert not (c[f"{method}_verified"] and not a["robust"])
+
+
+def test_onnx_metadata_binds_the_evidence(pipeline_workspace):
+    model = onnx.load(str(pipeline_workspace / "models" / "model.onnx"))
+    meta = {p.key: p.value for p in model.metadata_props}
+    assert meta["robustgate.dataset_fingerprint"] == metrics(pipeline_workspace, "prepare")["fingerprint"]
+    assert meta["robustgate.exporter"] == "torchscript"
+    assert meta["robustgate.norm"] == "linf" and meta["robustgate.training_method"] == "pgd_at"
+
+
+def test_same_params_and_seed_give_the_same_metrics(pipeline_workspace, tmp_path):
+    root = make_workspace(tmp_path)
+    for stage in ("prepare", "train", "attack"):
+        assert run_stage(stage, root) == 0
+    assert sha256_file(root / "models/model.pt") == sha256_file(pipeline_workspace / "models/model.pt")
+    first, second = metrics(pipeline_workspace, "attack"), metrics(root, "attack")
+    assert first["robust_accuracy"] == second["robust_accuracy"]
+    assert first["clean_accuracy"] == second["clean_accuracy"]
+
+
+def test_gate_failure_exits_1_and_shows_the_failing_row(pipeline_workspace, tmp_path, capsys):
+    root = tmp_path / "ws"
+    shutil.copytree(pipeline_workspace, root)
+    policy = root / "policies" / "tiny.yaml"
+    policy.write_text(policy.read_text().replace("threshold: 0.5", "threshold: 0.999"))
+    assert run_stage("gate", root) == 1
+    out = capsys.readouterr()
+    assert "ACC" in out.out and "FAIL" in out.out and "ACC" in out.err
+    gate = metrics(root, "gate")
+    assert gate["passed"] is False and gate["blocking_failures"] == ["ACC"]
+
+
+def test_failed_parity_leaves_no_onnx(pipeline_workspace, tmp_path, capsys):
+    root = tmp_path / "ws"
+    shutil.copytree(pipeline_workspace, root)
+    (root / "models" / "model.onnx").unlink()
+    params = (root / "params.yaml").read_text().replace("opset: 17", "opset: 17\n  atol: 1.0e-12")
+    (root / "params.yaml").write_text(params)
+    assert run_stage("export", root) == 1
+    assert "parity out of tolerance" in capsys.readouterr().err
+    assert not (root / "models" / "model.onnx").exists()
+    assert not list((root / "models").glob(".model.*"))
+
+
+def test_prepared_data_has_no_pickles(pipeline_workspace):
+    with np.load(pipeline_workspace / "data/prepared/data.npz", allow_pickle=False) as archive:
+        assert archive["x_test"].dtype == np.float32
