@@ -1,0 +1,8 @@
+"""Run every benchmark in bench/ (ratios measured within one run; noise is high on shared CPUs)."""
+import runpy
+from pathlib import Path
+
+for script in sorted(Path(__file__).parent.glob("*.py")):
+    if script.name != "run.py":
+        print(f"== {script.name}")
+        runpy.run_path(str(script), run_name="__main__")
