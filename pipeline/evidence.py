@@ -37,3 +37,33 @@ def artifact_paths(ws: Workspace, include_report: bool) -> dict[str, Path]:
 def hash_artifacts(ws: Workspace, include_report: bool = True) -> dict[str, str]:
     """SHA-256 of each artifact that exists, keyed by its workspace-relative path."""
     return {name: sha256_file(path) for name, path in artifact_paths(ws, include_report).items() if path.is_file()}
+
+
+def traceability(ws: Workspace, metrics: dict[str, dict]) -> dict[str, float]:
+    """Checks that every artifact speaks of the same data and model, as 0/1 metrics for policies."""
+    import onnx
+
+    from pipeline.data.store import load_prepared
+
+    fingerprints = {metrics.get(s, {}).get("dataset_fingerprint") for s in ("train", "attack", "certify")}
+    fingerprints.add(metrics.get("prepare", {}).get("fingerprint"))
+    model_json = ws.model_dir / "model.json"
+    if model_json.is_file():
+        fingerprints.add(json.loads(model_json.read_text(encoding="utf-8")).get("dataset_fingerprint"))
+    onnx_matches = 0.0
+    if ws.onnx.is_file():
+        meta = {p.key: p.value for p in onnx.load(str(ws.onnx), load_external_data=False).metadata_props}
+        fingerprints.add(meta.get("robustgate.dataset_fingerprint"))
+        onnx_matches = float(metrics.get("export", {}).get("onnx_sha256") == sha256_file(ws.onnx))
+    disjoint = 0.0
+    if ws.prepared.is_file():
+        idx = load_prepared(ws.prepared).indices
+        sets = [set(idx[s].tolist()) for s in ("train", "val", "test")]
+        disjoint = float(not (sets[0] & sets[1] or sets[0] & sets[2] or sets[1] & sets[2]))
+    commit = ws.git_commit()
+    return {
+        "dataset_fingerprint_consistent": float(len(fingerprints) == 1 and None not in fingerprints),
+        "onnx_hash_matches": onnx_matches,
+        "splits_disjoint": disjoint,
+        "git_clean": float(commit != "unknown" and not commit.endswith("+dirty")),
+    }

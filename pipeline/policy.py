@@ -33,6 +33,10 @@ KNOWN_METRICS = (
     "export.robust_accuracy_diff",
     "train.best_val_clean_accuracy",
     "train.best_val_robust_accuracy",
+    "trace.dataset_fingerprint_consistent",
+    "trace.onnx_hash_matches",
+    "trace.splits_disjoint",
+    "trace.git_clean",
 )
 
 
@@ -173,3 +177,19 @@ def format_table(rows: list[Row]) -> str:
     lines = ["  ".join(str(cell).ljust(w) for cell, w in zip(line, widths)) for line in (header, *body)]
     lines.insert(1, "  ".join("-" * w for w in widths))
     return "\n".join(lines)
+
+
+def explain(rows: list[Row], policy: Policy) -> str:
+    """Why each requirement passed or failed, with its clause and rationale."""
+    rationale = {req.id: req.rationale for req in policy.requirements}
+    blocks = []
+    for r in rows:
+        verdict = "PASS" if r.passed else ("FAIL (blocking)" if r.severity == "blocking" else "FAIL (advisory)")
+        lines = [f"{r.id} {verdict}: {r.title}", f"  clause:    {r.clause}", f"  metric:    {r.metric}"]
+        if rationale.get(r.id):
+            lines.append(f"  rationale: {rationale[r.id]}")
+        compared = "the point estimate" if r.bound == "point" else f"the {r.bound} end of the 95% interval"
+        lines.append(f"  rule:      {compared} {r.comparator} {r.threshold:g}")
+        lines.append(f"  because:   {r.reason}")
+        blocks.append("\n".join(lines))
+    return "\n\n".join(blocks)

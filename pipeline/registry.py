@@ -83,14 +83,67 @@ def register(
             onnx_execution_providers=["CPUExecutionProvider"],
         )
     version = mlflow.register_model(info.model_uri, model_name, tags=tags)
-    previous = None
-    try:
-        previous = client.get_model_version_by_alias(model_name, APPROVED).version
-    except Exception:  # no approved version yet
-        previous = None
+    previous = approved_version(tracking_uri, model_name)
     client.set_registered_model_alias(model_name, CANDIDATE, version.version)
     if approve:
-        if previous is not None:
+        if previous is not None and previous != str(version.version):
             client.set_model_version_tag(model_name, version.version, "previous_approved", str(previous))
         client.set_registered_model_alias(model_name, APPROVED, version.version)
     return Registration(run.info.run_id, model_name, str(version.version), approve, previous)
+
+
+def _client(tracking_uri: str):
+    from mlflow import MlflowClient
+
+    return MlflowClient(tracking_uri)
+
+
+def approved_version(tracking_uri: str, model_name: str) -> Optional[str]:
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return str(_client(tracking_uri).get_model_version_by_alias(model_name, APPROVED).version)
+    except MlflowException:
+        return None
+
+
+def rollback(tracking_uri: str, model_name: str) -> tuple[str, str]:
+    """Move `approved` to the version it replaced; returns (from, to)."""
+    client = _client(tracking_uri)
+    current = approved_version(tracking_uri, model_name)
+    if current is None:
+        raise LookupError(f"model {model_name!r} has no version with alias {APPROVED!r}")
+    previous = client.get_model_version(model_name, current).tags.get("previous_approved")
+    if not previous:
+        raise LookupError(f"version {current} of {model_name!r} replaced no earlier approved version")
+    client.set_registered_model_alias(model_name, APPROVED, previous)
+    client.set_model_version_tag(model_name, current, "rolled_back_to", previous)
+    return current, previous
+
+
+def versions(tracking_uri: str, model_name: str) -> list[dict]:
+    """Every version with its aliases and the evidence tags, newest first."""
+    client = _client(tracking_uri)
+    found = client.search_model_versions(f"name = '{model_name}'")
+    aliases: dict[str, list[str]] = {}
+    for alias in (CANDIDATE, APPROVED):
+        holder = None
+        try:
+            holder = str(client.get_model_version_by_alias(model_name, alias).version)
+        except Exception:  # alias not set
+            holder = None
+        if holder is not None:
+            aliases.setdefault(holder, []).append(alias)
+    rows = []
+    for version in sorted(found, key=lambda v: int(v.version), reverse=True):
+        tags = version.tags or {}
+        rows.append({
+            "version": str(version.version),
+            "aliases": aliases.get(str(version.version), []),
+            "verdict": tags.get("verdict", "?"),
+            "onnx_sha256": tags.get("onnx_sha256", "?"),
+            "dataset_fingerprint": tags.get("dataset_fingerprint", "?"),
+            "git_commit": tags.get("git_commit", "?"),
+            "run_id": version.run_id,
+        })
+    return rows

@@ -67,3 +67,36 @@ def test_shipped_policies_are_valid():
 
     for path in (Path(__file__).parents[1] / "policies").glob("*.yaml"):
         assert load_policy(path).requirements
+
+
+def test_gate_explain_and_traceability(pipeline_workspace, tmp_path, capsys):
+    import json
+    import shutil
+
+    root = tmp_path / "ws"
+    shutil.copytree(pipeline_workspace, root)
+    trace_policy = {"name": "trace", "requirements": [
+        req(id="ROB-1", threshold=0.0, clause="ISO 21448 §7", rationale="robust within ε"),
+        req(id="DATA-1", metric="trace.dataset_fingerprint_consistent", comparator="==", threshold=1,
+            clause="ISO/PAS 8800 §10"),
+    ]}
+    (root / "policies" / "tiny.yaml").write_text(yaml.safe_dump(trace_policy))
+    from pipeline.cli import main
+
+    assert main(["gate", "--workspace", str(root), "--explain"]) == 0
+    out = capsys.readouterr().out
+    assert "ROB-1 PASS" in out and "clause:    ISO 21448 §7" in out and "rationale: robust within ε" in out
+    assert "because:" in out
+    gate = json.loads((root / "metrics/gate.json").read_text())
+    assert gate["trace"]["dataset_fingerprint_consistent"] == 1.0
+    assert gate["trace"]["splits_disjoint"] == 1.0 and gate["trace"]["onnx_hash_matches"] == 1.0
+
+    # a checkpoint from other data breaks the traceability requirement
+    meta_path = root / "models" / "model.json"
+    meta = json.loads(meta_path.read_text())
+    meta["dataset_fingerprint"] = "0" * 64
+    meta_path.write_text(json.dumps(meta))
+    assert main(["gate", "--workspace", str(root)]) == 1
+    gate = json.loads((root / "metrics/gate.json").read_text())
+    assert gate["trace"]["dataset_fingerprint_consistent"] == 0.0
+    assert gate["blocking_failures"] == ["DATA-1"]

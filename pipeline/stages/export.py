@@ -10,7 +10,7 @@ import onnx
 from pipeline import __version__
 from pipeline.errors import GateFailed, UsageError
 from pipeline.io import sha256_file, write_json
-from pipeline.onnx_export import EXPORTER, ExportError, export_onnx, onnx_logits, parity, torch_logits
+from pipeline.onnx_export import EXPORTER, ExportError, export_onnx, latency, onnx_logits, parity, torch_logits
 from pipeline.stages.common import load_data, load_model_for, seed_everything
 from pipeline.workspace import SCHEMA_VERSION, Workspace
 
@@ -62,6 +62,7 @@ def main(ws: Workspace) -> int:
     finally:
         tmp.unlink(missing_ok=True)
     digest = sha256_file(ws.onnx)
+    timing = latency(model, ws.onnx, x_test)
     write_json(ws.metrics("export"), {
         "schema_version": SCHEMA_VERSION,
         "onnx_sha256": digest,
@@ -77,6 +78,8 @@ def main(ws: Workspace) -> int:
         "robust_accuracy_torch": torch_robust,
         "robust_accuracy_diff": abs(onnx_robust - torch_robust),
         "metadata": metadata,
+        "latency": timing,
+        "latency_note": "median wall-clock on this machine, onnxruntime CPU vs torch eager, same process",
     })
     print(f"export: {ws.onnx.name} sha256 {digest[:12]} max|Δ| {worst:.2e} labels {clean['label_agreement']:.4f}/"
           f"{adv['label_agreement']:.4f} robust onnx {onnx_robust:.3f} vs torch {torch_robust:.3f}")

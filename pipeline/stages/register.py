@@ -17,6 +17,31 @@ from pipeline.registry import default_tracking_uri, register
 from pipeline.workspace import SCHEMA_VERSION, Workspace
 
 
+def check_reachable(tracking_uri: str, timeout_s: float = 10.0) -> None:
+    """Fail in seconds, not after minutes of client retries, when a tracking server is down."""
+    if not tracking_uri.startswith(("http://", "https://")):
+        return
+    import urllib.error
+    import urllib.request
+
+    url = tracking_uri.rstrip("/") + "/health"
+    try:
+        with urllib.request.urlopen(url, timeout=timeout_s) as response:  # noqa: S310 (http(s) only)
+            response.read()
+    except (urllib.error.URLError, OSError) as error:
+        reason = getattr(error, "reason", error)
+        raise GateFailed(
+            f"MLflow tracking server {_redact(tracking_uri)} is unreachable ({reason}); nothing was registered "
+            "and every local artifact is kept: start the server or unset MLFLOW_TRACKING_URI, then re-run"
+        ) from None
+
+
+def _redact(uri: str) -> str:
+    """Drop credentials from a URI before it is printed or stored."""
+    scheme, sep, rest = uri.partition("://")
+    return f"{scheme}{sep}{rest.split('@')[-1]}" if sep else uri
+
+
 def tampered(pinned: dict[str, str], current: dict[str, str]) -> list[str]:
     return sorted(name for name, digest in pinned.items() if current.get(name) != digest)
 
@@ -29,6 +54,8 @@ def main(ws: Workspace) -> int:
         raise GateFailed(f"refusing to register: changed since the gate ran: {', '.join(changed)}; re-run dvc repro")
     tracking_uri = os.environ.get("MLFLOW_TRACKING_URI") or default_tracking_uri(ws.root)
     local_store = tracking_uri.startswith("sqlite:")
+    check_reachable(tracking_uri)
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
     metrics = collect_metrics(ws, ("prepare", "train", "attack", "certify", "export", "gate"))
     onnx_sha = sha256_file(ws.onnx)
     x_example = np.load(ws.prepared, allow_pickle=False)["x_test"][:2]
@@ -50,7 +77,7 @@ def main(ws: Workspace) -> int:
         )
     except Exception as error:  # MLflow raises many types for an unreachable or refusing store
         first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise GateFailed(f"MLflow at {tracking_uri.split('@')[-1]} failed: {first}; local artifacts are untouched") from None
+        raise GateFailed(f"MLflow at {_redact(tracking_uri)} failed: {first}; local artifacts are untouched") from None
     write_json(ws.metrics("register"), {
         "schema_version": SCHEMA_VERSION,
         "model_name": result.model_name,
@@ -58,7 +85,7 @@ def main(ws: Workspace) -> int:
         "run_id": result.run_id,
         "approved": result.approved,
         "previous_approved": result.previous_approved,
-        "tracking_uri": tracking_uri if local_store else tracking_uri.split("@")[-1],
+        "tracking_uri": _redact(tracking_uri),
         "onnx_sha256": onnx_sha,
     })
     aliases = "candidate, approved" if result.approved else "candidate (approved unchanged)"

@@ -14,7 +14,7 @@ import sys
 from importlib import metadata
 
 from pipeline import __version__
-from pipeline.evidence import collect_metrics, hash_artifacts
+from pipeline.evidence import collect_metrics, hash_artifacts, traceability
 from pipeline.io import confine, read_json, write_text
 from pipeline.plots import accuracy_bars, training_curves
 from pipeline.policy import evaluate, load_policy
@@ -70,6 +70,7 @@ def limitations(params, metrics: dict) -> list[str]:
 def build_context(ws: Workspace) -> dict:
     params = ws.params()
     metrics = collect_metrics(ws)
+    metrics["trace"] = traceability(ws, metrics)
     for stage in ("prepare", "train", "attack", "certify", "export"):
         if stage not in metrics:
             read_json(ws.metrics(stage))  # raises a clear "run the upstream stage" error
