@@ -7,9 +7,23 @@ STAMP  := $(VENV)/.installed-stamp
 export PATH := $(BIN):$(PATH)
 export MPLBACKEND := Agg
 
-.PHONY: setup repro test bench clean
+# Debian libraries for the PDF report (WeasyPrint) and poppler-utils for the PDF tests.
+SYSTEM_PACKAGES := libpango-1.0-0 libpangoft2-1.0-0 libharfbuzz-subset0 fonts-dejavu-core poppler-utils
 
-setup: $(STAMP)
+.PHONY: setup system-deps repro test bench clean
+
+setup: system-deps $(STAMP)
+
+# Installs only what is missing; needs root (CI is root), otherwise prints the command.
+system-deps:
+	@command -v dpkg >/dev/null || { echo "system-deps: not a Debian system; install pango, harfbuzz-subset, a font and poppler-utils yourself"; exit 0; }; \
+	missing=$$(for p in $(SYSTEM_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done); \
+	if [ -n "$$missing" ]; then \
+	  if [ "$$(id -u)" = 0 ]; then \
+	    echo "system-deps: installing $$missing"; \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing >/dev/null; \
+	  else echo "system-deps: missing Debian packages, run: sudo apt-get install $$missing"; exit 1; fi; \
+	fi
 
 # Re-install only when the project's dependencies change.
 $(STAMP): pyproject.toml

@@ -28,6 +28,7 @@ STAGES = {
 TOOLS = {
     "status": ("pipeline.registry_cli", "list registered versions, aliases, verdicts and hashes"),
     "rollback": ("pipeline.registry_cli", "move alias 'approved' back to the previously approved version"),
+    "verify": ("pipeline.verify_cli", "re-hash every artifact in the manifest and check its signature; exit 1 on any mismatch"),
 }
 
 
@@ -40,6 +41,11 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name, help_text in {**STAGES, **{k: v[1] for k, v in TOOLS.items()}}.items():
         command = sub.add_parser(name, help=help_text, description=help_text)
+        if name == "verify":
+            command.add_argument("directory", type=Path, nargs="?", default=Path("."),
+                                 help="workspace or folder holding manifest.json (default: .)")
+            command.add_argument("--public-key", type=Path, help="trusted Ed25519 public key (PEM)")
+            continue
         command.add_argument("--workspace", type=Path, default=Path("."), help="project root (default: .)")
         command.add_argument("--params", default="params.yaml", help="params file inside the workspace")
         if name == "gate":
@@ -49,24 +55,32 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command == "verify":
+        from pipeline.verify_cli import verify
+
+        return _run(args.command, lambda: verify(args.directory, args.public_key))
     from pipeline.workspace import Workspace
 
     ws = Workspace.at(args.workspace, args.params)
     if str(ws.root) not in sys.path:
         sys.path.insert(0, str(ws.root))  # `model.name: module:callable` resolves in the workspace
     options = {k: v for k, v in vars(args).items() if k not in ("command", "workspace", "params")}
+    if args.command in TOOLS:
+        module = importlib.import_module(TOOLS[args.command][0])
+        return _run(args.command, lambda: getattr(module, args.command)(ws, **options))
+    return _run(args.command, lambda: importlib.import_module(f"pipeline.stages.{args.command}").main(ws, **options))
+
+
+def _run(command: str, call) -> int:
+    """Map the error types to exit codes and one readable line."""
     try:
-        if args.command in TOOLS:
-            module = importlib.import_module(TOOLS[args.command][0])
-            return getattr(module, args.command)(ws, **options)
-        module = importlib.import_module(f"pipeline.stages.{args.command}")
-        return module.main(ws, **options)
+        return call()
     except UsageError as error:
-        print(f"robustgate {args.command}: error: {error}", file=sys.stderr)
+        print(f"robustgate {command}: error: {error}", file=sys.stderr)
         return 2
     except GateFailed as error:
-        print(f"robustgate {args.command}: FAILED: {error}", file=sys.stderr)
+        print(f"robustgate {command}: FAILED: {error}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
-        print(f"robustgate {args.command}: interrupted; no outputs were replaced", file=sys.stderr)
+        print(f"robustgate {command}: interrupted; no outputs were replaced", file=sys.stderr)
         return 130

@@ -127,6 +127,10 @@ class ExportConfig(_Section):
 
 class ReportConfig(_Section):
     title: str = "Robustness evidence report"
+    profile: Literal["default", "sotif", "medical"] = "default"
+    signing_key: Optional[str] = Field(
+        None, description="Ed25519 private key (PEM) inside the workspace; env ROBUSTGATE_SIGNING_KEY overrides"
+    )
     intended_purpose: Optional[str] = None
     input_domain: Optional[str] = None
     out_of_scope_use: Optional[str] = None
@@ -215,6 +219,10 @@ def load_params(path: Path, root: Path) -> Params:
         data_path = confine(params.data.path, root, "data.path")
         if not data_path.exists():
             raise UsageError(f"{path.name}: data.path = {params.data.path!r}: no such file or directory")
+    if params.report.signing_key is not None:
+        key = confine(params.report.signing_key, root, "report.signing_key")
+        if not key.is_file():
+            raise UsageError(f"{path.name}: report.signing_key = {params.report.signing_key!r}: no such file")
     policy = confine(params.gate.policy, root, "gate.policy")
     if not policy.is_file():
         raise UsageError(f"{path.name}: gate.policy = {params.gate.policy!r}: no such file")

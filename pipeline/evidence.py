@@ -31,6 +31,7 @@ def artifact_paths(ws: Workspace, include_report: bool) -> dict[str, Path]:
     }
     if include_report:
         paths["reports/build/report.html"] = ws.report_html
+        paths["reports/build/report.pdf"] = ws.report_html.with_name("report.pdf")
     return paths
 
 

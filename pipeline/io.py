@@ -15,6 +15,9 @@ from typing import Any, Callable
 
 from pipeline.errors import UsageError
 
+_UMASK = os.umask(0)
+os.umask(_UMASK)
+
 
 def confine(path: str | Path, root: Path, what: str) -> Path:
     """Resolve `path` against `root` and refuse anything that escapes the workspace."""
@@ -42,6 +45,7 @@ def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     tmp_path = Path(tmp)
+    os.chmod(tmp_path, 0o666 & ~_UMASK)  # mkstemp makes 0600; outputs are ordinary files
     try:
         write(tmp_path)
         os.replace(tmp_path, path)

@@ -43,3 +43,24 @@ def accuracy_bars(entries: list[tuple[str, float, list[float]]]) -> str:
     ax.invert_yaxis()
     ax.grid(axis="x", alpha=0.3)
     return _data_url(fig)
+
+
+def adversarial_gallery(x, x_adv, labels, clean_pred, adv_pred, count: int = 6) -> str:
+    """Rows of clean image, amplified perturbation and adversarial image with the predictions."""
+    count = min(count, len(x))
+    fig, axes = plt.subplots(count, 3, figsize=(5.4, 1.6 * count), squeeze=False)
+    for row in range(count):
+        clean, adv = x[row], x_adv[row]
+        delta = adv - clean
+        scale = max(float(abs(delta).max()), 1e-12)
+        panels = [
+            (clean, f"clean: label {labels[row]}, pred {clean_pred[row]}", "gray", (0, 1)),
+            (delta, f"perturbation (±{scale:.3g})", "coolwarm", (-scale, scale)),
+            (adv, f"adversarial: pred {adv_pred[row]}", "gray", (0, 1)),
+        ]
+        for ax, (image, title, cmap, (vmin, vmax)) in zip(axes[row], panels):
+            ax.imshow(image.mean(axis=0) if image.ndim == 3 else image, cmap=cmap, vmin=vmin, vmax=vmax)
+            ax.set_title(title, fontsize=7)
+            ax.axis("off")
+    fig.tight_layout()
+    return _data_url(fig)

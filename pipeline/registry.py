@@ -5,6 +5,8 @@ files; the previous holder stays recorded so a rollback is one alias move.
 """
 from __future__ import annotations
 
+import os
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -39,6 +41,20 @@ def flatten(tree: dict) -> dict:
     return out
 
 
+@contextmanager
+def tracking(tracking_uri: str):
+    """Point the fluent MLflow API at `tracking_uri` for a block, then restore the process state
+    (mlflow.set_tracking_uri also exports MLFLOW_TRACKING_URI to the environment)."""
+    import mlflow
+
+    saved = os.environ.get("MLFLOW_TRACKING_URI")
+    mlflow.set_tracking_uri(tracking_uri)
+    try:
+        yield
+    finally:
+        mlflow.set_tracking_uri(saved)  # None unsets the variable again
+
+
 def register(
     tracking_uri: str,
     experiment: str,
@@ -52,13 +68,19 @@ def register(
     input_example,
     artifact_root: Optional[Path] = None,
 ) -> Registration:
+    with tracking(tracking_uri):
+        return _register(tracking_uri, experiment, model_name, params, metrics, onnx_path, artifacts, tags,
+                         approve, input_example, artifact_root)
+
+
+def _register(tracking_uri, experiment, model_name, params, metrics, onnx_path, artifacts, tags, approve,
+              input_example, artifact_root) -> Registration:
     import mlflow
     import mlflow.onnx
     import onnx
     from mlflow import MlflowClient
     from mlflow.models import infer_signature
 
-    mlflow.set_tracking_uri(tracking_uri)
     client = MlflowClient(tracking_uri)
     found = client.get_experiment_by_name(experiment)
     if found is None:
@@ -147,3 +169,13 @@ def versions(tracking_uri: str, model_name: str) -> list[dict]:
             "run_id": version.run_id,
         })
     return rows
+
+
+def approved_metrics(tracking_uri: str, model_name: str) -> Optional[dict]:
+    """Version, run and logged metrics of the currently approved model, or None."""
+    version = approved_version(tracking_uri, model_name)
+    if version is None:
+        return None
+    client = _client(tracking_uri)
+    run_id = client.get_model_version(model_name, version).run_id
+    return {"version": version, "run_id": run_id, "metrics": dict(client.get_run(run_id).data.metrics)}

@@ -25,6 +25,9 @@ def aliases(root, name="tiny-model"):
 def test_register_approve_tamper_and_failed_gate(registry_workspace, capsys):
     root = registry_workspace
     assert run_stage("register", root) == 0
+    import os
+
+    assert "MLFLOW_TRACKING_URI" not in os.environ  # registering leaves no process-wide tracking state
     first = json.loads((root / "metrics/register.json").read_text())
     assert first["approved"] is True and first["version"] == "1"
     assert aliases(root) == {"candidate": "1", "approved": "1"}

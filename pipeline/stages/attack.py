@@ -45,6 +45,18 @@ def main(ws: Workspace) -> int:
         survived = int((result.clean_correct & ~result.broken[attack.name]).sum())
         per_attack[attack.name] = {"settings": attack.settings(), "robust_accuracy": proportion(survived, n)}
     names = [a.name for a in attacks]
+    per_class = {}
+    for label in range(data.num_classes):
+        members = y == label
+        count = int(members.sum())
+        if count:
+            per_class[str(label)] = {
+                "n": count,
+                "clean_accuracy": float(result.clean_correct[members].float().mean()),
+                "robust_accuracy": float(result.robust[members].float().mean()),
+            }
+    confusion = np.zeros((data.num_classes, data.num_classes), dtype=int)
+    np.add.at(confusion, (y.numpy(), result.adv_pred.numpy()), 1)
     metrics = {
         "schema_version": SCHEMA_VERSION,
         "n": n,
@@ -58,6 +70,8 @@ def main(ws: Workspace) -> int:
         "bound": f"upper bound on true robust accuracy: worst case over {', '.join(names)} only",
         "attacks": per_attack,
         "broken_by": {name: result.broken_by.count(name) for name in ["clean", *names]},
+        "per_class": per_class,
+        "confusion_under_attack": confusion.tolist(),
         "seed": params.seed,
         "dataset_fingerprint": data_fingerprint,
     }

@@ -67,7 +67,9 @@ def main(ws: Workspace) -> int:
         "policy": gate["policy"],
         "verdict": "passed" if gate["passed"] else "failed",
     }
-    evidence = [ws.report_html, ws.metrics("gate"), *[ws.metrics(s) for s in ("attack", "certify", "export")]]
+    build = ws.report_html.parent
+    evidence = [ws.report_html, build / "report.pdf", build / "evidence.json", build / "manifest.json",
+                build / "manifest.json.sig", ws.metrics("gate"), *[ws.metrics(s) for s in ("attack", "certify", "export")]]
     try:
         result = register(
             tracking_uri, params.registry.experiment, params.registry.model_name,

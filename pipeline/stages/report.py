@@ -1,7 +1,9 @@
-"""Stage `report`: one self-contained HTML file with every figure, its interval and its source.
+"""Stage `report`: the audit report as one self-contained HTML file and a reproducible PDF,
+with `evidence.json` (every figure and its source file) and `manifest.json` (SHA-256 of
+every artifact, optionally Ed25519-signed).
 
-The verdict shown is the policy evaluated on the same metrics the gate reads;
-the gate stage that follows is what enforces it.
+The verdict shown is the policy evaluated on the same metrics the gate reads; the gate
+stage that follows is what enforces it.
 """
 from __future__ import annotations
 
@@ -10,15 +12,24 @@ import hashlib
 import json
 import os
 import platform
+import subprocess
 import sys
 from importlib import metadata
+from pathlib import Path
+
+import numpy as np
 
 from pipeline import __version__
-from pipeline.evidence import collect_metrics, hash_artifacts, traceability
-from pipeline.io import confine, read_json, write_text
-from pipeline.plots import accuracy_bars, training_curves
+from pipeline.evidence import artifact_paths, collect_metrics, hash_artifacts, traceability
+from pipeline.io import atomic_write, confine, read_json, write_json, write_text
+from pipeline.manifest import build_manifest, canonical_bytes, sign
+from pipeline.plots import accuracy_bars, adversarial_gallery, training_curves
 from pipeline.policy import evaluate, load_policy
+from pipeline.registry import flatten
 from pipeline.workspace import Workspace
+
+HEADLINE = ("attack.clean_accuracy", "attack.robust_accuracy", "certify.verified_accuracy.ibp",
+            "certify.verified_accuracy.crown", "export.max_abs_diff")
 
 
 def _version(package: str) -> str:
@@ -28,10 +39,16 @@ def _version(package: str) -> str:
         return "not installed"
 
 
-def _generated_at() -> str:
-    epoch = os.environ.get("SOURCE_DATE_EPOCH")
-    moment = dt.datetime.fromtimestamp(int(epoch), dt.timezone.utc) if epoch else dt.datetime.now(dt.timezone.utc)
-    return moment.strftime("%Y-%m-%d %H:%M:%S UTC")
+def source_date_epoch(ws: Workspace) -> int:
+    """The report's date: SOURCE_DATE_EPOCH when set, else the commit time, so reruns match."""
+    if os.environ.get("SOURCE_DATE_EPOCH"):
+        return int(os.environ["SOURCE_DATE_EPOCH"])
+    try:
+        out = subprocess.run(["git", "log", "-1", "--format=%ct"], cwd=ws.root, capture_output=True,
+                             text=True, check=True).stdout.strip()
+        return int(out) if out else 0
+    except (OSError, subprocess.CalledProcessError, ValueError):
+        return 0
 
 
 def limitations(params, metrics: dict) -> list[str]:
@@ -43,13 +60,15 @@ def limitations(params, metrics: dict) -> list[str]:
         f"Robust accuracy is an upper bound: it holds only against the attacks run ({names}). "
         "Stronger or adaptive attacks (APGD, Square, attacks tailored to this model) were not run and may lower it."
     )
+    notes.append("Gradient-masking sanity checks (Carlini et al. 2019) were not run by this pipeline version.")
     certify = metrics.get("certify", {})
     if certify.get("status") == "not_applicable":
         notes.append(f"Formal verification was not applicable: {certify.get('reason')}.")
     else:
         notes.append(
             "Verified accuracy is a lower bound computed in float32 bound propagation; margins within "
-            f"{params.certify.tolerance:g} of zero are not counted as verified."
+            f"{params.certify.tolerance:g} of zero are not counted as verified. Only ε = "
+            f"{params.threat.epsilon:g} was certified (no sweep over ε)."
         )
     if params.threat.norm == "l2":
         notes.append("For L2 certification the data-domain box is not used, which can only loosen the bounds.")
@@ -59,23 +78,70 @@ def limitations(params, metrics: dict) -> list[str]:
         notes.append(f"All figures come from {n} test samples; the 95% interval on robust accuracy is "
                      f"{100 * (hi - lo):.1f} points wide.")
     notes.append(f"Only the {params.threat.norm} threat model with ε = {params.threat.epsilon:g} was evaluated; "
-                 "other perturbation types (rotations, noise, weather, sensor faults) are not covered.")
-    notes.append("Randomized smoothing was not run in this pipeline configuration.")
+                 "other variations (rotation, blur, weather, sensor faults, distribution shift) are not covered.")
+    notes.append("Randomized smoothing was not run in this pipeline configuration: no probabilistic L2 certificate.")
     for field in ("intended_purpose", "input_domain", "out_of_scope_use"):
         if getattr(params.report, field) is None:
             notes.append(f"report.{field} is not stated in params.yaml: the reviewer must supply it.")
+    if params.threat.rationale is None:
+        notes.append("threat.rationale is not stated: the choice of ε is not justified in the evidence.")
+    trace = metrics.get("trace", {})
+    if trace.get("git_clean") == 0.0:
+        notes.append("The evidence was produced from a source tree with uncommitted changes or without git: "
+                     "it cannot be reproduced from a commit.")
     return notes
+
+
+def previous_approved(ws: Workspace, model_name: str) -> dict | None:
+    """Headline metrics of the currently approved model in the registry, when there is one."""
+    from pipeline.registry import approved_metrics, default_tracking_uri
+
+    uri = os.environ.get("MLFLOW_TRACKING_URI")
+    if not uri:
+        if not (ws.root / "mlflow.db").is_file():
+            return None
+        uri = default_tracking_uri(ws.root)
+    try:
+        found = approved_metrics(uri, model_name)
+    except Exception as error:  # the registry is context here, not evidence: say it could not be read
+        return {"error": f"registry not readable: {str(error).splitlines()[0][:200]}"}
+    if found is None:
+        return None
+    return {**found, "headline": {k: found["metrics"].get(k) for k in HEADLINE}}
+
+
+def gallery(ws: Workspace, count: int = 4) -> str | None:
+    """Clean / perturbation / adversarial for the first broken samples, for image data only."""
+    with np.load(ws.adversarial, allow_pickle=False) as archive:
+        x, x_adv, y = archive["x"], archive["x_adv"], archive["y"]
+        broken = np.flatnonzero(archive["clean_correct"] & ~archive["robust"])[:count]
+        adv_pred = archive["adv_pred"]
+    if x.ndim != 4 or x.shape[1] not in (1, 3) or len(broken) == 0:
+        return None
+    return adversarial_gallery(x[broken], x_adv[broken], y[broken], y[broken], adv_pred[broken], count)
+
+
+def evidence_records(ws: Workspace, metrics: dict) -> list[dict]:
+    """Every number the report can show, with the file it comes from and that file's hash."""
+    records = []
+    for stage, values in metrics.items():
+        source = ws.metrics(stage)
+        source_name = f"metrics/{stage}.json" if source.is_file() else "computed by the report stage (trace)"
+        digest = hashlib.sha256(source.read_bytes()).hexdigest() if source.is_file() else None
+        for key, value in flatten(values).items():
+            if isinstance(value, (int, float, str)) and not isinstance(value, bool):
+                records.append({"figure": f"{stage}.{key}", "value": value, "source": source_name, "source_sha256": digest})
+    return records
 
 
 def build_context(ws: Workspace) -> dict:
     params = ws.params()
     metrics = collect_metrics(ws)
-    metrics["trace"] = traceability(ws, metrics)
     for stage in ("prepare", "train", "attack", "certify", "export"):
         if stage not in metrics:
             read_json(ws.metrics(stage))  # raises a clear "run the upstream stage" error
-    policy_path = confine(params.gate.policy, ws.root, "gate.policy")
-    policy = load_policy(policy_path)
+    metrics["trace"] = traceability(ws, metrics)
+    policy = load_policy(confine(params.gate.policy, ws.root, "gate.policy"))
     verdict = evaluate(policy, metrics)
     history = json.loads(ws.train_plot.read_text(encoding="utf-8")) if ws.train_plot.is_file() else []
     attack, certify = metrics["attack"], metrics["certify"]
@@ -85,40 +151,96 @@ def build_context(ws: Workspace) -> dict:
     bars.append(("robust: worst case", attack["robust_accuracy"], attack["robust_accuracy_ci"]))
     bars += [(f"verified: {m}", d["value"], d["ci"]) for m, d in certify.get("methods", {}).items()]
     lock = ws.root / "dvc.lock"
-    model_meta = json.loads((ws.model_dir / "model.json").read_text(encoding="utf-8"))
+    artifacts = hash_artifacts(ws, include_report=False)
+    epoch = source_date_epoch(ws)
+    current = {k: metrics_value(metrics, k) for k in HEADLINE}
     return {
         "title": params.report.title,
-        "report_id": hashlib.sha256(json.dumps(hash_artifacts(ws, include_report=False), sort_keys=True)
-                                    .encode()).hexdigest()[:16],
-        "generated_at": _generated_at(),
+        "profile": params.report.profile,
+        "report_id": hashlib.sha256(json.dumps(artifacts, sort_keys=True).encode()).hexdigest()[:16],
+        "source_date_epoch": epoch,
+        "generated_at": dt.datetime.fromtimestamp(epoch, dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "generator": f"robustgate {__version__}",
         "git_commit": ws.git_commit(),
         "dvc_lock_sha256": hashlib.sha256(lock.read_bytes()).hexdigest() if lock.is_file() else None,
         "params": params,
         "params_yaml": ws.params_file.read_text(encoding="utf-8"),
         "metrics": metrics,
-        "model_meta": model_meta,
+        "model_meta": json.loads((ws.model_dir / "model.json").read_text(encoding="utf-8")),
         "policy": policy,
         "policy_path": params.gate.policy,
         "verdict": verdict,
         "history": history,
         "curves_png": training_curves(history) if history else None,
         "bars_png": accuracy_bars(bars),
+        "gallery_png": gallery(ws),
         "limitations": limitations(params, metrics),
-        "artifacts": hash_artifacts(ws, include_report=False),
+        "previous": previous_approved(ws, params.registry.model_name),
+        "current_headline": current,
+        "artifacts": artifacts,
         "versions": {
             "python": sys.version.split()[0],
-            **{pkg: _version(pkg) for pkg in ("torch", "numpy", "onnx", "onnxruntime", "auto-LiRPA", "mlflow", "dvc")},
+            **{pkg: _version(pkg) for pkg in
+               ("torch", "numpy", "onnx", "onnxruntime", "auto-LiRPA", "mlflow", "dvc", "weasyprint")},
         },
         "hardware": f"{platform.machine()} {platform.system()} ({os.cpu_count()} CPUs)",
     }
 
 
-def main(ws: Workspace) -> int:
-    from pipeline.report import render_html
+def metrics_value(metrics: dict, path: str):
+    from pipeline.policy import lookup
 
+    return lookup(metrics, path)
+
+
+def signing_key(ws: Workspace, params) -> bytes | None:
+    env = os.environ.get("ROBUSTGATE_SIGNING_KEY")
+    if env:
+        return Path(env).read_bytes()
+    if params.report.signing_key:
+        return confine(params.report.signing_key, ws.root, "report.signing_key").read_bytes()
+    return None
+
+
+def main(ws: Workspace) -> int:
+    from pipeline.report import render_html, render_pdf
+
+    params = ws.params()
     context = build_context(ws)
-    write_text(ws.report_html, render_html(ws.templates, context))
+    html = render_html(ws.templates, context, params.report.profile)
+    build = ws.report_html.parent
+    write_text(ws.report_html, html)
+    atomic_write(build / "report.pdf", lambda tmp: render_pdf(
+        html, tmp, "robustgate-" + context["report_id"], context["source_date_epoch"]))
+    write_json(build / "evidence.json", {
+        "schema_version": 1,
+        "report_id": context["report_id"],
+        "verdict": {"passed": context["verdict"].passed, "policy": params.gate.policy},
+        "figures": evidence_records(ws, context["metrics"]),
+    })
+    files = {
+        **artifact_paths(ws, include_report=True),
+        "reports/build/report.pdf": build / "report.pdf",
+        "reports/build/evidence.json": build / "evidence.json",
+        "params.yaml": ws.params_file,
+        params.gate.policy: confine(params.gate.policy, ws.root, "gate.policy"),
+    }
+    manifest = build_manifest(ws.root, files, {
+        "report_id": context["report_id"],
+        "dataset_fingerprint": context["metrics"]["prepare"]["fingerprint"],
+        "git_commit": context["git_commit"],
+        "generator": context["generator"],
+    })
+    manifest_bytes = canonical_bytes(manifest)
+    atomic_write(build / "manifest.json", lambda tmp: tmp.write_bytes(manifest_bytes))
+    key = signing_key(ws, params)
+    signature_path = build / "manifest.json.sig"
+    if key is not None:
+        write_json(signature_path, sign(manifest_bytes, key))
+    else:
+        signature_path.unlink(missing_ok=True)
     verdict = "PASS" if context["verdict"].passed else "FAIL"
-    print(f"report: {ws.report_html.relative_to(ws.root)} (policy verdict {verdict})")
+    signed = " (manifest signed)" if key is not None else ""
+    print(f"report: {ws.report_html.relative_to(ws.root)} and report.pdf, profile {params.report.profile}, "
+          f"policy verdict {verdict}; {len(manifest['artifacts'])} artifacts in manifest.json{signed}")
     return 0
