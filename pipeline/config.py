@@ -82,6 +82,31 @@ class PGDConfig(_Section):
     steps: int = Field(10, ge=1)
     step_size: float = Field(0.025, gt=0.0)
     restarts: int = Field(1, ge=1)
+    schedule: Literal["constant", "cosine"] = "constant"
+
+
+class APGDConfig(_Section):
+    steps: int = Field(100, ge=1)
+    restarts: int = Field(1, ge=1)
+    targets: int = Field(3, ge=1, description="APGD-T: most likely wrong classes to target")
+
+
+class SquareConfig(_Section):
+    queries: int = Field(1000, ge=1)
+    p_init: float = Field(0.8, gt=0.0, le=1.0)
+    restarts: int = Field(1, ge=1)
+
+
+class SweepConfig(_Section):
+    points: int = Field(9, ge=2, description="ε values from 0 to max_factor·ε")
+    max_factor: float = Field(2.0, gt=0.0)
+    max_samples: Optional[int] = Field(None, ge=1)
+
+
+class MaskingConfig(_Section):
+    enabled: bool = True
+    tolerance: float = Field(0.02, ge=0.0, le=1.0, description="accuracy slack before a check fails")
+    large_epsilon_max_accuracy: float = Field(0.1, ge=0.0, le=1.0)
 
 
 class TrainConfig(_Section):
@@ -97,9 +122,21 @@ class TrainConfig(_Section):
     val_pgd: PGDConfig = PGDConfig(steps=10, step_size=0.02)
 
 
+ATTACK_NAMES = ("fgsm", "pgd", "pgd_cw", "apgd_ce", "apgd_dlr", "apgd_t", "square")
+
+
 class AttackConfig(_Section):
-    attacks: list[Literal["fgsm", "pgd"]] = Field(default_factory=lambda: ["fgsm", "pgd"])
+    attacks: list[Literal["fgsm", "pgd", "pgd_cw", "apgd_ce", "apgd_dlr", "apgd_t", "square"]] = Field(
+        default_factory=lambda: ["fgsm", "pgd", "apgd_ce", "apgd_t", "square"]
+    )
     pgd: PGDConfig = PGDConfig(steps=50, step_size=0.01, restarts=2)
+    apgd: APGDConfig = APGDConfig()
+    square: SquareConfig = SquareConfig()
+    mode: Literal["independent", "sequential"] = Field(
+        "independent", description="sequential attacks only the samples still robust (same verdict, faster)"
+    )
+    sweep: SweepConfig = SweepConfig()
+    masking: MaskingConfig = MaskingConfig()
     batch_size: int = Field(256, ge=1)
     max_samples: Optional[int] = Field(None, ge=1)
 

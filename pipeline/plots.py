@@ -64,3 +64,17 @@ def adversarial_gallery(x, x_adv, labels, clean_pred, adv_pred, count: int = 6) 
             ax.axis("off")
     fig.tight_layout()
     return _data_url(fig)
+
+
+def epsilon_curve(points: list[dict], epsilon: float, xlabel: str, title: str) -> str:
+    """Accuracy against ε (or radius) with its 95% band and the evaluated ε marked."""
+    xs = [p["epsilon"] for p in points]
+    fig, ax = plt.subplots(figsize=(6, 3.2))
+    ax.plot(xs, [p["robust_accuracy"] for p in points], marker="o", label="estimate")
+    ax.fill_between(xs, [p["ci_low"] for p in points], [p["ci_high"] for p in points], alpha=0.25,
+                    label="95% Clopper-Pearson")
+    ax.axvline(epsilon, color="gray", linestyle="--", label=f"evaluated ε = {epsilon:g}")
+    ax.set(xlabel=xlabel, ylabel="accuracy", ylim=(0, 1.02), title=title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    return _data_url(fig)

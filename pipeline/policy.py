@@ -25,6 +25,8 @@ KNOWN_METRICS = (
     "attack.clean_accuracy",
     "attack.robust_accuracy",
     "attack.attacks.*.robust_accuracy.value",
+    "attack.masking_all_passed",
+    "attack.masking.*.pass",
     "certify.verified_accuracy.*",
     "export.max_abs_diff",
     "export.adv_max_abs_diff",

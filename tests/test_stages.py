@@ -121,3 +121,25 @@ def test_unexportable_user_model_fails_cleanly(tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert "ONNX export failed" in err and "aten::fft_rfft" in err
     assert not list((root / "models").glob("*.onnx")) and not (root / "metrics" / "export.json").exists()
+
+
+def test_attack_sweep_masking_and_per_class(pipeline_workspace):
+    attack = metrics(pipeline_workspace, "attack")
+    points = attack["sweep"]["points"]
+    assert points[0]["epsilon"] == 0.0 and points[0]["robust_accuracy"] == attack["clean_accuracy"]
+    assert len(points) == 3 and points[-1]["epsilon"] == 2 * attack["epsilon"]
+    for point in points:
+        assert point["ci_low"] <= point["robust_accuracy"] <= point["ci_high"]
+    assert json.loads((pipeline_workspace / "plots/attack_sweep.json").read_text()) == points
+    assert set(attack["masking"]) == {"iterative_at_least_single_step", "white_box_at_least_black_box",
+                                      "large_epsilon_breaks_model", "monotone_in_epsilon", "converged",
+                                      "noise_weaker_than_attacks"}
+    for check in attack["masking"].values():
+        assert check["status"] in ("pass", "fail") and check["meaning"]
+    assert sum(c["n"] for c in attack["per_class"].values()) == attack["n"]
+    confusion = np.array(attack["confusion_under_attack"])
+    assert confusion.sum() == attack["n"]
+    with np.load(pipeline_workspace / "artifacts/attack/adversarial.npz", allow_pickle=False) as archive:
+        assert set(archive["broken_by"].tolist()) <= {"", "clean", "fgsm", "pgd", "apgd_ce", "square"}
+    html = (pipeline_workspace / "reports/build/report.html").read_text()
+    assert "Gradient-masking sanity checks" in html and "Robust accuracy against ε" in html

@@ -3,6 +3,11 @@
 A sample counts as robust only if it is classified correctly and every attack
 failed on it; the first attack that broke it is recorded. Robust accuracy is
 therefore an upper bound on true robust accuracy, valid for these attacks only.
+
+`independent` runs every attack on every correctly classified sample, so each
+attack's own robust accuracy is known (the gradient-masking checks need that);
+`sequential` runs each attack only on the samples still robust, as AutoAttack
+does: the same worst-case verdict for less work.
 """
 from __future__ import annotations
 
@@ -23,6 +28,7 @@ class SuiteResult:
     broken_by: list[str]  # per sample: first attack that broke it, "clean" if misclassified, "" if robust
     x_adv: torch.Tensor  # per sample: the breaking point, else the last attack's point
     adv_pred: torch.Tensor  # model prediction on x_adv
+    sequential: bool = False  # broken[...] then counts only samples no earlier attack broke
 
 
 def predict(model: nn.Module, x: torch.Tensor, batch_size: int) -> torch.Tensor:
@@ -41,6 +47,7 @@ def run_suite(
     batch_size: int,
     generator: torch.Generator,
     progress=None,
+    sequential: bool = False,
 ) -> SuiteResult:
     model.eval()
     clean_correct = predict(model, x, batch_size) == y
@@ -50,9 +57,10 @@ def run_suite(
     broken_any = torch.zeros(len(x), dtype=torch.bool)
     for attack in attacks:
         hit = torch.zeros(len(x), dtype=torch.bool)
-        targets = clean_correct.nonzero().squeeze(1)  # each attack alone on every correct sample
+        eligible = clean_correct & ~broken_any if sequential else clean_correct
+        targets = eligible.nonzero().squeeze(1)
         if progress is not None:
-            progress(attack.name, len(x) - len(targets))  # misclassified: nothing to attack
+            progress(attack.name, len(x) - len(targets))  # nothing to attack there
         for start in range(0, len(targets), batch_size):
             idx = targets[start:start + batch_size]
             candidate = attack(model, x[idx], y[idx], epsilon, norm, domain, generator)
@@ -71,4 +79,17 @@ def run_suite(
             broken_by.append("clean")
         else:
             broken_by.append(next((a.name for a in attacks if broken[a.name][i]), ""))
-    return SuiteResult(clean_correct, broken, clean_correct & ~broken_any, broken_by, x_adv, adv_pred)
+    return SuiteResult(clean_correct, broken, clean_correct & ~broken_any, broken_by, x_adv, adv_pred, sequential)
+
+
+def robust_mask(model, attack: Attack, x, y, epsilon, norm, domain, batch_size, generator) -> torch.Tensor:
+    """Correct and unbroken by this one attack, per sample."""
+    keep = predict(model, x, batch_size) == y
+    if epsilon == 0:
+        return keep
+    for start in range(0, len(x), batch_size):
+        idx = torch.arange(start, min(start + batch_size, len(x)))
+        idx = idx[keep[idx]]
+        if len(idx):
+            keep[idx] = predict(model, attack(model, x[idx], y[idx], epsilon, norm, domain, generator), batch_size) == y[idx]
+    return keep

@@ -23,7 +23,7 @@ from pipeline import __version__
 from pipeline.evidence import artifact_paths, collect_metrics, hash_artifacts, traceability
 from pipeline.io import atomic_write, confine, read_json, write_json, write_text
 from pipeline.manifest import build_manifest, canonical_bytes, sign
-from pipeline.plots import accuracy_bars, adversarial_gallery, training_curves
+from pipeline.plots import accuracy_bars, adversarial_gallery, epsilon_curve, training_curves
 from pipeline.policy import evaluate, load_policy
 from pipeline.registry import flatten
 from pipeline.workspace import Workspace
@@ -60,7 +60,15 @@ def limitations(params, metrics: dict) -> list[str]:
         f"Robust accuracy is an upper bound: it holds only against the attacks run ({names}). "
         "Stronger or adaptive attacks (APGD, Square, attacks tailored to this model) were not run and may lower it."
     )
-    notes.append("Gradient-masking sanity checks (Carlini et al. 2019) were not run by this pipeline version.")
+    masking = attack.get("masking", {})
+    if not masking:
+        notes.append("Gradient-masking sanity checks (Carlini et al. 2019) were not run: attack.masking.enabled is false.")
+    for name, check in masking.items():
+        if check["status"] == "fail":
+            notes.append(f"Gradient-masking check {name} FAILED ({check['detail']}): the robust accuracy may be "
+                         "overstated. " + check["meaning"])
+        elif check["status"] == "not_run":
+            notes.append(f"Gradient-masking check {name} was not run: {check['detail']}.")
     certify = metrics.get("certify", {})
     if certify.get("status") == "not_applicable":
         notes.append(f"Formal verification was not applicable: {certify.get('reason')}.")
@@ -147,7 +155,7 @@ def build_context(ws: Workspace) -> dict:
     attack, certify = metrics["attack"], metrics["certify"]
     bars = [("clean", attack["clean_accuracy"], attack["clean_accuracy_ci"])]
     bars += [(f"robust: {name} only", a["robust_accuracy"]["value"], a["robust_accuracy"]["ci"])
-             for name, a in attack["attacks"].items()]
+             for name, a in attack["attacks"].items() if a["robust_accuracy"] is not None]
     bars.append(("robust: worst case", attack["robust_accuracy"], attack["robust_accuracy_ci"]))
     bars += [(f"verified: {m}", d["value"], d["ci"]) for m, d in certify.get("methods", {}).items()]
     lock = ws.root / "dvc.lock"
@@ -172,6 +180,9 @@ def build_context(ws: Workspace) -> dict:
         "verdict": verdict,
         "history": history,
         "curves_png": training_curves(history) if history else None,
+        "sweep_png": epsilon_curve(attack["sweep"]["points"], attack["epsilon"],
+                                   f"ε ({attack['norm']}, input units)", "Robust accuracy against ε")
+        if attack.get("sweep") else None,
         "bars_png": accuracy_bars(bars),
         "gallery_png": gallery(ws),
         "limitations": limitations(params, metrics),

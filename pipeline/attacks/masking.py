@@ -1,0 +1,109 @@
+"""Gradient-masking sanity checks (Carlini et al. 2019, "On Evaluating Adversarial Robustness";
+the flags of fra31/auto-attack): an evaluation that fails one of them cannot be trusted,
+whatever robust accuracy it reports. Each check is a named pass/fail with its numbers.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from pipeline.attacks.pgd import PGD
+from pipeline.attacks.suite import SuiteResult, robust_mask
+from pipeline.threat import random_start
+
+MEANING = {
+    "iterative_at_least_single_step": (
+        "Iterative attacks must break at least what one FGSM step breaks. If FGSM is stronger, the loss "
+        "surface is locally misleading (gradient masking or a broken attack): use more steps or restarts."
+    ),
+    "white_box_at_least_black_box": (
+        "A gradient-free attack (Square) should not find adversarial examples the gradient attacks missed. "
+        "If it does, gradients are obfuscated and every white-box figure overstates robustness."
+    ),
+    "large_epsilon_breaks_model": (
+        "With ε as large as the whole input domain any input can be turned into any other, so accuracy must "
+        "fall to near zero. If it does not, the attack cannot follow the model's gradients."
+    ),
+    "monotone_in_epsilon": (
+        "Robust accuracy must not rise as ε grows: a larger ball contains the smaller one. A rise means the "
+        "attack failed to converge at the larger ε."
+    ),
+    "converged": (
+        "Doubling the steps and restarts must not lower robust accuracy materially; if it does, the reported "
+        "figure is not the attack's converged value and overstates robustness."
+    ),
+    "noise_weaker_than_attacks": (
+        "Random noise of size ε must be weaker than the optimised attacks. If noise breaks more samples, the "
+        "gradient attacks are not working on this model."
+    ),
+}
+
+
+@dataclass
+class Check:
+    name: str
+    passed: bool | None  # None: not run, with the reason in `detail`
+    detail: str
+    values: dict = field(default_factory=dict)
+
+    def record(self) -> dict:
+        status = "not_run" if self.passed is None else ("pass" if self.passed else "fail")
+        return {"status": status, "pass": None if self.passed is None else float(self.passed),
+                "detail": self.detail, "values": self.values, "meaning": MEANING[self.name]}
+
+
+def run_checks(model, suite: SuiteResult, attacks, sweep: list[dict], x, y, epsilon, norm, domain, generator,
+               batch_size: int, tolerance: float, large_epsilon: float, large_epsilon_max_accuracy: float,
+               pgd: PGD) -> list[Check]:
+    n = len(y)
+    names = [a.name for a in attacks]
+    robust_of = {name: float((suite.clean_correct & ~suite.broken[name]).sum()) / n for name in names}
+    worst = float(suite.robust.float().mean())
+    checks = []
+    iterative = [name for name in names if name not in ("fgsm", "square")]
+    if suite.sequential or "fgsm" not in names or not iterative:
+        checks.append(Check("iterative_at_least_single_step", None,
+                            "needs fgsm and an iterative attack run independently (attack.mode: independent)"))
+    else:
+        best = min(robust_of[name] for name in iterative)
+        checks.append(Check("iterative_at_least_single_step", best <= robust_of["fgsm"] + tolerance,
+                            f"best iterative {best:.4f} vs fgsm {robust_of['fgsm']:.4f} (tolerance {tolerance})",
+                            {"fgsm_robust_accuracy": robust_of["fgsm"], "best_iterative_robust_accuracy": best}))
+    white = [name for name in names if name != "square"]
+    if "square" not in names or not white:
+        checks.append(Check("white_box_at_least_black_box", None, "needs square and a white-box attack"))
+    else:
+        white_broken = torch.zeros(n, dtype=torch.bool)
+        for name in white:
+            white_broken |= suite.broken[name]
+        only_square = int((suite.broken["square"] & ~white_broken).sum())
+        checks.append(Check("white_box_at_least_black_box", only_square <= tolerance * n,
+                            f"{only_square} sample(s) broken only by square (allowed {tolerance * n:.1f})",
+                            {"broken_only_by_square": only_square}))
+    strong = PGD(max(pgd.steps, 50), 2.5 * large_epsilon / max(pgd.steps, 50), 1)
+    large = float(robust_mask(model, strong, x, y, large_epsilon, norm, domain, batch_size, generator).float().mean())
+    checks.append(Check("large_epsilon_breaks_model", large <= large_epsilon_max_accuracy,
+                        f"robust accuracy {large:.4f} at ε={large_epsilon:g} (allowed {large_epsilon_max_accuracy})",
+                        {"epsilon": large_epsilon, "robust_accuracy": large}))
+    rises = [(a["epsilon"], b["epsilon"]) for a, b in zip(sweep, sweep[1:])
+             if b["robust_accuracy"] > a["robust_accuracy"] + tolerance]
+    checks.append(Check("monotone_in_epsilon", not rises,
+                        "no rise beyond tolerance" if not rises else f"accuracy rises between ε pairs {rises}",
+                        {"rises": len(rises), "points": len(sweep)}))
+    stronger = PGD(pgd.steps * 2, pgd.step_size, pgd.restarts * 2, loss=pgd.loss, schedule=pgd.schedule)
+    if pgd.name in robust_of and not suite.sequential:
+        base = robust_of[pgd.name]  # the suite already ran exactly this attack on every sample
+    else:
+        base = float(robust_mask(model, pgd, x, y, epsilon, norm, domain, batch_size, generator).float().mean())
+    doubled = float(robust_mask(model, stronger, x, y, epsilon, norm, domain, batch_size, generator).float().mean())
+    checks.append(Check("converged", base - doubled <= tolerance,
+                        f"PGD {base:.4f} vs doubled steps and restarts {doubled:.4f} (tolerance {tolerance})",
+                        {"robust_accuracy": base, "robust_accuracy_doubled": doubled}))
+    with torch.no_grad():
+        noisy = random_start(x, epsilon, norm, domain, generator)
+        noise_robust = float(((model(noisy).argmax(1) == y) & suite.clean_correct).float().mean())
+    checks.append(Check("noise_weaker_than_attacks", noise_robust + tolerance >= worst,
+                        f"accuracy under random noise {noise_robust:.4f} vs worst-case attack {worst:.4f}",
+                        {"noise_accuracy": noise_robust, "worst_case_robust_accuracy": worst}))
+    return checks
