@@ -20,6 +20,7 @@ STAGES = {
     "train": "train the model (standard or PGD adversarial training)",
     "attack": "FGSM and PGD robust accuracy on the test split, with intervals",
     "certify": "IBP and CROWN verified accuracy through auto_LiRPA, cross-checked",
+    "smooth": "randomized-smoothing certificates (Cohen et al. 2019) at σ",
     "export": "export to ONNX and check onnxruntime parity with torch",
     "report": "render the self-contained HTML audit report",
     "gate": "check the metrics against the policy; exit 1 when a blocking requirement fails",

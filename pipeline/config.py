@@ -110,7 +110,8 @@ class MaskingConfig(_Section):
 
 
 class TrainConfig(_Section):
-    method: Literal["standard", "pgd_at"] = "pgd_at"
+    method: Literal["standard", "pgd_at", "gaussian"] = "pgd_at"
+    noise_sigma: float = Field(0.25, gt=0.0, description="gaussian: σ of the training noise")
     epochs: int = Field(20, ge=1)
     batch_size: int = Field(64, ge=1)
     optimizer: Literal["adam", "sgd"] = "adam"
@@ -149,11 +150,34 @@ class AttackConfig(_Section):
 
 
 class CertifyConfig(_Section):
-    methods: list[Literal["ibp", "crown"]] = Field(default_factory=lambda: ["ibp", "crown"])
+    methods: list[Literal["ibp", "crown_ibp", "crown", "alpha_crown"]] = Field(
+        default_factory=lambda: ["ibp", "crown"]
+    )
     batch_size: int = Field(128, ge=1)
     max_samples: Optional[int] = Field(None, ge=1)
+    time_budget_s: Optional[float] = Field(None, gt=0.0, description="per method; certifies a prefix when exceeded")
+    sweep: bool = Field(True, description="verified accuracy at the attack stage's ε grid")
     random_points: int = Field(32, ge=0, description="random points per sample for the containment check")
     tolerance: float = Field(1e-4, gt=0.0, description="float slack allowed in the containment check")
+
+
+class SmoothingConfig(_Section):
+    enabled: bool = True
+    sigma: float = Field(0.25, gt=0.0)
+    n0: int = Field(100, ge=1, description="noise samples to select the class")
+    n: int = Field(1000, ge=1, description="noise samples to estimate its probability")
+    alpha: float = Field(0.001, gt=0.0, lt=1.0, description="failure probability of each certificate")
+    batch_size: int = Field(1000, ge=1)
+    max_samples: Optional[int] = Field(100, ge=1)
+    radii: list[float] = Field(default_factory=lambda: [0.0, 0.1, 0.25, 0.5, 0.75, 1.0])
+
+    @model_validator(mode="after")
+    def _n0_within_n(self) -> "SmoothingConfig":
+        if self.n0 > self.n:
+            raise ValueError(f"n0 = {self.n0} must not exceed n = {self.n}")
+        if any(r < 0 for r in self.radii):
+            raise ValueError("radii must be >= 0")
+        return self
 
 
 class ExportConfig(_Section):
@@ -190,6 +214,7 @@ class Params(_Section):
     train: TrainConfig = TrainConfig()
     attack: AttackConfig = AttackConfig()
     certify: CertifyConfig = CertifyConfig()
+    smoothing: SmoothingConfig = SmoothingConfig()
     export: ExportConfig = ExportConfig()
     report: ReportConfig = ReportConfig()
     gate: GateConfig = GateConfig()

@@ -7,7 +7,7 @@ from pathlib import Path
 from pipeline.io import sha256_file
 from pipeline.workspace import Workspace
 
-METRIC_STAGES = ("prepare", "train", "attack", "certify", "export")
+METRIC_STAGES = ("prepare", "train", "attack", "certify", "smooth", "export")
 
 
 def collect_metrics(ws: Workspace, stages=METRIC_STAGES) -> dict[str, dict]:

@@ -28,6 +28,8 @@ KNOWN_METRICS = (
     "attack.masking_all_passed",
     "attack.masking.*.pass",
     "certify.verified_accuracy.*",
+    "smooth.certified_accuracy.*",
+    "smooth.abstention_rate",
     "export.max_abs_diff",
     "export.adv_max_abs_diff",
     "export.label_agreement",

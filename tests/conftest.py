@@ -22,6 +22,7 @@ TINY_PARAMS = {
     "attack": {"attacks": ["fgsm", "pgd", "apgd_ce", "square"], "pgd": {"steps": 10, "step_size": 0.01, "restarts": 1},
                "apgd": {"steps": 20}, "square": {"queries": 200}, "sweep": {"points": 3}},
     "certify": {"methods": ["ibp", "crown"], "random_points": 4},
+    "smoothing": {"n0": 20, "n": 200, "max_samples": 20, "alpha": 0.01},
     "export": {"opset": 17},
     "gate": {"policy": "policies/tiny.yaml"},
     "register": {"model_name": "tiny-model"},
@@ -58,7 +59,7 @@ def run_stage(stage: str, root: Path) -> int:
 def pipeline_workspace(tmp_path_factory) -> Path:
     """Every stage up to the gate, run once in-process on the tiny config."""
     root = make_workspace(tmp_path_factory.mktemp("ws"))
-    for stage in ("prepare", "train", "attack", "certify", "export", "report", "gate"):
+    for stage in ("prepare", "train", "attack", "certify", "smooth", "export", "report", "gate"):
         assert run_stage(stage, root) == 0, stage
     return root
 

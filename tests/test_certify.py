@@ -57,3 +57,55 @@ def test_crown_is_at_least_as_tight_as_ibp_on_average(digits_model, computer):
     ibp = computer.certify(x, y, 0.02, "linf", "ibp", 10, 64, 1e-4)
     crown = computer.certify(x, y, 0.02, "linf", "crown", 10, 64, 1e-4)
     assert crown.margin_lower.mean() >= ibp.margin_lower.mean()
+
+
+def test_alpha_crown_is_sound_and_tighter_than_crown(digits_model, computer):
+    model, x, y, domain = digits_model
+    x, y = x[:40], y[:40]
+    crown = computer.certify(x, y, 0.02, "linf", "crown", 10, 64, 1e-4)
+    alpha = computer.certify(x, y, 0.02, "linf", "alpha_crown", 10, 64, 1e-4)
+    assert alpha.margin_lower.mean() >= crown.margin_lower.mean() - 1e-4
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for _ in range(10):
+            margin = margins_of(model(random_start(x, 0.02, "linf", domain, gen)), y)
+            assert (margin >= alpha.lower - 1e-4).all()
+
+
+def test_time_budget_certifies_a_prefix(digits_model, computer):
+    import time
+
+    _, x, y, _ = digits_model
+    cert = computer.certify(x, y, 0.02, "linf", "crown", 10, 16, 1e-4, deadline=time.monotonic() - 1)
+    assert len(cert.margin_lower) == 16  # one batch, then the budget stops it
+
+
+def test_unboundable_model_is_named():
+    from torch import nn
+
+    from pipeline.certify.bounds import NotBoundable
+    from pipeline.threat import Domain
+
+    class Spectral(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(33, 10)
+
+        def forward(self, x):
+            return self.fc(torch.fft.rfft(x.flatten(1)).abs())
+
+    domain = Domain(torch.zeros(1, 8, 8), torch.ones(1, 8, 8))
+    with pytest.raises(NotBoundable) as info:
+        computer = BoundComputer(Spectral().eval(), (1, 8, 8), domain)
+        computer.certify(torch.rand(2, 1, 8, 8), torch.tensor([0, 1]), 0.01, "linf", "crown", 10, 2, 1e-4)
+    assert str(info.value)
+
+
+def test_certify_stage_sweep_is_below_attack_sweep(pipeline_workspace):
+    import json
+
+    certify = json.loads((pipeline_workspace / "metrics/certify.json").read_text())
+    for point in certify["sweep"]["points"]:
+        assert point["verified_accuracy"] <= point["attack_robust_accuracy"] + 1e-9
+    verified = [p["verified_accuracy"] for p in certify["sweep"]["points"]]
+    assert verified == sorted(verified, reverse=True)

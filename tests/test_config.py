@@ -25,7 +25,7 @@ def with_change(path: str, value):
         ("threat.epsilon", -0.1, "threat.epsilon = -0.1: Input should be greater than or equal to 0"),
         ("train.pgd.steps", 0, "train.pgd.steps = 0"),
         ("train.epochs", "3", "train.epochs = '3': Input should be a valid integer"),
-        ("train.method", "magic", "train.method = 'magic': Input should be 'standard' or 'pgd_at'"),
+        ("train.method", "magic", "train.method = 'magic': Input should be 'standard', 'pgd_at'"),
         ("data.dataset", "imagenet", "data.dataset = 'imagenet'"),
         ("model.name", "resnet", "model.name = 'resnet': Value error, unknown model"),
         ("train.learning_rate", 0.1, "train.learning_rate = 0.1: unknown key"),

@@ -55,7 +55,10 @@ def approved_version(root: Path) -> str:
 def test_repro_noop_partial_rerun_and_failing_gate(repo_copy):
     root = repo_copy
     first = sh(["dvc", "repro"], root)
-    assert ran(first.stdout) == ["prepare", "train", "attack", "certify", "export", "report", "gate", "register"]
+    order = ran(first.stdout)
+    assert sorted(order) == sorted(["prepare", "train", "attack", "certify", "smooth", "export", "report", "gate",
+                                    "register"])
+    assert order[:2] == ["prepare", "train"] and order[-3:] == ["report", "gate", "register"]
     assert (root / "reports/build/report.html").is_file()
     register = json.loads((root / "metrics/register.json").read_text())
     assert register["approved"] and approved_version(root) == register["version"]
@@ -66,7 +69,7 @@ def test_repro_noop_partial_rerun_and_failing_gate(repo_copy):
     params["attack"]["pgd"]["steps"] = 12
     (root / "params.yaml").write_text(yaml.safe_dump(params))
     rerun = ran(sh(["dvc", "repro"], root).stdout)
-    assert rerun[:2] == ["attack", "certify"] and "prepare" not in rerun and "train" not in rerun
+    assert rerun[:2] == ["attack", "certify"] and not {"prepare", "train", "smooth"} & set(rerun)
     approved_before = approved_version(root)
 
     policy = yaml.safe_load((root / "policies/tiny.yaml").read_text())

@@ -42,7 +42,8 @@ def test_report_shows_the_metrics_and_verdict(pipeline_workspace):
         assert section in html
     assert "data:image/png;base64," in html and "src=\"http" not in html  # self-contained
     assert "Not stated in params.yaml" in html  # gaps shown, never invented
-    assert "Randomized smoothing was not run" in html
+    assert "Randomized-smoothing certificates hold for the smoothed classifier" in html
+    assert "not Gaussian noise at this σ" in html
 
 
 def test_evidence_lists_every_figure_with_its_source(pipeline_workspace):

@@ -8,6 +8,7 @@ margin within float rounding of zero is not counted as verified.
 """
 from __future__ import annotations
 
+import time
 import warnings
 from dataclasses import dataclass
 
@@ -17,7 +18,7 @@ from torch import nn
 from pipeline import lirpa_compat
 from pipeline.threat import Domain
 
-METHODS = {"ibp": "IBP", "crown": "CROWN"}  # our name -> auto_LiRPA's
+METHODS = {"ibp": "IBP", "crown_ibp": "CROWN-IBP", "crown": "CROWN", "alpha_crown": "alpha-CROWN"}  # ours -> auto_LiRPA's
 
 
 class NotBoundable(Exception):
@@ -29,6 +30,8 @@ class Certificate:
     method: str
     margin_lower: torch.Tensor  # (N,) min over j != y of the lower bound of f_y - f_j
     verified: torch.Tensor  # bool (N,)
+    lower: torch.Tensor  # (N, K-1) lower bounds of f_y - f_j, for the containment check
+    upper: torch.Tensor  # (N, K-1) upper bounds (inf where the method bounds only from below)
 
 
 def specification(y: torch.Tensor, num_classes: int) -> torch.Tensor:
@@ -47,11 +50,20 @@ class BoundComputer:
     def __init__(self, model: nn.Module, input_shape: tuple[int, ...], domain: Domain):
         self.lirpa = lirpa_compat.load()
         self.domain = domain
-        model = model.eval()
+        self.model, self.input_shape = model.eval(), input_shape
+        self.bounded = self._wrap()
+
+    def _wrap(self, dense_alpha: bool = False):
+        options = {"verbosity": 0, "optimize_bound_args": {"iteration": 20, "lr_alpha": 0.1}}
+        if dense_alpha:  # auto_LiRPA 0.3's sparse conv slopes mis-shape on convolutions: keep them dense
+            options.update(sparse_features_alpha=False, sparse_spec_alpha=False,
+                           sparse_conv_intermediate_bounds=False, sparse_intermediate_bounds=False)
         try:
             with warnings.catch_warnings():  # tracing warnings are expected for a plain module
                 warnings.simplefilter("ignore")
-                self.bounded = self.lirpa.BoundedModule(model, torch.zeros(1, *input_shape), device="cpu")
+                return self.lirpa.BoundedModule(
+                    self.model, torch.zeros(1, *self.input_shape), device="cpu", bound_opts=options,
+                )
         except Exception as error:  # auto_LiRPA raises plain exceptions for unsupported operators
             raise NotBoundable(_name_layer(error)) from error
 
@@ -69,23 +81,37 @@ class BoundComputer:
         else:  # L2: the domain box is not used, which only loosens (never breaks) the bound
             ptb = PerturbationLpNorm(norm=2.0, eps=epsilon)
         bounded_x = self.lirpa.BoundedTensor(x, ptb)
+        # alpha-CROWN keeps per-neuron slopes shaped by the first batch it saw: give each batch a fresh wrapper
+        bounded = self._wrap(dense_alpha=True) if method == "alpha_crown" else self.bounded
         try:
-            lower, upper = self.bounded.compute_bounds(
-                x=(bounded_x,), C=specification(y, num_classes), method=METHODS[method]
-            )
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                lower, upper = bounded.compute_bounds(
+                    x=(bounded_x,), C=specification(y, num_classes), method=METHODS[method],
+                    bound_upper=method != "alpha_crown",  # alpha-CROWN optimises the lower bound only
+                )
+            if upper is None:
+                upper = torch.full_like(lower, float("inf"))
         except NotImplementedError as error:  # an operator without a bound rule; anything else is a bug
             raise NotBoundable(_name_layer(error)) from error
         return lower.detach(), upper.detach()
 
-    def certify(self, x, y, epsilon, norm, method, num_classes, batch_size: int, tolerance: float) -> Certificate:
-        margins = []
+    def certify(self, x, y, epsilon, norm, method, num_classes, batch_size: int, tolerance: float,
+                deadline: float | None = None) -> Certificate:
+        """Certify batches in order; with a `deadline` (time.monotonic) stop early and certify a prefix."""
+        lowers, uppers = [], []
         for start in range(0, len(x), batch_size):
-            lower, _ = self.margin_bounds(
+            if deadline is not None and lowers and time.monotonic() > deadline:
+                break
+            lower, upper = self.margin_bounds(
                 x[start:start + batch_size], y[start:start + batch_size], epsilon, norm, method, num_classes
             )
-            margins.append(lower.min(dim=1).values)
-        margin = torch.cat(margins) if margins else torch.zeros(0)
-        return Certificate(method, margin, margin > tolerance)
+            lowers.append(lower)
+            uppers.append(upper)
+        lower = torch.cat(lowers) if lowers else torch.zeros(0, num_classes - 1)
+        upper = torch.cat(uppers) if uppers else torch.zeros(0, num_classes - 1)
+        margin = lower.min(dim=1).values
+        return Certificate(method, margin, margin > tolerance, lower, upper)
 
 
 def _name_layer(error: Exception) -> str:

@@ -16,7 +16,7 @@ import torch
 
 from pipeline.certify.bounds import BoundComputer, NotBoundable, margins_of
 from pipeline.errors import GateFailed, UsageError
-from pipeline.io import write_json, write_text
+from pipeline.io import read_json, write_json, write_text
 from pipeline.stages.common import load_data, load_model_for, seed_everything, tensors
 from pipeline.stats import proportion
 from pipeline.threat import random_start
@@ -33,22 +33,41 @@ def _attack_evidence(ws: Workspace, n: int, epsilon: float, norm: str):
         return torch.as_tensor(archive["x_adv"][:m]), torch.as_tensor(archive["robust"][:m]), m
 
 
-def containment_violations(computer, model, x, y, x_adv, epsilon, norm, method, num_classes, domain,
-                           generator, random_points: int, tolerance: float, batch_size: int) -> tuple[int, int]:
+def containment_violations(cert, model, x, y, x_adv, epsilon, norm, domain, generator, random_points: int,
+                           tolerance: float) -> tuple[int, int]:
     """Points whose true margins fall outside the certified bounds (must be zero)."""
+    lower, upper = cert.lower[: len(x)], cert.upper[: len(x)]
+    probes = [x_adv] if x_adv is not None else []
+    probes += [random_start(x, epsilon, norm, domain, generator) for _ in range(random_points)]
     violations = checked = 0
-    for start in range(0, len(x), batch_size):
-        xb, yb = x[start:start + batch_size], y[start:start + batch_size]
-        lower, upper = computer.margin_bounds(xb, yb, epsilon, norm, method, num_classes)
-        probes = [x_adv[start:start + batch_size]] if x_adv is not None else []
-        probes += [random_start(xb, epsilon, norm, domain, generator) for _ in range(random_points)]
-        with torch.no_grad():
-            for probe in probes:
-                margin = margins_of(model(probe), yb)
-                bad = (margin < lower - tolerance) | (margin > upper + tolerance)
-                violations += int(bad.any(dim=1).sum())
-                checked += len(probe)
+    with torch.no_grad():
+        for probe in probes:
+            margin = margins_of(model(probe), y)
+            bad = (margin < lower - tolerance) | (margin > upper + tolerance)
+            violations += int(bad.any(dim=1).sum())
+            checked += len(probe)
     return violations, checked
+
+
+def certified_sweep(computer, x, y, sweep: list[dict], norm: str, num_classes: int, batch_size: int,
+                    tolerance: float, method: str) -> list[dict]:
+    """Verified accuracy at the attack stage's ε grid, each checked against the attack's robust count."""
+    rows = []
+    n = len(y)
+    for point in sweep:
+        with torch.no_grad():
+            verified = computer.certify(x, y, point["epsilon"], norm, method, num_classes, batch_size, tolerance).verified
+        count = int(verified.sum())
+        robust_count = round(point["robust_accuracy"] * point["n"])
+        if count > robust_count:
+            raise GateFailed(
+                f"SOUNDNESS: {method} verifies {count} of {n} samples at ε={point['epsilon']:g} but the attack "
+                f"left only {robust_count} robust; the certificate cannot be trusted"
+            )
+        stats = proportion(count, n)
+        rows.append({"epsilon": point["epsilon"], "verified_accuracy": stats["value"], "ci_low": stats["ci"][0],
+                     "ci_high": stats["ci"][1], "n": n, "attack_robust_accuracy": point["robust_accuracy"]})
+    return rows
 
 
 def main(ws: Workspace) -> int:
@@ -73,40 +92,55 @@ def main(ws: Workspace) -> int:
         computer = BoundComputer(model, tuple(x.shape[1:]), domain)
         for method in cfg.methods:
             started = time.perf_counter()
+            deadline = time.monotonic() + cfg.time_budget_s if cfg.time_budget_s else None
             cert = computer.certify(x, y, threat.epsilon, threat.norm, method, data.num_classes,
-                                    cfg.batch_size, cfg.tolerance)
-            verified = cert.verified & clean_correct
+                                    cfg.batch_size, cfg.tolerance, deadline)
+            done = len(cert.margin_lower)  # fewer than n when the time budget ran out
+            verified = torch.zeros(n, dtype=torch.bool)
+            verified[:done] = cert.verified & clean_correct[:done]
             conflicts = int((verified[:m] & ~attack_robust).sum())
             if conflicts:
                 raise GateFailed(
                     f"SOUNDNESS: {conflicts} sample(s) certified by {method} at ε={threat.epsilon} "
                     "have an adversarial example from the attack stage; the certificate cannot be trusted"
                 )
+            k = min(m, done)
             violations, checked = containment_violations(
-                computer, model, x[:m], y[:m], x_adv, threat.epsilon, threat.norm, method, data.num_classes,
-                domain, generator, cfg.random_points, cfg.tolerance, cfg.batch_size)
+                cert, model, x[:k], y[:k], x_adv[:k], threat.epsilon, threat.norm, domain, generator,
+                cfg.random_points, cfg.tolerance)
             if violations:
                 raise GateFailed(
                     f"SOUNDNESS: {violations} of {checked} points have margins outside the {method} bounds"
                 )
-            stats = proportion(int(verified.sum()), n)
+            stats = proportion(int(verified[:done].sum()), done)
             metrics["verified_accuracy"][method] = stats["value"]
             metrics["verified_accuracy_ci"][method] = stats["ci"]
             metrics["methods"][method] = {
-                **stats, "seconds": time.perf_counter() - started,
+                **stats, "seconds": time.perf_counter() - started, "requested": n,
+                "budget_exhausted": done < n,
                 "soundness": {"attack_conflicts": conflicts, "containment_violations": violations,
-                              "points_checked": checked, "samples_cross_checked": m, "tolerance": cfg.tolerance},
+                              "points_checked": checked, "samples_cross_checked": k, "tolerance": cfg.tolerance},
             }
-            for i in range(n):
+            for i in range(done):
                 per_sample[i][f"{method}_margin_lower"] = float(cert.margin_lower[i])
                 per_sample[i][f"{method}_verified"] = bool(verified[i])
+            budget = f" (time budget: {done} of {n} certified)" if done < n else ""
             print(f"certify: {method} verified {stats['value']:.3f} [{stats['ci'][0]:.3f}, {stats['ci'][1]:.3f}] "
-                  f"n={n}; soundness: 0 conflicts, 0/{checked} containment violations")
+                  f"n={done}{budget}; soundness: 0 conflicts, 0/{checked} containment violations")
+        if cfg.sweep:
+            sweep = read_json(ws.metrics("attack")).get("sweep")
+            if sweep:
+                fast = next((mth for mth in ("crown", "crown_ibp", "ibp") if mth in cfg.methods), cfg.methods[0])
+                count = sweep["n"]
+                rows = certified_sweep(computer, x[:count], y[:count], sweep["points"], threat.norm, data.num_classes,
+                                       cfg.batch_size, cfg.tolerance, fast)
+                metrics["sweep"] = {"method": fast, "n": count, "points": rows}
     except NotBoundable as error:
         metrics["status"] = "not_applicable"
         metrics["reason"] = f"auto_LiRPA cannot bound this model: {error}"
         metrics["verified_accuracy"] = {method: "not_applicable" for method in cfg.methods}
         print(f"certify: not applicable: {error}")
     write_text(ws.certify_samples, "".join(json.dumps(row) + "\n" for row in per_sample.values()))
+    write_json(ws.root / "plots" / "certify_sweep.json", metrics.get("sweep", {}).get("points", []))
     write_json(ws.metrics("certify"), metrics)
     return 0

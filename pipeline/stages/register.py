@@ -56,7 +56,7 @@ def main(ws: Workspace) -> int:
     local_store = tracking_uri.startswith("sqlite:")
     check_reachable(tracking_uri)
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
-    metrics = collect_metrics(ws, ("prepare", "train", "attack", "certify", "export", "gate"))
+    metrics = collect_metrics(ws, ("prepare", "train", "attack", "certify", "smooth", "export", "gate"))
     onnx_sha = sha256_file(ws.onnx)
     x_example = np.load(ws.prepared, allow_pickle=False)["x_test"][:2]
     tags = {

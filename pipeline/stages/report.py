@@ -87,7 +87,17 @@ def limitations(params, metrics: dict) -> list[str]:
                      f"{100 * (hi - lo):.1f} points wide.")
     notes.append(f"Only the {params.threat.norm} threat model with ε = {params.threat.epsilon:g} was evaluated; "
                  "other variations (rotation, blur, weather, sensor faults, distribution shift) are not covered.")
-    notes.append("Randomized smoothing was not run in this pipeline configuration: no probabilistic L2 certificate.")
+    smooth = metrics.get("smooth", {})
+    if smooth.get("status") != "ok":
+        notes.append("Randomized smoothing was not run: no probabilistic L2 certificate is claimed.")
+    else:
+        notes.append(f"Randomized-smoothing certificates hold for the smoothed classifier (which votes over "
+                     f"{smooth['n_samples_per_input']} noisy copies at inference), not for the ONNX base model, and each "
+                     f"fails with probability at most α = {smooth['alpha']}.")
+        if not smooth.get("base_trained_with_same_sigma"):
+            notes.append(f"The smoothing base model was trained with {smooth.get('base_training_method')}, not with "
+                         f"Gaussian noise at σ = {smooth['sigma']}: its smoothing certificates are sound but weaker "
+                         "than a noise-trained model's.")
     for field in ("intended_purpose", "input_domain", "out_of_scope_use"):
         if getattr(params.report, field) is None:
             notes.append(f"report.{field} is not stated in params.yaml: the reviewer must supply it.")
@@ -158,6 +168,9 @@ def build_context(ws: Workspace) -> dict:
              for name, a in attack["attacks"].items() if a["robust_accuracy"] is not None]
     bars.append(("robust: worst case", attack["robust_accuracy"], attack["robust_accuracy_ci"]))
     bars += [(f"verified: {m}", d["value"], d["ci"]) for m, d in certify.get("methods", {}).items()]
+    smooth = metrics.get("smooth", {})
+    bars += [(f"smoothing: L2 r = {c['radius']:g}", c["robust_accuracy"], [c["ci_low"], c["ci_high"]])
+             for c in smooth.get("curve", []) if c["radius"] > 0][:2]
     lock = ws.root / "dvc.lock"
     artifacts = hash_artifacts(ws, include_report=False)
     epoch = source_date_epoch(ws)
@@ -180,6 +193,14 @@ def build_context(ws: Workspace) -> dict:
         "verdict": verdict,
         "history": history,
         "curves_png": training_curves(history) if history else None,
+        "smooth_png": epsilon_curve(metrics["smooth"]["curve"], 0.0, "L2 radius (input units)",
+                                    "Randomized smoothing: certified accuracy against radius")
+        if metrics.get("smooth", {}).get("status") == "ok" else None,
+        "certify_sweep_png": epsilon_curve(
+            [{"epsilon": p["epsilon"], "robust_accuracy": p["verified_accuracy"], "ci_low": p["ci_low"],
+              "ci_high": p["ci_high"]} for p in certify["sweep"]["points"]], attack["epsilon"],
+            f"ε ({attack['norm']}, input units)", f"Verified accuracy ({certify['sweep']['method']}) against ε")
+        if certify.get("sweep") else None,
         "sweep_png": epsilon_curve(attack["sweep"]["points"], attack["epsilon"],
                                    f"ε ({attack['norm']}, input units)", "Robust accuracy against ε")
         if attack.get("sweep") else None,

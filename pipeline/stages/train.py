@@ -30,6 +30,7 @@ def fit_config(params) -> FitConfig:
         epsilon_warmup_epochs=t.epsilon_warmup_epochs,
         train_pgd=PGD(t.pgd.steps, t.pgd.step_size, 1),
         val_pgd=PGD(t.val_pgd.steps, t.val_pgd.step_size, t.val_pgd.restarts),
+        noise_sigma=t.noise_sigma,
     )
 
 
@@ -77,6 +78,7 @@ def main(ws: Workspace) -> int:
         "method": cfg.method,
         "epsilon": cfg.epsilon,
         "norm": cfg.norm,
+        "noise_sigma": cfg.noise_sigma if cfg.method == "gaussian" else None,
         "best_epoch": result.best_epoch,
         "seed": params.seed,
         "dataset_fingerprint": data_fingerprint,

@@ -39,6 +39,7 @@ class FitConfig:
     epsilon_warmup_epochs: int
     train_pgd: PGD
     val_pgd: PGD
+    noise_sigma: float = 0.25
 
 
 @dataclass
@@ -89,7 +90,7 @@ def fit(
     for epoch in range(cfg.epochs):
         started = time.perf_counter()
         epsilon = epoch_epsilon(cfg, epoch)
-        ctx = BatchContext(epsilon, cfg.norm, domain, cfg.train_pgd, generator)
+        ctx = BatchContext(epsilon, cfg.norm, domain, cfg.train_pgd, generator, cfg.noise_sigma)
         order = torch.randperm(len(x_train), generator=generator)
         loss_sum, seen = 0.0, 0
         model.train()
@@ -119,7 +120,7 @@ def fit(
             "seconds": time.perf_counter() - started,
         }
         result.history.append(row)
-        score = val_clean if cfg.method == "standard" else val_robust
+        score = val_robust if cfg.method == "pgd_at" else val_clean  # select on what the method optimises
         # Only epochs at full ε are eligible: a warm-up epoch's robustness is not the target's.
         if epsilon == cfg.epsilon and score > best_score:
             best_score, result.best_epoch = score, epoch + 1
