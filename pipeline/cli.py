@@ -29,6 +29,7 @@ STAGES = {
 TOOLS = {
     "status": ("pipeline.registry_cli", "list registered versions, aliases, verdicts and hashes"),
     "rollback": ("pipeline.registry_cli", "move alias 'approved' back to the previously approved version"),
+    "compare": ("pipeline.compare", "train and evaluate several training methods side by side (table and plot)"),
     "verify": ("pipeline.verify_cli", "re-hash every artifact in the manifest and check its signature; exit 1 on any mismatch"),
 }
 
@@ -49,6 +50,12 @@ def build_parser() -> argparse.ArgumentParser:
             continue
         command.add_argument("--workspace", type=Path, default=Path("."), help="project root (default: .)")
         command.add_argument("--params", default="params.yaml", help="params file inside the workspace")
+        if name == "train":
+            command.add_argument("--resume", action="store_true", help="continue after the last finished epoch")
+        if name == "compare":
+            command.add_argument("--methods", default="standard,pgd_at,trades",
+                                 help="comma-separated training methods (default: standard,pgd_at,trades)")
+            command.add_argument("--samples", type=int, default=450, help="test samples to evaluate")
         if name == "gate":
             command.add_argument("--explain", action="store_true", help="say why each requirement passed or failed")
     return parser

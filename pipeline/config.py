@@ -109,9 +109,26 @@ class MaskingConfig(_Section):
     large_epsilon_max_accuracy: float = Field(0.1, ge=0.0, le=1.0)
 
 
+TRAIN_METHODS = ("standard", "pgd_at", "trades", "mart", "fast_at", "awp", "consistency", "ibp", "crown_ibp",
+                 "gaussian")
+
+
 class TrainConfig(_Section):
-    method: Literal["standard", "pgd_at", "gaussian"] = "pgd_at"
+    method: Literal["standard", "pgd_at", "trades", "mart", "fast_at", "awp", "consistency", "ibp", "crown_ibp",
+                    "gaussian"] = "pgd_at"
     noise_sigma: float = Field(0.25, gt=0.0, description="gaussian: σ of the training noise")
+    beta: float = Field(6.0, ge=0.0, description="trades/mart (and awp over trades): regularisation weight")
+    awp_gamma: float = Field(0.005, ge=0.0, description="awp: weight perturbation, relative to each layer's norm")
+    awp_base: Literal["pgd_at", "trades"] = "pgd_at"
+    consistency_weight: float = Field(1.0, ge=0.0)
+    consistency_temperature: float = Field(0.5, gt=0.0)
+    fast_at_step_factor: float = Field(1.25, gt=0.0, description="fast_at: FGSM step as a multiple of ε")
+    catastrophic_drop: float = Field(0.2, gt=0.0, le=1.0, description="fast_at: robust-accuracy fall that stops training")
+    kappa_end: float = Field(0.5, ge=0.0, le=1.0, description="ibp/crown_ibp: final weight of the clean loss")
+    lr_schedule: Literal["constant", "cosine", "piecewise"] = "constant"
+    early_stopping_patience: Optional[int] = Field(None, ge=1)
+    init_checkpoint: Optional[str] = Field(None, description="fine-tune: directory with model.pt and model.json")
+    finetune: Literal["all", "head"] = "all"
     epochs: int = Field(20, ge=1)
     batch_size: int = Field(64, ge=1)
     optimizer: Literal["adam", "sgd"] = "adam"
@@ -281,6 +298,10 @@ def load_params(path: Path, root: Path) -> Params:
         data_path = confine(params.data.path, root, "data.path")
         if not data_path.exists():
             raise UsageError(f"{path.name}: data.path = {params.data.path!r}: no such file or directory")
+    if params.train.init_checkpoint is not None:
+        init = confine(params.train.init_checkpoint, root, "train.init_checkpoint")
+        if not (init / "model.pt").is_file():
+            raise UsageError(f"{path.name}: train.init_checkpoint = {params.train.init_checkpoint!r}: no model.pt there")
     if params.report.signing_key is not None:
         key = confine(params.report.signing_key, root, "report.signing_key")
         if not key.is_file():

@@ -67,8 +67,10 @@ class BoundComputer:
         except Exception as error:  # auto_LiRPA raises plain exceptions for unsupported operators
             raise NotBoundable(_name_layer(error)) from error
 
-    def margin_bounds(self, x: torch.Tensor, y: torch.Tensor, epsilon: float, norm: str, method: str, num_classes: int):
-        """Lower and upper bounds of f_y(x') - f_j(x') over the threat model, shape (N, K-1)."""
+    def margin_bounds(self, x: torch.Tensor, y: torch.Tensor, epsilon: float, norm: str, method: str, num_classes: int,
+                      differentiable: bool = False):
+        """Lower and upper bounds of f_y(x') - f_j(x') over the threat model, shape (N, K-1).
+        `differentiable` keeps the graph to the weights, for certified training."""
         from auto_LiRPA.perturbations import PerturbationLpNorm
 
         if norm == "linf":
@@ -94,6 +96,8 @@ class BoundComputer:
                 upper = torch.full_like(lower, float("inf"))
         except NotImplementedError as error:  # an operator without a bound rule; anything else is a bug
             raise NotBoundable(_name_layer(error)) from error
+        if differentiable:
+            return lower, upper
         return lower.detach(), upper.detach()
 
     def certify(self, x, y, epsilon, norm, method, num_classes, batch_size: int, tolerance: float,

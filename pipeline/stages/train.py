@@ -1,17 +1,20 @@
 """Stage `train`: fit the model with the configured method, keep the best epoch."""
 from __future__ import annotations
 
+import io
 import sys
 import time
+
+import torch
 
 from tqdm import tqdm
 
 from pipeline.attacks.pgd import PGD
 from pipeline.errors import UsageError
-from pipeline.io import write_json
+from pipeline.io import atomic_write, confine, write_json
 from pipeline.models import build_model, save_checkpoint
 from pipeline.stages.common import load_data, seed_everything, tensors
-from pipeline.training.loop import FitConfig, TrainingDiverged, fit
+from pipeline.training.loop import FitConfig, TrainingDiverged, TrainState, fit
 from pipeline.workspace import SCHEMA_VERSION, Workspace
 
 
@@ -31,17 +34,52 @@ def fit_config(params) -> FitConfig:
         train_pgd=PGD(t.pgd.steps, t.pgd.step_size, 1),
         val_pgd=PGD(t.val_pgd.steps, t.val_pgd.step_size, t.val_pgd.restarts),
         noise_sigma=t.noise_sigma,
+        lr_schedule=t.lr_schedule,
+        early_stopping_patience=t.early_stopping_patience,
+        catastrophic_drop=t.catastrophic_drop,
+        context={"beta": t.beta, "awp_gamma": t.awp_gamma, "awp_base": t.awp_base,
+                 "consistency_weight": t.consistency_weight, "consistency_temperature": t.consistency_temperature,
+                 "fast_at_step_factor": t.fast_at_step_factor, "kappa_end": t.kappa_end},
     )
 
 
-def main(ws: Workspace) -> int:
+def start_from_checkpoint(model, params, root) -> None:
+    """Fine-tuning: load the initial weights (architecture must match) and freeze all but the head."""
+    import torch
+
+    t = params.train
+    if t.init_checkpoint is None:
+        return
+    directory = confine(t.init_checkpoint, root, "train.init_checkpoint")
+    state = torch.load(directory / "model.pt", map_location="cpu", weights_only=True)
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as error:
+        raise UsageError(f"train.init_checkpoint: checkpoint does not match model {params.model.name!r}: "
+                         f"{str(error).splitlines()[0]}") from None
+    if t.finetune == "head":
+        head = [m for m in model.modules() if isinstance(m, torch.nn.Linear)][-1]
+        for parameter in model.parameters():
+            parameter.requires_grad_(False)
+        for parameter in head.parameters():
+            parameter.requires_grad_(True)
+
+
+def main(ws: Workspace, resume: bool = False) -> int:
     params = ws.params()
     data, domain, data_fingerprint = load_data(ws, params)
     generator = seed_everything(params.seed)
     input_shape = list(data.x["train"].shape[1:])
     options = params.model.factory_options()
     model = build_model(params.model.name, input_shape, data.num_classes, options)
+    start_from_checkpoint(model, params, ws.root)
     cfg = fit_config(params)
+    state_file = ws.model_dir / "train_state.pt"
+    fingerprint_now = params.section_hash("seed", "data", "model", "threat", "train")
+    previous = None
+    if resume:
+        previous = load_state(state_file, fingerprint_now)
+        print(f"train: resuming after epoch {previous.epoch} of {cfg.epochs}")
     x_train, y_train = tensors(data, "train")
     x_val, y_val = tensors(data, "val")
 
@@ -59,14 +97,25 @@ def main(ws: Workspace) -> int:
             f"({row['seconds']:.1f}s)"
         )
 
+    def save_state(state: TrainState) -> None:
+        payload = {**state.to_dict(), "params_sha256": fingerprint_now}
+        buffer = io.BytesIO()
+        torch.save(payload, buffer)
+        atomic_write(state_file, lambda tmp: tmp.write_bytes(buffer.getvalue()))
+
     started = time.perf_counter()
     try:
-        result = fit(model, x_train, y_train, x_val, y_val, domain, cfg, generator, on_batch, on_epoch)
+        result = fit(model, x_train, y_train, x_val, y_val, domain, cfg, generator, on_batch, on_epoch,
+                     save_state=save_state, resume=previous, num_classes=data.num_classes)
     except TrainingDiverged as error:
-        raise UsageError(f"training diverged: {error}; lower train.lr or check the data") from None
+        kept = f"; the last good epoch is kept in {state_file.relative_to(ws.root)}" if state_file.is_file() else ""
+        raise UsageError(f"training diverged: {error}{kept}; lower train.lr or check the data") from None
     finally:
         bar.close()
     seconds = time.perf_counter() - started
+    if result.stopped != "completed":
+        print(f"train: stopped early ({result.stopped.replace('_', ' ')}) after epoch {len(result.history)}; "
+              f"keeping epoch {result.best_epoch}")
     model.load_state_dict(result.best_state)
     best = result.history[result.best_epoch - 1]
     save_checkpoint(model, ws.model_dir, {
@@ -84,11 +133,14 @@ def main(ws: Workspace) -> int:
         "dataset_fingerprint": data_fingerprint,
         "params_sha256": params.section_hash("seed", "data", "model", "threat", "train"),
     })
+    state_file.unlink(missing_ok=True)  # finished: nothing to resume
     write_json(ws.train_plot, result.history)
     write_json(ws.metrics("train"), {
         "schema_version": SCHEMA_VERSION,
         "method": cfg.method,
         "epochs": cfg.epochs,
+        "epochs_run": len(result.history),
+        "stopped": result.stopped,
         "best_epoch": result.best_epoch,
         "seconds": seconds,
         "best_val_clean_accuracy": best["val_clean_accuracy"],
@@ -101,3 +153,14 @@ def main(ws: Workspace) -> int:
     print(f"train: best epoch {result.best_epoch}/{cfg.epochs} val clean {best['val_clean_accuracy']:.3f} "
           f"val robust {best['val_robust_accuracy']:.3f} in {seconds:.1f}s")
     return 0
+
+
+def load_state(path, params_sha256: str) -> TrainState:
+    """The state of the last finished epoch, refused when the params changed since."""
+    if not path.is_file():
+        raise UsageError(f"nothing to resume: {path} does not exist (the last run finished or never started)")
+    payload = torch.load(path, map_location="cpu", weights_only=True)
+    if payload.get("params_sha256") != params_sha256:
+        raise UsageError(f"{path} was written with other params (seed, data, model, threat or train changed); "
+                         "run `robustgate train` without --resume")
+    return TrainState.from_dict(payload)

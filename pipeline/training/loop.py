@@ -1,15 +1,16 @@
-"""The epoch loop: seeded batches, ε warm-up, robust validation, best checkpoint.
+"""The epoch loop: seeded batches, ε warm-up, LR schedule, robust validation, best checkpoint,
+early stopping, a guard against catastrophic overfitting, and exact resumption.
 
-The best epoch is chosen by robust validation accuracy (clean accuracy for
-`standard`), because adversarially trained models overfit robustly (Rice et al.
-2020): the last epoch is often not the most robust one.
+The best epoch is chosen by robust validation accuracy for the robustness methods
+(clean accuracy for `standard` and `gaussian`), because adversarially trained models
+overfit robustly (Rice et al. 2020): the last epoch is often not the most robust one.
 """
 from __future__ import annotations
 
 import copy
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable, Optional
 
 import torch
@@ -18,7 +19,9 @@ from torch import nn
 from pipeline.attacks.pgd import PGD
 from pipeline.attacks.suite import predict
 from pipeline.threat import Domain
-from pipeline.training.methods import METHODS, BatchContext
+from pipeline.training.methods import CERTIFIED, METHODS, BatchContext
+
+CLEAN_SELECTED = ("standard", "gaussian")
 
 
 class TrainingDiverged(RuntimeError):
@@ -40,6 +43,10 @@ class FitConfig:
     train_pgd: PGD
     val_pgd: PGD
     noise_sigma: float = 0.25
+    lr_schedule: str = "constant"  # constant | cosine | piecewise
+    early_stopping_patience: Optional[int] = None
+    catastrophic_drop: float = 0.2  # fast_at: robust val accuracy falling this far below its best
+    context: dict = field(default_factory=dict)  # method hyperparameters for BatchContext
 
 
 @dataclass
@@ -47,12 +54,23 @@ class FitResult:
     history: list[dict] = field(default_factory=list)
     best_epoch: int = 0
     best_state: Optional[dict] = None
+    stopped: str = "completed"  # completed | early_stopping | catastrophic_overfitting
 
 
 def _optimizer(model: nn.Module, cfg: FitConfig) -> torch.optim.Optimizer:
+    params = [p for p in model.parameters() if p.requires_grad]
     if cfg.optimizer == "sgd":
-        return torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
-    return torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+        return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+
+def learning_rate(cfg: FitConfig, progress: float) -> float:
+    """LR at `progress` in [0, 1) of training: constant, cosine to zero, or ×0.1 at 50% and 75%."""
+    if cfg.lr_schedule == "cosine":
+        return cfg.lr * 0.5 * (1 + math.cos(math.pi * progress))
+    if cfg.lr_schedule == "piecewise":
+        return cfg.lr * (0.1 ** ((progress >= 0.5) + (progress >= 0.75)))
+    return cfg.lr
 
 
 def epoch_epsilon(cfg: FitConfig, epoch: int) -> float:
@@ -71,6 +89,30 @@ def robust_accuracy(model, pgd: PGD, x, y, epsilon, norm, domain, generator, bat
     return robust / len(x)
 
 
+@dataclass
+class TrainState:
+    """Everything needed to continue after the last finished epoch with identical results."""
+
+    epoch: int
+    model: dict
+    optimizer: dict
+    generator: torch.Tensor
+    result: FitResult
+    best_score: float
+    stale: int
+
+    def to_dict(self) -> dict:
+        return {"epoch": self.epoch, "model": self.model, "optimizer": self.optimizer, "generator": self.generator,
+                "history": self.result.history, "best_epoch": self.result.best_epoch,
+                "best_state": self.result.best_state, "best_score": self.best_score, "stale": self.stale}
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "TrainState":
+        result = FitResult(list(data["history"]), data["best_epoch"], data["best_state"])
+        return cls(data["epoch"], data["model"], data["optimizer"], data["generator"], result,
+                   data["best_score"], data["stale"])
+
+
 def fit(
     model: nn.Module,
     x_train: torch.Tensor,
@@ -82,25 +124,44 @@ def fit(
     generator: torch.Generator,
     on_batch: Optional[Callable[[int, int, float], None]] = None,
     on_epoch: Optional[Callable[[dict], None]] = None,
+    save_state: Optional[Callable[[TrainState], None]] = None,
+    resume: Optional[TrainState] = None,
+    num_classes: int = 10,
 ) -> FitResult:
     objective = METHODS[cfg.method]
     optimizer = _optimizer(model, cfg)
-    result = FitResult()
-    best_score = -1.0
-    for epoch in range(cfg.epochs):
+    result, best_score, stale, first_epoch = FitResult(), -1.0, 0, 0
+    if resume is not None:
+        model.load_state_dict(resume.model)
+        optimizer.load_state_dict(resume.optimizer)
+        generator.set_state(resume.generator)
+        result, best_score, stale, first_epoch = resume.result, resume.best_score, resume.stale, resume.epoch
+    bounds = None
+    if cfg.method in CERTIFIED:
+        from pipeline.certify.bounds import BoundComputer
+
+        bounds = BoundComputer(model, tuple(x_train.shape[1:]), domain)
+    batches_per_epoch = math.ceil(len(x_train) / cfg.batch_size)
+    for epoch in range(first_epoch, cfg.epochs):
         started = time.perf_counter()
         epsilon = epoch_epsilon(cfg, epoch)
-        ctx = BatchContext(epsilon, cfg.norm, domain, cfg.train_pgd, generator, cfg.noise_sigma)
+        ramp = min(1.0, (epoch + 1) / cfg.epsilon_warmup_epochs) if cfg.epsilon_warmup_epochs else 1.0
+        ctx = BatchContext(epsilon, cfg.norm, domain, cfg.train_pgd, generator, cfg.noise_sigma,
+                           ramp=ramp, bounds=bounds, num_classes=num_classes, **cfg.context)
         order = torch.randperm(len(x_train), generator=generator)
         loss_sum, seen = 0.0, 0
         model.train()
         for batch, start in enumerate(range(0, len(order), cfg.batch_size)):
+            for group in optimizer.param_groups:
+                group["lr"] = learning_rate(cfg, (epoch * batches_per_epoch + batch) / (cfg.epochs * batches_per_epoch))
             idx = order[start:start + cfg.batch_size]
             loss = objective(model, x_train[idx], y_train[idx], ctx)
             if not math.isfinite(loss.item()):
                 raise TrainingDiverged(f"loss is {loss.item()} at epoch {epoch + 1}, batch {batch + 1}")
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
+            while ctx.after_backward:
+                ctx.after_backward.pop()()
             optimizer.step()
             loss_sum += loss.item() * len(idx)
             seen += len(idx)
@@ -113,6 +174,7 @@ def fit(
         row = {
             "epoch": epoch + 1,
             "epsilon": epsilon,
+            "lr": optimizer.param_groups[0]["lr"],
             "loss": loss_sum / seen,
             "train_clean_accuracy": train_clean,
             "val_clean_accuracy": val_clean,
@@ -120,13 +182,31 @@ def fit(
             "seconds": time.perf_counter() - started,
         }
         result.history.append(row)
-        score = val_robust if cfg.method == "pgd_at" else val_clean  # select on what the method optimises
+        if cfg.method == "fast_at" and best_score >= 0 and val_robust < best_score - cfg.catastrophic_drop:
+            result.stopped = "catastrophic_overfitting"  # Wong et al. 2020: FGSM training collapsed
+            if on_epoch is not None:
+                on_epoch(row)
+            break
+        score = val_clean if cfg.method in CLEAN_SELECTED else val_robust
         # Only epochs at full ε are eligible: a warm-up epoch's robustness is not the target's.
         if epsilon == cfg.epsilon and score > best_score:
-            best_score, result.best_epoch = score, epoch + 1
+            best_score, result.best_epoch, stale = score, epoch + 1, 0
             result.best_state = copy.deepcopy(model.state_dict())
+        elif epsilon == cfg.epsilon:
+            stale += 1
+        if save_state is not None:
+            state = TrainState(epoch + 1, copy.deepcopy(model.state_dict()), copy.deepcopy(optimizer.state_dict()),
+                               generator.get_state(), result, best_score, stale)
+            save_state(state)
         if on_epoch is not None:
             on_epoch(row)
+        if cfg.early_stopping_patience is not None and stale >= cfg.early_stopping_patience:
+            result.stopped = "early_stopping"
+            break
     if result.best_state is None:  # ε never reached full size (warm-up longer than training)
-        result.best_epoch, result.best_state = cfg.epochs, copy.deepcopy(model.state_dict())
+        result.best_epoch, result.best_state = len(result.history), copy.deepcopy(model.state_dict())
     return result
+
+
+def with_method(cfg: FitConfig, method: str) -> FitConfig:
+    return replace(cfg, method=method)

@@ -1,22 +1,25 @@
 """Per-batch training objectives, by name.
 
 Each method maps a batch to the loss whose gradient updates the weights. The
-adversarial ones solve the inner maximisation of
-min_θ E[max_{‖δ‖≤ε} L(f_θ(x+δ), y)] approximately with PGD.
+adversarial ones approximately solve the inner maximisation of
+min_θ E[max_{‖δ‖≤ε} L(f_θ(x+δ), y)]; the certified ones minimise an upper bound
+on the worst-case loss computed by bound propagation.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Callable
+from dataclasses import dataclass, field
+from typing import Any, Callable, Optional
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
+from pipeline.attacks.losses import loss_and_gradient
 from pipeline.attacks.pgd import PGD
-from pipeline.threat import Domain
+from pipeline.threat import Domain, ascent_step, project, random_start
 
 
-@dataclass(frozen=True)
+@dataclass
 class BatchContext:
     epsilon: float  # this epoch's ε (after warm-up)
     norm: str
@@ -24,31 +27,196 @@ class BatchContext:
     pgd: PGD
     generator: torch.Generator
     noise_sigma: float = 0.25
+    beta: float = 6.0  # TRADES / MART regularisation weight
+    awp_gamma: float = 0.005
+    awp_base: str = "pgd_at"
+    consistency_weight: float = 1.0
+    consistency_temperature: float = 0.5
+    fast_at_step_factor: float = 1.25
+    ramp: float = 1.0  # fraction of the ε warm-up done: drives the κ and β schedules
+    kappa_end: float = 0.5
+    bounds: Any = None  # a BoundComputer-like object for certified training
+    num_classes: int = 10
+    after_backward: list = field(default_factory=list)  # callbacks run between backward and step (AWP)
 
 
-def standard(model: nn.Module, x: torch.Tensor, y: torch.Tensor, ctx: BatchContext) -> torch.Tensor:
+def _adversarial(model: nn.Module, x, y, ctx: BatchContext) -> torch.Tensor:
+    model.eval()
+    try:
+        return ctx.pgd.perturb(model, x, y, ctx.epsilon, ctx.norm, ctx.domain, ctx.generator).detach()
+    finally:
+        model.train()
+
+
+def standard(model: nn.Module, x, y, ctx: BatchContext) -> torch.Tensor:
     """Empirical risk on clean inputs: the baseline of the accuracy-robustness trade-off."""
-    return nn.functional.cross_entropy(model(x), y)
+    return F.cross_entropy(model(x), y)
 
 
-def pgd_at(model: nn.Module, x: torch.Tensor, y: torch.Tensor, ctx: BatchContext) -> torch.Tensor:
+def pgd_at(model: nn.Module, x, y, ctx: BatchContext) -> torch.Tensor:
     """Madry et al. 2018: cross-entropy on PGD points from a random start in the ε-ball."""
     if ctx.epsilon == 0:
         return standard(model, x, y, ctx)
+    return F.cross_entropy(model(_adversarial(model, x, y, ctx)), y)
+
+
+def _trades_point(model: nn.Module, x, ctx: BatchContext) -> torch.Tensor:
+    """Inner maximisation of TRADES: ascend KL(f(x) ‖ f(x')) from a small random start."""
     model.eval()
-    x_adv = ctx.pgd.perturb(model, x, y, ctx.epsilon, ctx.norm, ctx.domain, ctx.generator).detach()
-    model.train()
-    return nn.functional.cross_entropy(model(x_adv), y)
+    try:
+        with torch.no_grad():
+            clean = F.softmax(model(x), dim=1)
+        x_adv = ctx.domain.clamp(x + 0.001 * torch.randn(x.shape, generator=ctx.generator))
+        for step in range(ctx.pgd.steps):
+            x_adv = x_adv.detach().requires_grad_(True)
+            kl = F.kl_div(F.log_softmax(model(x_adv), dim=1), clean, reduction="sum")
+            (grad,) = torch.autograd.grad(kl, x_adv)
+            x_adv = project(ascent_step(x_adv.detach(), grad, ctx.pgd.step_size_at(step), ctx.norm),
+                            x, ctx.epsilon, ctx.norm, ctx.domain)
+        return x_adv.detach()
+    finally:
+        model.train()
 
 
-def gaussian(model: nn.Module, x: torch.Tensor, y: torch.Tensor, ctx: BatchContext) -> torch.Tensor:
+def trades(model: nn.Module, x, y, ctx: BatchContext) -> torch.Tensor:
+    """Zhang et al. 2019: CE on clean inputs + β·KL(f(x) ‖ f(x')), x' maximising the KL."""
+    if ctx.epsilon == 0:
+        return standard(model, x, y, ctx)
+    x_adv = _trades_point(model, x, ctx)
+    logits = model(x)
+    kl = F.kl_div(F.log_softmax(model(x_adv), dim=1), F.softmax(logits, dim=1), reduction="batchmean")
+    return F.cross_entropy(logits, y) + ctx.beta * kl
+
+
+def mart(model: nn.Module, x, y, ctx: BatchContext) -> torch.Tensor:
+    """Wang et al. 2020: boosted CE on x' + β·KL(f(x) ‖ f(x')) weighted by 1 − p_y(x)."""
+    if ctx.epsilon == 0:
+        return standard(model, x, y, ctx)
+    x_adv = _adversarial(model, x, y, ctx)
+    adv_logits, clean_logits = model(x_adv), model(x)
+    adv_prob = F.softmax(adv_logits, dim=1)
+    others = adv_prob.clone()
+    others[torch.arange(len(y)), y] = 0.0
+    boosted = F.cross_entropy(adv_logits, y) - torch.log(1.0001 - others.max(dim=1).values).mean()
+    clean_prob = F.softmax(clean_logits, dim=1)
+    kl = (clean_prob * (torch.log(clean_prob + 1e-12) - torch.log(adv_prob + 1e-12))).sum(dim=1)
+    true_prob = clean_prob.gather(1, y[:, None]).squeeze(1)
+    return boosted + ctx.beta * (kl * (1.0 - true_prob)).mean()
+
+
+def fast_at(model: nn.Module, x, y, ctx: BatchContext) -> torch.Tensor:
+    """Wong et al. 2020: one FGSM step of size 1.25ε from a uniform random start."""
+    if ctx.epsilon == 0:
+        return standard(model, x, y, ctx)
+    model.eval()
+    try:
+        start = random_start(x, ctx.epsilon, ctx.norm, ctx.domain, ctx.generator)
+        _, grad, _ = loss_and_gradient(model, start, y, "ce")
+        x_adv = project(ascent_step(start, grad, ctx.fast_at_step_factor * ctx.epsilon, ctx.norm),
+                        x, ctx.epsilon, ctx.norm, ctx.domain).detach()
+    finally:
+        model.train()
+    return F.cross_entropy(model(x_adv), y)
+
+
+def awp(model: nn.Module, x, y, ctx: BatchContext) -> torch.Tensor:
+    """Wu et al. 2020: on top of PGD-AT or TRADES, move the weights by γ·‖w‖ (per layer) along the
+    ascent direction of the adversarial loss, take the gradient there, and restore the weights
+    before the optimiser step."""
+    base = METHODS[ctx.awp_base]
+    if ctx.epsilon == 0:
+        return base(model, x, y, ctx)
+    x_adv = _adversarial(model, x, y, ctx) if ctx.awp_base == "pgd_at" else _trades_point(model, x, ctx)
+    weights = [p for p in model.parameters() if p.requires_grad and p.dim() > 1]
+    adv_loss = F.cross_entropy(model(x_adv), y)
+    grads = torch.autograd.grad(adv_loss, weights)
+    offsets = []
+    with torch.no_grad():
+        for weight, grad in zip(weights, grads):
+            offset = ctx.awp_gamma * weight.norm() * grad / (grad.norm() + 1e-12)
+            weight.add_(offset)
+            offsets.append(offset)
+
+    def restore() -> None:
+        with torch.no_grad():
+            for weight, offset in zip(weights, offsets):
+                weight.sub_(offset)
+
+    ctx.after_backward.append(restore)
+    if ctx.awp_base == "pgd_at":
+        return F.cross_entropy(model(x_adv), y)
+    logits = model(x)
+    kl = F.kl_div(F.log_softmax(model(x_adv), dim=1), F.softmax(logits, dim=1), reduction="batchmean")
+    return F.cross_entropy(logits, y) + ctx.beta * kl
+
+
+def _shift(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """A random ±1-pixel translation per batch: a cheap second view of image data."""
+    if x.dim() != 4:
+        return x
+    dy, dx = (int(v) for v in torch.randint(-1, 2, (2,), generator=generator))
+    return torch.roll(x, shifts=(dy, dx), dims=(2, 3))
+
+
+def consistency(model: nn.Module, x, y, ctx: BatchContext) -> torch.Tensor:
+    """Tack et al. 2022 style: adversarial examples of two views, CE on both, plus a
+    temperature-scaled Jensen-Shannon consistency between their predictions."""
+    if ctx.epsilon == 0:
+        return standard(model, x, y, ctx)
+    views = [x, _shift(x, ctx.generator)]
+    adversarial = [_adversarial(model, view, y, ctx) for view in views]
+    logits = [model(a) for a in adversarial]
+    ce = sum(F.cross_entropy(z, y) for z in logits) / 2
+    probs = [F.softmax(z / ctx.consistency_temperature, dim=1) for z in logits]
+    mixture = (probs[0] + probs[1]) / 2
+    js = sum(F.kl_div(torch.log(mixture + 1e-12), p, reduction="batchmean") for p in probs) / 2
+    return ce + ctx.consistency_weight * js
+
+
+def _certified(model: nn.Module, x, y, ctx: BatchContext, method: str) -> torch.Tensor:
+    """Gowal et al. 2018 (IBP) / Zhang et al. 2020 (CROWN-IBP): κ·CE(clean) + (1−κ)·CE(worst-case
+    logits from the margin lower bounds). κ falls from 1 to κ_end and CROWN-IBP's β from 1 to 0
+    along the ε ramp."""
+    clean = F.cross_entropy(model(x), y)
+    if ctx.epsilon == 0:
+        return clean
+    kappa = 1.0 - (1.0 - ctx.kappa_end) * ctx.ramp
+    lower_ibp, _ = ctx.bounds.margin_bounds(x, y, ctx.epsilon, ctx.norm, "ibp", ctx.num_classes, True)
+    lower = lower_ibp
+    if method == "crown_ibp":
+        beta = 1.0 - ctx.ramp
+        if beta > 0:
+            lower_crown, _ = ctx.bounds.margin_bounds(x, y, ctx.epsilon, ctx.norm, "crown_ibp", ctx.num_classes, True)
+            lower = beta * lower_crown + (1.0 - beta) * lower_ibp
+    worst = torch.cat([torch.zeros(len(y), 1), -lower], dim=1)  # class 0 stands for the true class
+    robust = F.cross_entropy(worst, torch.zeros(len(y), dtype=torch.long))
+    return kappa * clean + (1.0 - kappa) * robust
+
+
+def ibp(model: nn.Module, x, y, ctx: BatchContext) -> torch.Tensor:
+    return _certified(model, x, y, ctx, "ibp")
+
+
+def crown_ibp(model: nn.Module, x, y, ctx: BatchContext) -> torch.Tensor:
+    return _certified(model, x, y, ctx, "crown_ibp")
+
+
+def gaussian(model: nn.Module, x, y, ctx: BatchContext) -> torch.Tensor:
     """Gaussian-noise augmentation at σ: the base classifier randomized smoothing needs (Cohen et al. 2019)."""
     noise = torch.randn(x.shape, generator=ctx.generator) * ctx.noise_sigma
-    return nn.functional.cross_entropy(model(x + noise), y)
+    return F.cross_entropy(model(x + noise), y)
 
 
 METHODS: dict[str, Callable[[nn.Module, torch.Tensor, torch.Tensor, BatchContext], torch.Tensor]] = {
     "standard": standard,
     "pgd_at": pgd_at,
+    "trades": trades,
+    "mart": mart,
+    "fast_at": fast_at,
+    "awp": awp,
+    "consistency": consistency,
+    "ibp": ibp,
+    "crown_ibp": crown_ibp,
     "gaussian": gaussian,
 }
+CERTIFIED = ("ibp", "crown_ibp")

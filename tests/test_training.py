@@ -1,0 +1,203 @@
+"""Training methods, schedules, early stopping, catastrophic-overfitting guard and exact resumption."""
+import copy
+
+import pytest
+import torch
+
+from pipeline.attacks.pgd import PGD
+from pipeline.config import parse_params
+from pipeline.data.datasets import load_dataset
+from pipeline.data.split import prepare
+from pipeline.errors import UsageError
+from pipeline.models import build_model
+from pipeline.threat import Domain
+from pipeline.training.loop import FitConfig, TrainingDiverged, fit, learning_rate
+from pipeline.training.methods import METHODS
+
+
+@pytest.fixture(scope="module")
+def small_data():
+    data = prepare(load_dataset("digits"), 0.15, 0.25, seed=0, max_samples=300)
+    tensors = {s: (torch.as_tensor(data.x[s]), torch.as_tensor(data.y[s])) for s in ("train", "val")}
+    return tensors, Domain.from_arrays(data.lower, data.upper)
+
+
+def config(method="pgd_at", epochs=2, **overrides):
+    base = dict(method=method, epochs=epochs, batch_size=64, optimizer="adam", lr=0.005, momentum=0.9,
+                weight_decay=0.0, epsilon=0.1, norm="linf", epsilon_warmup_epochs=0, train_pgd=PGD(3, 0.04),
+                val_pgd=PGD(3, 0.04))
+    base.update(overrides)
+    return FitConfig(**base)
+
+
+def run(small_data, cfg, seed=0, model_name="cnn_small", **kwargs):
+    (x, y), (xv, yv) = small_data[0]["train"], small_data[0]["val"]
+    torch.manual_seed(seed)
+    model = build_model(model_name, (1, 8, 8), 10, {"channels": [4, 8], "dense": 16} if model_name == "cnn_small" else {"hidden": [16]})
+    before = copy.deepcopy(model.state_dict())
+    result = fit(model, x, y, xv, yv, small_data[1], cfg, torch.Generator().manual_seed(seed), **kwargs)
+    return model, before, result
+
+
+@pytest.mark.parametrize("method", sorted(METHODS))
+def test_every_method_trains(small_data, method):
+    model, before, result = run(small_data, config(method, epochs=1))
+    assert len(result.history) == 1 and torch.isfinite(torch.tensor(result.history[0]["loss"]))
+    assert any(not torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_learning_rate_schedules():
+    assert learning_rate(config(lr_schedule="constant"), 0.9) == 0.005
+    assert learning_rate(config(lr_schedule="cosine"), 0.0) == pytest.approx(0.005)
+    assert learning_rate(config(lr_schedule="cosine"), 0.5) == pytest.approx(0.0025)
+    assert learning_rate(config(lr_schedule="piecewise"), 0.6) == pytest.approx(0.0005)
+    assert learning_rate(config(lr_schedule="piecewise"), 0.8) == pytest.approx(0.00005)
+
+
+def test_resume_ends_with_the_same_weights(small_data):
+    uninterrupted, _, full = run(small_data, config(epochs=4))
+    states = []
+    run(small_data, config(epochs=2), save_state=states.append)  # "killed" after epoch 2
+    saved = copy.deepcopy(states[-1])
+    resumed, _, result = run(small_data, config(epochs=4), resume=saved)
+    assert [r["epoch"] for r in result.history] == [1, 2, 3, 4]
+    for key, value in uninterrupted.state_dict().items():
+        assert torch.equal(value, resumed.state_dict()[key]), key
+    assert result.best_epoch == full.best_epoch
+
+
+def test_early_stopping(small_data):
+    _, _, result = run(small_data, config(epochs=30, lr=1e-6, early_stopping_patience=2))
+    assert result.stopped == "early_stopping" and len(result.history) < 30
+
+
+def test_fast_at_catastrophic_overfitting_restores_the_best_epoch(small_data):
+    def collapse_after_epoch_2(row):  # what catastrophic overfitting looks like: robustness vanishes at once
+        if row["epoch"] == 2:
+            with torch.no_grad():
+                for parameter in model_box[0].parameters():
+                    parameter.mul_(0.0)
+
+    model_box = []
+    (x, y), (xv, yv) = small_data[0]["train"], small_data[0]["val"]
+    torch.manual_seed(0)
+    model = build_model("mlp", (1, 8, 8), 10, {"hidden": [32]})
+    model_box.append(model)
+    cfg = config("fast_at", epochs=6, lr=0.01, catastrophic_drop=0.05, epsilon=0.05)
+    result = fit(model, x, y, xv, yv, small_data[1], cfg, torch.Generator().manual_seed(0), on_epoch=collapse_after_epoch_2)
+    assert result.stopped == "catastrophic_overfitting"
+    assert len(result.history) == 3 and result.best_epoch in (1, 2)
+    assert any(v.abs().sum() > 0 for v in result.best_state.values())  # the restored weights are pre-collapse
+
+
+def test_nan_loss_names_epoch_and_batch(small_data):
+    with pytest.raises(TrainingDiverged, match=r"epoch \d+, batch \d+"):
+        run(small_data, config("standard", epochs=3, lr=1e12, optimizer="sgd"))
+
+
+@pytest.mark.parametrize("change,fragment", [
+    ({"beta": -1.0}, "train.beta = -1.0"),
+    ({"pgd": {"steps": 0}}, "train.pgd.steps = 0"),
+    ({"pgd": {"step_size": 0.0}}, "train.pgd.step_size = 0.0"),
+    ({"noise_sigma": 0.0}, "train.noise_sigma = 0.0"),
+    ({"method": "freeat"}, "train.method = 'freeat'"),
+    ({"lr_schedule": "linear"}, "train.lr_schedule = 'linear'"),
+])
+def test_bad_training_params(change, fragment):
+    with pytest.raises(UsageError) as info:
+        parse_params({"train": change})
+    assert fragment in str(info.value)
+
+
+def test_finetune_head_only_and_mismatch(tmp_path, pipeline_workspace):
+    import shutil
+
+    import yaml
+
+    from tests.conftest import run_stage
+
+    root = tmp_path / "ws"
+    shutil.copytree(pipeline_workspace, root)
+    shutil.copytree(root / "models", root / "base")
+    params = yaml.safe_load((root / "params.yaml").read_text())
+    params["train"].update({"init_checkpoint": "base", "finetune": "head", "epochs": 1, "method": "trades"})
+    (root / "params.yaml").write_text(yaml.safe_dump(params))
+    assert run_stage("train", root) == 0
+    before = torch.load(root / "base/model.pt", weights_only=True)
+    after = torch.load(root / "models/model.pt", weights_only=True)
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    last = sorted(before)[-1].rsplit(".", 1)[0]  # the final Linear layer
+    assert changed and all(k.startswith(last) for k in changed)
+    params["model"] = {"name": "mlp", "hidden": [7]}
+    (root / "params.yaml").write_text(yaml.safe_dump(params))
+    assert run_stage("train", root) == 2
+
+
+def test_resume_without_state_is_a_clear_error(pipeline_workspace, tmp_path, capsys):
+    import shutil
+
+    from pipeline.cli import main
+
+    root = tmp_path / "ws"
+    shutil.copytree(pipeline_workspace, root)
+    assert main(["train", "--workspace", str(root), "--resume"]) == 2
+    assert "nothing to resume" in capsys.readouterr().err
+
+
+def test_compare_writes_table_and_plot(pipeline_workspace, tmp_path, capsys):
+    import json
+    import shutil
+
+    from pipeline.cli import main
+
+    root = tmp_path / "ws"
+    shutil.copytree(pipeline_workspace, root)
+    assert main(["compare", "--workspace", str(root), "--methods", "standard,pgd_at", "--samples", "60"]) == 0
+    result = json.loads((root / "reports/build/comparison.json").read_text())
+    assert [r["method"] for r in result["rows"]] == ["standard", "pgd_at"]
+    for row in result["rows"]:
+        assert row["robust"]["value"] <= row["clean"]["value"] and row["clean"]["n"] == 60
+        assert row["verified_crown"]["value"] <= row["robust"]["value"]
+    table = (root / "reports/build/comparison.md").read_text()
+    assert "| standard |" in table and "| pgd_at |" in table
+    assert (root / "reports/build/comparison.png").stat().st_size > 5000
+    assert main(["compare", "--workspace", str(root), "--methods", "freeat"]) == 2
+    assert "unknown ['freeat']" in capsys.readouterr().err
+
+
+def test_interrupted_stage_resumes_to_identical_weights(pipeline_workspace, tmp_path):
+    """Kill `robustgate train` after its second epoch, resume, and compare with an uninterrupted run."""
+    import os
+    import shutil
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import yaml
+
+    from pipeline.io import sha256_file
+    from tests.conftest import run_stage
+
+    root = tmp_path / "ws"
+    shutil.copytree(pipeline_workspace, root)
+    params = yaml.safe_load((root / "params.yaml").read_text())
+    params["train"]["epochs"] = 30  # long enough to be killed mid-run
+    (root / "params.yaml").write_text(yaml.safe_dump(params))
+    assert run_stage("train", root) == 0
+    reference = sha256_file(root / "models/model.pt")
+    (root / "models/model.pt").unlink()
+    state = root / "models/train_state.pt"
+    process = subprocess.Popen([sys.executable, "-m", "pipeline", "train", "--workspace", str(root)],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    while not state.exists() and time.monotonic() < deadline and process.poll() is None:
+        time.sleep(0.05)
+    os.kill(process.pid, signal.SIGKILL)
+    process.wait()
+    assert state.exists(), "the run finished before it could be interrupted"
+    from pipeline.cli import main
+
+    assert main(["train", "--workspace", str(root), "--resume"]) == 0
+    assert sha256_file(root / "models/model.pt") == reference
+    assert not state.exists()
