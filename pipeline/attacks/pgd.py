@@ -45,9 +45,15 @@ class PGD(Attack):
     def perturb(self, model: nn.Module, x, y, epsilon: float, norm: str, domain: Domain, generator: torch.Generator):
         """One restart: the raw PGD iterate (also used by adversarial training)."""
         x_adv = random_start(x, epsilon, norm, domain, generator) if self.random_init else x.clone()
+        if norm == "linf":  # the ε-box meets the domain box in one box: one clamp per step
+            low = torch.maximum(x - epsilon, domain.lower)
+            high = torch.minimum(x + epsilon, domain.upper)
         for step in range(self.steps):
             _, grad, _ = loss_and_gradient(model, x_adv, y, self.loss)
-            x_adv = project(ascent_step(x_adv, grad, self.step_size_at(step), norm), x, epsilon, norm, domain)
+            if norm == "linf":
+                x_adv = torch.clamp(x_adv + self.step_size_at(step) * grad.sign(), low, high)
+            else:
+                x_adv = project(ascent_step(x_adv, grad, self.step_size_at(step), norm), x, epsilon, norm, domain)
         return x_adv
 
     def run(self, model: nn.Module, x, y, epsilon: float, norm: str, domain: Domain, generator: torch.Generator):
