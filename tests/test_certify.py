@@ -109,3 +109,38 @@ def test_certify_stage_sweep_is_below_attack_sweep(pipeline_workspace):
         assert point["verified_accuracy"] <= point["attack_robust_accuracy"] + 1e-9
     verified = [p["verified_accuracy"] for p in certify["sweep"]["points"]]
     assert verified == sorted(verified, reverse=True)
+
+
+@pytest.mark.parametrize("method", ["ibp", "crown"])
+def test_l2_bounds_contain_random_points_in_the_l2_ball(digits_model, computer, method):
+    model, x, y, domain = digits_model
+    x, y = x[:30], y[:30]
+    lower, upper = computer.margin_bounds(x, y, 0.3, "l2", method, 10)
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for _ in range(20):
+            margin = margins_of(model(random_start(x, 0.3, "l2", domain, gen)), y)
+            assert (margin >= lower - 1e-4).all() and (margin <= upper + 1e-4).all()
+
+
+def test_certify_stage_records_not_applicable(tmp_path):
+    import copy
+    import json
+
+    from tests.conftest import TINY_PARAMS, make_workspace, run_stage
+
+    params = copy.deepcopy(TINY_PARAMS)
+    params["model"] = {"name": "spectral_net:build"}
+    root = make_workspace(tmp_path, params)
+    (root / "spectral_net.py").write_text(
+        "import torch\nfrom torch import nn\n\n"
+        "class Spectral(nn.Module):\n"
+        "    def __init__(self, k):\n        super().__init__()\n        self.fc = nn.Linear(33, k)\n\n"
+        "    def forward(self, x):\n        return self.fc(torch.fft.rfft(x.flatten(1)).abs())\n\n"
+        "def build(input_shape, num_classes):\n    return Spectral(num_classes)\n"
+    )
+    for stage in ("prepare", "train", "attack", "certify"):
+        assert run_stage(stage, root) == 0, stage
+    certify = json.loads((root / "metrics/certify.json").read_text())
+    assert certify["status"] == "not_applicable" and "auto_LiRPA cannot bound" in certify["reason"]
+    assert certify["verified_accuracy"] == {"ibp": "not_applicable", "crown": "not_applicable"}

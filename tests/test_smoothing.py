@@ -78,3 +78,22 @@ def test_smooth_stage_metrics(pipeline_workspace):
     assert accuracies == sorted(accuracies, reverse=True)  # certified accuracy never rises with the radius
     assert 0 <= smooth["abstention_rate"] <= 1
     assert smooth["base_training_method"] == "pgd_at" and smooth["base_trained_with_same_sigma"] is False
+
+
+def test_smoothing_on_a_noise_trained_model(pipeline_workspace, tmp_path):
+    import json
+    import shutil
+
+    import yaml
+
+    from tests.conftest import run_stage
+
+    root = tmp_path / "ws"
+    shutil.copytree(pipeline_workspace, root)
+    params = yaml.safe_load((root / "params.yaml").read_text())
+    params["train"].update({"method": "gaussian", "noise_sigma": 0.25, "epochs": 3})
+    params["smoothing"] = {**params.get("smoothing", {}), "sigma": 0.25}
+    (root / "params.yaml").write_text(yaml.safe_dump(params))
+    assert run_stage("train", root) == 0 and run_stage("smooth", root) == 0
+    smooth = json.loads((root / "metrics/smooth.json").read_text())
+    assert smooth["base_training_method"] == "gaussian" and smooth["base_trained_with_same_sigma"] is True
