@@ -41,6 +41,39 @@ TINY_POLICY = {
 }
 
 
+class Spectral(torch.nn.Module):
+    """Uses an FFT: neither the TorchScript ONNX exporter nor auto_LiRPA can handle it."""
+
+    def __init__(self, num_classes: int = 10):
+        super().__init__()
+        self.fc = torch.nn.Linear(33, num_classes)
+
+    def forward(self, x):
+        return self.fc(torch.fft.rfft(x.flatten(1)).abs())
+
+
+SPECTRAL_MODULE = (
+    "from tests.conftest import Spectral\n\n\n"
+    "def build(input_shape, num_classes):\n"
+    "    return Spectral(num_classes)\n"
+)
+
+
+def spectral_workspace(root: Path) -> Path:
+    """A tiny workspace whose model is `spectral_model:build` (written into the workspace)."""
+    import copy
+
+    params = copy.deepcopy(TINY_PARAMS)
+    params["model"] = {"name": "spectral_model:build"}
+    make_workspace(root, params)
+    (root / "spectral_model.py").write_text(SPECTRAL_MODULE)
+    return root
+
+
+def spectral_net() -> torch.nn.Module:
+    return Spectral()
+
+
 def make_workspace(root: Path, params: dict = TINY_PARAMS, policy: dict = TINY_POLICY) -> Path:
     """A workspace with the repo's templates and policies plus tiny params and policy."""
     root.mkdir(parents=True, exist_ok=True)

@@ -81,22 +81,13 @@ def test_time_budget_certifies_a_prefix(digits_model, computer):
 
 
 def test_unboundable_model_is_named():
-    from torch import nn
-
     from pipeline.certify.bounds import NotBoundable
     from pipeline.threat import Domain
-
-    class Spectral(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.fc = nn.Linear(33, 10)
-
-        def forward(self, x):
-            return self.fc(torch.fft.rfft(x.flatten(1)).abs())
+    from tests.conftest import spectral_net
 
     domain = Domain(torch.zeros(1, 8, 8), torch.ones(1, 8, 8))
     with pytest.raises(NotBoundable) as info:
-        computer = BoundComputer(Spectral().eval(), (1, 8, 8), domain)
+        computer = BoundComputer(spectral_net().eval(), (1, 8, 8), domain)
         computer.certify(torch.rand(2, 1, 8, 8), torch.tensor([0, 1]), 0.01, "linf", "crown", 10, 2, 1e-4)
     assert str(info.value)
 
@@ -124,21 +115,11 @@ def test_l2_bounds_contain_random_points_in_the_l2_ball(digits_model, computer, 
 
 
 def test_certify_stage_records_not_applicable(tmp_path):
-    import copy
     import json
 
-    from tests.conftest import TINY_PARAMS, make_workspace, run_stage
+    from tests.conftest import run_stage, spectral_workspace
 
-    params = copy.deepcopy(TINY_PARAMS)
-    params["model"] = {"name": "spectral_net:build"}
-    root = make_workspace(tmp_path, params)
-    (root / "spectral_net.py").write_text(
-        "import torch\nfrom torch import nn\n\n"
-        "class Spectral(nn.Module):\n"
-        "    def __init__(self, k):\n        super().__init__()\n        self.fc = nn.Linear(33, k)\n\n"
-        "    def forward(self, x):\n        return self.fc(torch.fft.rfft(x.flatten(1)).abs())\n\n"
-        "def build(input_shape, num_classes):\n    return Spectral(num_classes)\n"
-    )
+    root = spectral_workspace(tmp_path)
     for stage in ("prepare", "train", "attack", "certify"):
         assert run_stage(stage, root) == 0, stage
     certify = json.loads((root / "metrics/certify.json").read_text())

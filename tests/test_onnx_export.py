@@ -3,20 +3,9 @@ import numpy as np
 import onnx
 import pytest
 import torch
-from torch import nn
 
 from pipeline.onnx_export import ExportError, export_onnx, latency, onnx_logits, parity, torch_logits
-
-
-class SpectralNet(nn.Module):
-    """Uses an FFT, which the TorchScript ONNX exporter cannot translate."""
-
-    def __init__(self):
-        super().__init__()
-        self.fc = nn.Linear(33, 10)
-
-    def forward(self, x):
-        return self.fc(torch.fft.rfft(x.flatten(1)).abs())
+from tests.conftest import spectral_net
 
 
 def test_parity_dynamic_batch_and_metadata(tmp_path, digits_model):
@@ -33,7 +22,7 @@ def test_parity_dynamic_batch_and_metadata(tmp_path, digits_model):
 
 def test_unexportable_operator_is_named(tmp_path):
     with pytest.raises(ExportError, match="aten::fft_rfft"):
-        export_onnx(SpectralNet().eval(), (1, 8, 8), tmp_path / "m.onnx", 17, {})
+        export_onnx(spectral_net().eval(), (1, 8, 8), tmp_path / "m.onnx", 17, {})
 
 
 def test_latency_reports_both_runtimes(tmp_path, digits_model):

@@ -95,25 +95,9 @@ def test_prepared_data_has_no_pickles(pipeline_workspace):
 
 
 def test_unexportable_user_model_fails_cleanly(tmp_path, capsys):
-    import copy
+    from tests.conftest import spectral_workspace
 
-    from tests.conftest import TINY_PARAMS
-
-    params = copy.deepcopy(TINY_PARAMS)
-    params["model"] = {"name": "spectral_model:build"}
-    root = make_workspace(tmp_path, params)
-    (root / "spectral_model.py").write_text(
-        "import torch\n"
-        "from torch import nn\n\n"
-        "class Spectral(nn.Module):\n"
-        "    def __init__(self, num_classes):\n"
-        "        super().__init__()\n"
-        "        self.fc = nn.Linear(33, num_classes)\n\n"
-        "    def forward(self, x):\n"
-        "        return self.fc(torch.fft.rfft(x.flatten(1)).abs())\n\n"
-        "def build(input_shape, num_classes):\n"
-        "    return Spectral(num_classes)\n"
-    )
+    root = spectral_workspace(tmp_path)
     for stage in ("prepare", "train", "attack"):
         assert run_stage(stage, root) == 0
     capsys.readouterr()

@@ -56,18 +56,15 @@ class APGD(Attack):
         return [(self.loss, None)]
 
     def run(self, model: nn.Module, x, y, epsilon: float, norm: str, domain: Domain, generator: torch.Generator):
-        best = x.clone()
-        pending = torch.ones(len(x), dtype=torch.bool)
-        for loss, target in self._runs(model, x, y):
-            for _ in range(self.restarts):
-                idx = pending.nonzero().squeeze(1)
-                if len(idx) == 0:
-                    return best
-                t = None if target is None else target[idx]
-                candidate, broken = self.attack_once(model, x[idx], y[idx], epsilon, norm, domain, generator, loss, t)
-                best[idx] = candidate
-                pending[idx[broken]] = False
-        return best
+        runs = [(loss, target) for loss, target in self._runs(model, x, y) for _ in range(self.restarts)]
+        schedule = iter(runs)
+
+        def attempt(idx):
+            loss, target = next(schedule)
+            t = None if target is None else target[idx]
+            return self.attack_once(model, x[idx], y[idx], epsilon, norm, domain, generator, loss, t)
+
+        return self.until_broken(x, len(runs), attempt)
 
     def attack_once(self, model, x, y, epsilon, norm, domain, generator, loss: str, target=None):
         batch = len(x)

@@ -54,6 +54,21 @@ class Attack(ABC):
         """Hyperparameters, for the metrics and the report."""
         return {}
 
+    @staticmethod
+    def until_broken(x: torch.Tensor, attempts: int, attempt) -> torch.Tensor:
+        """Run `attempt(idx) -> (candidates, broken)` up to `attempts` times on the samples not yet
+        broken; a sample keeps its first breaking point, else its last candidate."""
+        best = x.clone()
+        pending = torch.ones(len(x), dtype=torch.bool)
+        for _ in range(attempts):
+            idx = pending.nonzero().squeeze(1)
+            if len(idx) == 0:
+                break
+            candidate, broken = attempt(idx)
+            best[idx] = candidate
+            pending[idx[broken]] = False
+        return best
+
 
 def loss_gradient(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """Gradient of the summed cross-entropy with respect to the input."""

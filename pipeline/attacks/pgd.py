@@ -57,15 +57,9 @@ class PGD(Attack):
         return x_adv
 
     def run(self, model: nn.Module, x, y, epsilon: float, norm: str, domain: Domain, generator: torch.Generator):
-        best = x.clone()
-        pending = torch.ones(len(x), dtype=torch.bool)
-        for _ in range(self.restarts):
-            idx = pending.nonzero().squeeze(1)
-            if len(idx) == 0:
-                break
+        def attempt(idx):
             candidate = self.perturb(model, x[idx], y[idx], epsilon, norm, domain, generator)
-            best[idx] = candidate
             with torch.no_grad():
-                broken = model(candidate).argmax(1) != y[idx]
-            pending[idx[broken]] = False
-        return best
+                return candidate, model(candidate).argmax(1) != y[idx]
+
+        return self.until_broken(x, self.restarts, attempt)

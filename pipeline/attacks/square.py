@@ -39,16 +39,11 @@ class Square(Attack):
                 "gradient_free": True}
 
     def run(self, model: nn.Module, x, y, epsilon: float, norm: str, domain: Domain, generator: torch.Generator):
-        best = x.clone()
-        pending = torch.ones(len(x), dtype=torch.bool)
-        for _ in range(self.restarts):
-            idx = pending.nonzero().squeeze(1)
-            if len(idx) == 0:
-                break
+        def attempt(idx):
             candidate, margin = self.search(model, x[idx], y[idx], epsilon, norm, domain, generator)
-            best[idx] = candidate
-            pending[idx[margin < 0]] = False
-        return best
+            return candidate, margin < 0
+
+        return self.until_broken(x, self.restarts, attempt)
 
     def search(self, model, x, y, epsilon, norm, domain, generator):
         shape = x.shape
