@@ -9,7 +9,6 @@ from __future__ import annotations
 import dataclasses
 import time
 
-import torch
 
 from pipeline.attacks.apgd import APGD
 from pipeline.attacks.pgd import PGD

@@ -1,5 +1,4 @@
 """register, promote and rollback through a real `mlflow server` on loopback; a dead server loses nothing."""
-import os
 import shutil
 import socket
 import subprocess

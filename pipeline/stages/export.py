@@ -26,7 +26,7 @@ def main(ws: Workspace) -> int:
     with np.load(ws.adversarial, allow_pickle=False) as archive:
         x_adv, y_adv = archive["x_adv"], archive["y"]
         torch_robust = float(archive["robust"].mean())
-    x_test, y_test = data.x["test"], data.y["test"]
+    x_test = data.x["test"]
     metadata = {
         "robustgate.version": __version__,
         "robustgate.git_commit": ws.git_commit(),
