@@ -20,7 +20,7 @@ from pipeline.models import build_model
 from pipeline.stages.common import load_data, seed_everything, tensors
 from pipeline.stages.train import fit_config
 from pipeline.stats import proportion
-from pipeline.training.loop import fit
+from pipeline.training.loop import TrainingDiverged, fit
 from pipeline.training.methods import METHODS
 from pipeline.workspace import Workspace
 
@@ -31,8 +31,13 @@ def evaluate_method(method: str, params, data, domain, samples: int) -> dict:
                         params.model.factory_options())
     cfg = dataclasses.replace(fit_config(params), method=method)
     started = time.perf_counter()
-    result = fit(model, *tensors(data, "train"), *tensors(data, "val"), domain, cfg, generator,
-                 num_classes=data.num_classes)
+    try:
+        result = fit(model, *tensors(data, "train"), *tensors(data, "val"), domain, cfg, generator,
+                     num_classes=data.num_classes)
+    except TrainingDiverged as error:  # one method failing must not cost the others' results
+        failed = {"value": "diverged", "reason": str(error)}
+        return {"method": method, "train_seconds": time.perf_counter() - started, "epochs_run": 0,
+                "clean": failed, "robust": failed, "verified_crown": failed}
     seconds = time.perf_counter() - started
     model.load_state_dict(result.best_state)
     model.eval()
@@ -64,10 +69,10 @@ def compare(ws: Workspace, methods: str = "standard,pgd_at,trades", samples: int
     for method in chosen:
         row = evaluate_method(method, params, data, domain, samples)
         rows.append(row)
-        verified = row["verified_crown"]["value"]
-        verified = f"{verified:.3f}" if isinstance(verified, float) else verified
-        print(f"compare: {method:<12} clean {row['clean']['value']:.3f} robust {row['robust']['value']:.3f} "
-              f"verified(CROWN) {verified} ({row['train_seconds']:.0f}s)")
+        shown = {k: (f"{row[k]['value']:.3f}" if isinstance(row[k]["value"], float) else row[k]["value"])
+                 for k in ("clean", "robust", "verified_crown")}
+        print(f"compare: {method:<12} clean {shown['clean']} robust {shown['robust']} "
+              f"verified(CROWN) {shown['verified_crown']} ({row['train_seconds']:.0f}s)")
     build = ws.root / "reports" / "build"
     write_json(build / "comparison.json", {"dataset_fingerprint": fingerprint, "epsilon": params.threat.epsilon,
                                            "norm": params.threat.norm, "attacks": "pgd + apgd_ce", "rows": rows})
@@ -101,6 +106,8 @@ def write_plot(path, rows: list[dict], params) -> None:
 
     fig, ax = plt.subplots(figsize=(5.5, 4))
     for r in rows:
+        if not isinstance(r["clean"]["value"], float):
+            continue  # diverged: nothing to place on the plot
         c, rb = r["clean"], r["robust"]
         ax.errorbar(c["value"], rb["value"],
                     xerr=[[c["value"] - c["ci"][0]], [c["ci"][1] - c["value"]]],

@@ -201,3 +201,22 @@ def test_interrupted_stage_resumes_to_identical_weights(pipeline_workspace, tmp_
     assert main(["train", "--workspace", str(root), "--resume"]) == 0
     assert sha256_file(root / "models/model.pt") == reference
     assert not state.exists()
+
+
+def test_compare_survives_a_diverging_method(pipeline_workspace, tmp_path):
+    import json
+    import shutil
+
+    import yaml
+
+    from pipeline.cli import main
+
+    root = tmp_path / "ws"
+    shutil.copytree(pipeline_workspace, root)
+    params = yaml.safe_load((root / "params.yaml").read_text())
+    params["train"].update({"lr": 1.0e12, "optimizer": "sgd", "epochs": 2})
+    (root / "params.yaml").write_text(yaml.safe_dump(params))
+    assert main(["compare", "--workspace", str(root), "--methods", "standard", "--samples", "20"]) == 0
+    row = json.loads((root / "reports/build/comparison.json").read_text())["rows"][0]
+    assert row["clean"]["value"] == "diverged" and "epoch" in row["clean"]["reason"]
+    assert "| standard | diverged |" in (root / "reports/build/comparison.md").read_text()
