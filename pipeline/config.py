@@ -109,10 +109,6 @@ class MaskingConfig(_Section):
     large_epsilon_max_accuracy: float = Field(0.1, ge=0.0, le=1.0)
 
 
-TRAIN_METHODS = ("standard", "pgd_at", "trades", "mart", "fast_at", "awp", "consistency", "ibp", "crown_ibp",
-                 "gaussian")
-
-
 class TrainConfig(_Section):
     method: Literal["standard", "pgd_at", "trades", "mart", "fast_at", "awp", "consistency", "ibp", "crown_ibp",
                     "gaussian"] = "pgd_at"
@@ -138,9 +134,6 @@ class TrainConfig(_Section):
     epsilon_warmup_epochs: int = Field(0, ge=0)
     pgd: PGDConfig = PGDConfig(steps=7, step_size=0.025)
     val_pgd: PGDConfig = PGDConfig(steps=10, step_size=0.02)
-
-
-ATTACK_NAMES = ("fgsm", "pgd", "pgd_cw", "apgd_ce", "apgd_dlr", "apgd_t", "square")
 
 
 class AttackConfig(_Section):

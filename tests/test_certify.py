@@ -8,6 +8,14 @@ from pipeline.certify.bounds import BoundComputer, margins_of, specification
 from pipeline.threat import random_start
 
 
+def assert_bounds_contain_random_points(model, x, y, lower, upper, eps, norm, domain, draws=20):
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for _ in range(draws):
+            margin = margins_of(model(random_start(x, eps, norm, domain, gen)), y)
+            assert (margin >= lower - 1e-4).all() and (margin <= upper + 1e-4).all()
+
+
 @pytest.fixture(scope="module")
 def computer(digits_model):
     model, x, _, domain = digits_model
@@ -37,11 +45,7 @@ def test_bounds_contain_random_margins(digits_model, computer, method):
     model, x, y, domain = digits_model
     x, y = x[:50], y[:50]
     lower, upper = computer.margin_bounds(x, y, 0.03, "linf", method, 10)
-    gen = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for _ in range(20):
-            margin = margins_of(model(random_start(x, 0.03, "linf", domain, gen)), y)
-            assert (margin >= lower - 1e-4).all() and (margin <= upper + 1e-4).all()
+    assert_bounds_contain_random_points(model, x, y, lower, upper, 0.03, "linf", domain)
 
 
 def test_ibp_verified_accuracy_never_rises_with_epsilon(digits_model, computer):
@@ -65,11 +69,7 @@ def test_alpha_crown_is_sound_and_tighter_than_crown(digits_model, computer):
     crown = computer.certify(x, y, 0.02, "linf", "crown", 10, 64, 1e-4)
     alpha = computer.certify(x, y, 0.02, "linf", "alpha_crown", 10, 64, 1e-4)
     assert alpha.margin_lower.mean() >= crown.margin_lower.mean() - 1e-4
-    gen = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for _ in range(10):
-            margin = margins_of(model(random_start(x, 0.02, "linf", domain, gen)), y)
-            assert (margin >= alpha.lower - 1e-4).all()
+    assert_bounds_contain_random_points(model, x, y, alpha.lower, alpha.upper, 0.02, "linf", domain, draws=10)
 
 
 def test_time_budget_certifies_a_prefix(digits_model, computer):
@@ -107,11 +107,7 @@ def test_l2_bounds_contain_random_points_in_the_l2_ball(digits_model, computer, 
     model, x, y, domain = digits_model
     x, y = x[:30], y[:30]
     lower, upper = computer.margin_bounds(x, y, 0.3, "l2", method, 10)
-    gen = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for _ in range(20):
-            margin = margins_of(model(random_start(x, 0.3, "l2", domain, gen)), y)
-            assert (margin >= lower - 1e-4).all() and (margin <= upper + 1e-4).all()
+    assert_bounds_contain_random_points(model, x, y, lower, upper, 0.3, "l2", domain)
 
 
 def test_certify_stage_records_not_applicable(tmp_path):

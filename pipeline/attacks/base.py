@@ -69,10 +69,3 @@ class Attack(ABC):
             pending[idx[broken]] = False
         return best
 
-
-def loss_gradient(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """Gradient of the summed cross-entropy with respect to the input."""
-    x = x.detach().requires_grad_(True)
-    loss = nn.functional.cross_entropy(model(x), y, reduction="sum")
-    (grad,) = torch.autograd.grad(loss, x)
-    return grad

@@ -8,7 +8,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from pipeline.attacks.base import Attack, loss_gradient
+from pipeline.attacks.base import Attack
+from pipeline.attacks.losses import loss_and_gradient
 from pipeline.threat import Domain, ascent_step
 
 
@@ -16,4 +17,5 @@ class FGSM(Attack):
     name = "fgsm"
 
     def run(self, model: nn.Module, x, y, epsilon: float, norm: str, domain: Domain, generator: torch.Generator):
-        return ascent_step(x, loss_gradient(model, x, y), epsilon, norm)
+        _, grad, _ = loss_and_gradient(model, x, y, "ce")
+        return ascent_step(x, grad, epsilon, norm)

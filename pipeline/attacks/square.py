@@ -50,10 +50,6 @@ class Square(Attack):
         images = x.view(len(x), *self._grid(shape[1:]))
         _, channels, height, width = images.shape
 
-        def margin_of(candidate):
-            with torch.no_grad():
-                return -cw_margin(model(candidate.view(shape)), y)  # > 0 while still correct
-
         def sign(*size):
             return torch.randint(0, 2, size, generator=generator).float() * 2 - 1
 
@@ -62,7 +58,7 @@ class Square(Attack):
         else:
             start = images + epsilon / math.sqrt(images[0].numel()) * sign(len(x), channels, 1, width)
         current = project(start.view(shape), x, epsilon, norm, domain).view_as(images)
-        margin = margin_of(current)
+        margin = margin_of_subset(model, current, y, shape)
         for query in range(1, self.queries):
             active = (margin > 0).nonzero().squeeze(1)
             if len(active) == 0:
@@ -98,5 +94,6 @@ class Square(Attack):
 
 
 def margin_of_subset(model, candidate, y, shape):
+    """True-class logit minus the best other one: > 0 while the sample is still classified correctly."""
     with torch.no_grad():
         return -cw_margin(model(candidate.view(len(candidate), *shape[1:])), y)

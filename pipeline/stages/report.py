@@ -24,7 +24,7 @@ from pipeline.evidence import artifact_paths, collect_metrics, hash_artifacts, t
 from pipeline.io import atomic_write, confine, read_json, write_json, write_text
 from pipeline.manifest import build_manifest, canonical_bytes, sign
 from pipeline.plots import accuracy_bars, adversarial_gallery, epsilon_curve, training_curves
-from pipeline.policy import evaluate, load_policy
+from pipeline.policy import evaluate, load_policy, lookup
 from pipeline.registry import flatten
 from pipeline.workspace import Workspace
 
@@ -174,7 +174,7 @@ def build_context(ws: Workspace) -> dict:
     lock = ws.root / "dvc.lock"
     artifacts = hash_artifacts(ws, include_report=False)
     epoch = source_date_epoch(ws)
-    current = {k: metrics_value(metrics, k) for k in HEADLINE}
+    current = {k: lookup(metrics, k) for k in HEADLINE}
     return {
         "title": params.report.title,
         "profile": params.report.profile,
@@ -217,12 +217,6 @@ def build_context(ws: Workspace) -> dict:
         },
         "hardware": f"{platform.machine()} {platform.system()} ({os.cpu_count()} CPUs)",
     }
-
-
-def metrics_value(metrics: dict, path: str):
-    from pipeline.policy import lookup
-
-    return lookup(metrics, path)
 
 
 def signing_key(ws: Workspace, params) -> bytes | None:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import copy
 import math
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Callable, Optional
 
 import torch
@@ -207,6 +207,3 @@ def fit(
         result.best_epoch, result.best_state = len(result.history), copy.deepcopy(model.state_dict())
     return result
 
-
-def with_method(cfg: FitConfig, method: str) -> FitConfig:
-    return replace(cfg, method=method)
