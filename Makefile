@@ -1,5 +1,6 @@
 # `make repro`: set up .venv (once) and run the gated pipeline with DVC.
 # `make test`:  the same set-up, then the test suite.
+# `make study`:  the training-method study (studies/dvc.yaml: one DVC stage per method).
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(CURDIR)/$(VENV)/bin
@@ -10,7 +11,7 @@ export MPLBACKEND := Agg
 # Debian libraries for the PDF report (WeasyPrint) and poppler-utils for the PDF tests.
 SYSTEM_PACKAGES := libpango-1.0-0 libpangoft2-1.0-0 libharfbuzz-subset0 fonts-dejavu-core poppler-utils
 
-.PHONY: setup system-deps repro test bench clean
+.PHONY: setup system-deps repro study test bench clean
 
 setup: system-deps $(STAMP)
 
@@ -40,6 +41,9 @@ $(STAMP): pyproject.toml
 repro: setup .dvc/config
 	$(BIN)/dvc repro
 
+study: setup .dvc/config
+	$(BIN)/dvc repro studies/dvc.yaml
+
 test: setup
 	$(BIN)/python -m pytest
 
@@ -47,4 +51,4 @@ bench: setup
 	$(BIN)/python bench/run.py
 
 clean:
-	rm -rf data/prepared models metrics plots artifacts reports/build mlflow.db mlruns
+	rm -rf data/prepared models metrics plots artifacts reports/build reports/study mlflow.db mlruns

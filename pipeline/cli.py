@@ -17,8 +17,8 @@ from pipeline.errors import GateFailed, UsageError
 
 STAGES = {
     "prepare": "load, validate, split and fingerprint the dataset",
-    "train": "train the model (standard or PGD adversarial training)",
-    "attack": "FGSM and PGD robust accuracy on the test split, with intervals",
+    "train": "train the model with train.method (adversarial, certified or noise training)",
+    "attack": "robust accuracy under the worst case of FGSM, PGD, APGD and Square, with intervals",
     "certify": "IBP and CROWN verified accuracy through auto_LiRPA, cross-checked",
     "smooth": "randomized-smoothing certificates (Cohen et al. 2019) at σ",
     "export": "export to ONNX and check onnxruntime parity with torch",
@@ -56,6 +56,11 @@ def build_parser() -> argparse.ArgumentParser:
             command.add_argument("--methods", default="standard,pgd_at,trades",
                                  help="comma-separated training methods (default: standard,pgd_at,trades)")
             command.add_argument("--samples", type=int, default=450, help="test samples to evaluate")
+            command.add_argument("--out", default="reports/build", help="folder for rows/, the table and the plot")
+            mode = command.add_mutually_exclusive_group()
+            mode.add_argument("--rows-only", action="store_true", help="write the methods' rows, no table")
+            mode.add_argument("--collect", action="store_true",
+                              help="build the table and plot from the rows already in OUT/rows (no training)")
         if name == "gate":
             command.add_argument("--explain", action="store_true", help="say why each requirement passed or failed")
     return parser

@@ -1,28 +1,41 @@
 """`robustgate compare`: train and evaluate several methods on the prepared data, side by side.
 
 Each method is trained with the workspace's params (only `train.method` changes), then
-evaluated on the same test samples with the same attacks and CROWN, so the table and the
-clean-vs-robust plot show the accuracy-robustness trade-off a release decision weighs.
+evaluated on the same test samples with the attack stage's attacks (worst case, sequential)
+and CROWN, so the table and the clean-vs-robust plot show the accuracy-robustness trade-off
+a release decision weighs.
+
+One row per method is written to `<out>/rows/<method>.json`, keyed by the params it was
+trained under; the DVC study (`studies/dvc.yaml`) runs one method per `foreach` stage and
+builds the table with `--collect`, which refuses rows trained under other params.
 """
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 import time
 
-
-from pipeline.attacks.apgd import APGD
-from pipeline.attacks.pgd import PGD
 from pipeline.attacks.suite import run_suite
 from pipeline.certify.bounds import BoundComputer, NotBoundable
 from pipeline.errors import UsageError
-from pipeline.io import write_json, write_text
+from pipeline.io import confine, read_json, write_json, write_text
 from pipeline.models import build_model
+from pipeline.stages.attack import build_attacks
 from pipeline.stages.common import load_data, seed_everything, tensors
 from pipeline.stages.train import fit_config
 from pipeline.stats import proportion
 from pipeline.training.loop import TrainingDiverged, fit
 from pipeline.training.methods import METHODS
 from pipeline.workspace import Workspace
+
+
+def study_key(params) -> str:
+    """SHA-256 of every params section a row depends on except `train.method`, the one the study varies."""
+    dumped = params.model_dump(mode="json", by_alias=True)
+    dumped["train"].pop("method")
+    chosen = {k: dumped[k] for k in ("seed", "data", "model", "threat", "train", "attack")}
+    return hashlib.sha256(json.dumps(chosen, sort_keys=True).encode()).hexdigest()
 
 
 def evaluate_method(method: str, params, data, domain, samples: int) -> dict:
@@ -43,11 +56,11 @@ def evaluate_method(method: str, params, data, domain, samples: int) -> dict:
     model.eval()
     x, y = tensors(data, "test", samples)
     eps, norm = params.threat.epsilon, params.threat.norm
-    p = params.attack.pgd
-    suite = run_suite(model, [PGD(p.steps, p.step_size, p.restarts), APGD(params.attack.apgd.steps, 1, "ce")],
-                      x, y, eps, norm, domain, params.attack.batch_size, generator)
+    suite = run_suite(model, build_attacks(params.attack, eps), x, y, eps, norm, domain, params.attack.batch_size,
+                      generator, sequential=True)
     n = len(y)
     row = {"method": method, "train_seconds": seconds, "epochs_run": len(result.history),
+           "best_epoch": result.best_epoch,
            "clean": proportion(int(suite.clean_correct.sum()), n), "robust": proportion(int(suite.robust.sum()), n)}
     try:
         cert = BoundComputer(model, tuple(x.shape[1:]), domain).certify(x, y, eps, norm, "crown", data.num_classes,
@@ -58,28 +71,52 @@ def evaluate_method(method: str, params, data, domain, samples: int) -> dict:
     return row
 
 
-def compare(ws: Workspace, methods: str = "standard,pgd_at,trades", samples: int = 450) -> int:
+def compare(ws: Workspace, methods: str = "standard,pgd_at,trades", samples: int = 450, out: str = "reports/build",
+            rows_only: bool = False, collect: bool = False) -> int:
     params = ws.params()
-    chosen = [m.strip() for m in methods.split(",") if m.strip()]
-    unknown = [m for m in chosen if m not in METHODS]
-    if unknown or not chosen:
-        raise UsageError(f"--methods: unknown {unknown or 'empty list'}; allowed: {', '.join(METHODS)}")
-    data, domain, fingerprint = load_data(ws, params)
-    rows = []
-    for method in chosen:
-        row = evaluate_method(method, params, data, domain, samples)
-        rows.append(row)
-        shown = {k: (f"{row[k]['value']:.3f}" if isinstance(row[k]["value"], float) else row[k]["value"])
-                 for k in ("clean", "robust", "verified_crown")}
-        print(f"compare: {method:<12} clean {shown['clean']} robust {shown['robust']} "
-              f"verified(CROWN) {shown['verified_crown']} ({row['train_seconds']:.0f}s)")
-    build = ws.root / "reports" / "build"
-    write_json(build / "comparison.json", {"dataset_fingerprint": fingerprint, "epsilon": params.threat.epsilon,
-                                           "norm": params.threat.norm, "attacks": "pgd + apgd_ce", "rows": rows})
-    write_text(build / "comparison.md", table(rows, params))
-    write_plot(build / "comparison.png", rows, params)
-    print(f"compare: wrote {build / 'comparison.md'} and comparison.png")
+    target = confine(out, ws.root, "--out")
+    key = study_key(params)
+    if collect:
+        rows = collect_rows(target / "rows", key)
+    else:
+        chosen = [m.strip() for m in methods.split(",") if m.strip()]
+        unknown = [m for m in chosen if m not in METHODS]
+        if unknown or not chosen:
+            raise UsageError(f"--methods: unknown {unknown or 'empty list'}; allowed: {', '.join(METHODS)}")
+        data, domain, fingerprint = load_data(ws, params)
+        rows = []
+        for method in chosen:
+            row = {**evaluate_method(method, params, data, domain, samples), "study_key": key,
+                   "dataset_fingerprint": fingerprint}
+            write_json(target / "rows" / f"{method}.json", row)
+            rows.append(row)
+            shown = {k: (f"{row[k]['value']:.3f}" if isinstance(row[k]["value"], float) else row[k]["value"])
+                     for k in ("clean", "robust", "verified_crown")}
+            print(f"compare: {method:<12} clean {shown['clean']} robust {shown['robust']} "
+                  f"verified(CROWN) {shown['verified_crown']} ({row['train_seconds']:.0f}s)")
+    if rows_only:
+        return 0
+    write_json(target / "comparison.json", {"epsilon": params.threat.epsilon, "norm": params.threat.norm,
+                                            "attacks": ", ".join(params.attack.attacks), "rows": rows})
+    write_text(target / "comparison.md", table(rows, params))
+    write_plot(target / "comparison.png", rows, params)
+    print(f"compare: wrote {target / 'comparison.md'} and comparison.png")
     return 0
+
+
+def collect_rows(directory, key: str) -> list[dict]:
+    """Every row in `directory`, in METHODS order; a row trained under other params is an error,
+    because a table mixing them would compare what was never run side by side."""
+    files = sorted(directory.glob("*.json")) if directory.is_dir() else []
+    if not files:
+        raise UsageError(f"--collect: no rows in {directory}; run `robustgate compare --rows-only` first")
+    rows = [read_json(f) for f in files]
+    stale = [f.name for f, row in zip(files, rows) if row.get("study_key") != key]
+    if stale:
+        raise UsageError(f"--collect: {', '.join(stale)} in {directory} were trained under other params; "
+                         "re-run them or delete them")
+    order = list(METHODS)
+    return sorted(rows, key=lambda r: order.index(r["method"]) if r["method"] in order else len(order))
 
 
 def table(rows: list[dict], params) -> str:
@@ -89,8 +126,9 @@ def table(rows: list[dict], params) -> str:
         lo, hi = stat["ci"]
         return f"{100 * stat['value']:.1f}% [{100 * lo:.1f}, {100 * hi:.1f}]"
 
-    lines = [f"Methods compared at {params.threat.norm} ε = {params.threat.epsilon} (robust: worst case over PGD and "
-             "APGD-CE, an upper bound; verified: CROWN, a lower bound; 95% Clopper-Pearson intervals)", "",
+    lines = [f"Methods compared at {params.threat.norm} ε = {params.threat.epsilon} (robust: worst case over "
+             f"{', '.join(params.attack.attacks)}, an upper bound; verified: CROWN, a lower bound; "
+             f"95% Clopper-Pearson intervals; n = {rows[0]['clean'].get('n', '?')} test samples)", "",
              "| method | clean | robust | verified (CROWN) | epochs | train s |", "|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['method']} | {cell(r['clean'])} | {cell(r['robust'])} | {cell(r['verified_crown'])} | "

@@ -132,6 +132,8 @@ class TrainConfig(_Section):
     momentum: float = Field(0.9, ge=0.0, lt=1.0)
     weight_decay: float = Field(0.0, ge=0.0)
     epsilon_warmup_epochs: int = Field(0, ge=0)
+    epsilon: Optional[float] = Field(
+        None, gt=0.0, description="training radius; default threat.epsilon (certified training often trains above it)")
     pgd: PGDConfig = PGDConfig(steps=7, step_size=0.025)
     val_pgd: PGDConfig = PGDConfig(steps=10, step_size=0.02)
 

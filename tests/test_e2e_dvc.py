@@ -80,3 +80,19 @@ def test_repro_noop_partial_rerun_and_failing_gate(repo_copy):
     assert "gate" in ran(failing.stdout) and "register" not in ran(failing.stdout)
     assert "FAIL" in failing.stdout and "ACC" in failing.stdout
     assert approved_version(root) == approved_before
+
+
+def test_method_study_is_a_foreach_pipeline_outside_the_default_repro(repo_copy):
+    root = repo_copy
+    study = (root / "studies/dvc.yaml").read_text()
+    study = study.replace("methods: [standard, pgd_at, trades, mart, fast_at, awp, consistency, ibp, crown_ibp, gaussian]",
+                          "methods: [standard, fast_at]").replace("samples: 450", "samples: 40")
+    (root / "studies/dvc.yaml").write_text(study)
+    first = ran(sh(["dvc", "repro", "studies/dvc.yaml"], root).stdout)
+    assert {"studies/dvc.yaml:method@standard", "studies/dvc.yaml:method@fast_at"} <= set(first)
+    assert first[-1] == "studies/dvc.yaml:table"
+    rows = json.loads((root / "reports/study/comparison.json").read_text())["rows"]
+    assert [r["method"] for r in rows] == ["standard", "fast_at"] and all(r["clean"]["n"] == 40 for r in rows)
+    assert "| fast_at |" in (root / "reports/study/comparison.md").read_text()
+    assert ran(sh(["dvc", "repro", "studies/dvc.yaml"], root).stdout) == []
+    assert not any(name.startswith("studies/") for name in ran(sh(["dvc", "repro", "--dry"], root).stdout))

@@ -11,8 +11,8 @@ from pipeline.data.split import prepare
 from pipeline.errors import UsageError
 from pipeline.models import build_model
 from pipeline.threat import Domain
-from pipeline.training.loop import FitConfig, TrainingDiverged, fit, learning_rate
-from pipeline.training.methods import METHODS
+from pipeline.training.loop import FitConfig, TrainingDiverged, epoch_epsilon, fit, learning_rate
+from pipeline.training.methods import METHODS, jensen_shannon, kl_divergence
 
 
 @pytest.fixture(scope="module")
@@ -66,6 +66,20 @@ def test_resume_ends_with_the_same_weights(small_data):
     assert result.best_epoch == full.best_epoch
 
 
+def test_training_epsilon_ramps_to_its_own_radius_and_validates_at_the_threat(small_data):
+    cfg = config("ibp", epochs=5, epsilon_warmup_epochs=2, epsilon=0.02, train_epsilon=0.04)
+    assert [epoch_epsilon(cfg, e) for e in range(3)] == pytest.approx([0.02, 0.04, 0.04])
+    assert epoch_epsilon(config(epsilon_warmup_epochs=2), 1) == pytest.approx(0.1)  # default: the threat's ε
+    _, _, result = run(small_data, cfg, model_name="mlp")
+    assert [r["epsilon"] for r in result.history] == pytest.approx([0.02, 0.04, 0.04, 0.04, 0.04])
+    # Certified training keeps the epoch with the best verified (not attacked) validation accuracy,
+    # among epochs at full training ε only.
+    eligible = result.history[1:]
+    best = max(eligible, key=lambda r: r["val_verified_accuracy"])
+    assert result.best_epoch == best["epoch"]
+    assert all(r["val_verified_accuracy"] <= r["val_robust_accuracy"] + 1e-9 for r in result.history)
+
+
 def test_early_stopping(small_data):
     _, _, result = run(small_data, config(epochs=30, lr=1e-6, early_stopping_patience=2))
     assert result.stopped == "early_stopping" and len(result.history) < 30
@@ -102,6 +116,7 @@ def test_nan_loss_names_epoch_and_batch(small_data):
     ({"noise_sigma": 0.0}, "train.noise_sigma = 0.0"),
     ({"method": "freeat"}, "train.method = 'freeat'"),
     ({"lr_schedule": "linear"}, "train.lr_schedule = 'linear'"),
+    ({"epsilon": 0.0}, "train.epsilon = 0.0"),
 ])
 def test_bad_training_params(change, fragment):
     with pytest.raises(UsageError) as info:
@@ -163,6 +178,16 @@ def test_compare_writes_table_and_plot(pipeline_workspace, tmp_path, capsys):
     assert (root / "reports/build/comparison.png").stat().st_size > 5000
     assert main(["compare", "--workspace", str(root), "--methods", "freeat"]) == 2
     assert "unknown ['freeat']" in capsys.readouterr().err
+    # --collect rebuilds the table from the rows, and refuses a row trained under other params.
+    (root / "reports/build/comparison.md").unlink()
+    assert main(["compare", "--workspace", str(root), "--collect"]) == 0
+    assert "| pgd_at |" in (root / "reports/build/comparison.md").read_text()
+    stale = json.loads((root / "reports/build/rows/standard.json").read_text())
+    stale["study_key"] = "0" * 64
+    (root / "reports/build/rows/standard.json").write_text(json.dumps(stale))
+    capsys.readouterr()
+    assert main(["compare", "--workspace", str(root), "--collect"]) == 2
+    assert "standard.json" in capsys.readouterr().err
 
 
 def test_interrupted_stage_resumes_to_identical_weights(pipeline_workspace, tmp_path):
@@ -220,3 +245,20 @@ def test_compare_survives_a_diverging_method(pipeline_workspace, tmp_path):
     row = json.loads((root / "reports/build/comparison.json").read_text())["rows"][0]
     assert row["clean"]["value"] == "diverged" and "epoch" in row["clean"]["reason"]
     assert "| standard | diverged |" in (root / "reports/build/comparison.md").read_text()
+
+
+def test_divergences_match_their_definitions_and_keep_finite_gradients_when_saturated():
+    a, b = torch.randn(6, 10, generator=torch.Generator().manual_seed(0)), torch.randn(6, 10)
+    p, q = a.softmax(1), b.softmax(1)
+    m = (p + q) / 2
+    assert float(kl_divergence(a, b)) == pytest.approx(float((p * (p / q).log()).sum(1).mean()), rel=1e-5)
+    expected_js = float(((p * (p / m).log()).sum(1) + (q * (q / m).log()).sum(1)).mean() / 2)
+    assert float(jensen_shannon(a, b)) == pytest.approx(expected_js, rel=1e-5)
+    # Logit gaps beyond ~104 underflow float32 probabilities to 0: the cause of consistency
+    # training's NaN on MNIST (and a latent one in TRADES) when written with probabilities.
+    sat_a = torch.tensor([[200.0, 0.0, 0.0]], requires_grad=True)
+    sat_b = torch.tensor([[0.0, 200.0, 0.0]], requires_grad=True)
+    for loss in (kl_divergence(sat_a, sat_b), jensen_shannon(sat_a, sat_b)):
+        grads = torch.autograd.grad(loss, (sat_a, sat_b))
+        assert torch.isfinite(loss) and all(torch.isfinite(g).all() for g in grads)
+    assert float(jensen_shannon(sat_a, sat_b)) == pytest.approx(torch.log(torch.tensor(2.0)).item(), rel=1e-5)

@@ -68,9 +68,10 @@ class BoundComputer:
             raise NotBoundable(_name_layer(error)) from error
 
     def margin_bounds(self, x: torch.Tensor, y: torch.Tensor, epsilon: float, norm: str, method: str, num_classes: int,
-                      differentiable: bool = False):
+                      differentiable: bool = False, upper: bool = True):
         """Lower and upper bounds of f_y(x') - f_j(x') over the threat model, shape (N, K-1).
-        `differentiable` keeps the graph to the weights, for certified training."""
+        `differentiable` keeps the graph to the weights, for certified training; `upper=False`
+        skips the upper bound (inf), which training never uses and CROWN pays for twice."""
         from auto_LiRPA.perturbations import PerturbationLpNorm
 
         if norm == "linf":
@@ -90,7 +91,7 @@ class BoundComputer:
                 warnings.simplefilter("ignore")
                 lower, upper = bounded.compute_bounds(
                     x=(bounded_x,), C=specification(y, num_classes), method=METHODS[method],
-                    bound_upper=method != "alpha_crown",  # alpha-CROWN optimises the lower bound only
+                    bound_upper=upper and method != "alpha_crown",  # alpha-CROWN optimises the lower bound only
                 )
             if upper is None:
                 upper = torch.full_like(lower, float("inf"))

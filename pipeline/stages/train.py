@@ -14,6 +14,7 @@ from pipeline.errors import UsageError
 from pipeline.io import atomic_write, confine, write_json
 from pipeline.models import build_model, save_checkpoint
 from pipeline.stages.common import load_data, seed_everything, tensors
+from pipeline.threat import check_epsilon
 from pipeline.training.loop import FitConfig, TrainingDiverged, TrainState, fit
 from pipeline.workspace import SCHEMA_VERSION, Workspace
 
@@ -31,6 +32,7 @@ def fit_config(params) -> FitConfig:
         epsilon=params.threat.epsilon,
         norm=params.threat.norm,
         epsilon_warmup_epochs=t.epsilon_warmup_epochs,
+        train_epsilon=t.epsilon,
         train_pgd=PGD(t.pgd.steps, t.pgd.step_size, 1),
         val_pgd=PGD(t.val_pgd.steps, t.val_pgd.step_size, t.val_pgd.restarts),
         noise_sigma=t.noise_sigma,
@@ -68,6 +70,8 @@ def start_from_checkpoint(model, params, root) -> None:
 def main(ws: Workspace, resume: bool = False) -> int:
     params = ws.params()
     data, domain, data_fingerprint = load_data(ws, params)
+    if params.train.epsilon is not None:
+        check_epsilon(params.threat.norm, params.train.epsilon, domain, key="train.epsilon")
     generator = seed_everything(params.seed)
     input_shape = list(data.x["train"].shape[1:])
     options = params.model.factory_options()
@@ -126,6 +130,7 @@ def main(ws: Workspace, resume: bool = False) -> int:
         "num_classes": data.num_classes,
         "method": cfg.method,
         "epsilon": cfg.epsilon,
+        "train_epsilon": cfg.target_epsilon,
         "norm": cfg.norm,
         "noise_sigma": cfg.noise_sigma if cfg.method == "gaussian" else None,
         "best_epoch": result.best_epoch,
@@ -145,6 +150,8 @@ def main(ws: Workspace, resume: bool = False) -> int:
         "seconds": seconds,
         "best_val_clean_accuracy": best["val_clean_accuracy"],
         "best_val_robust_accuracy": best["val_robust_accuracy"],
+        "best_val_verified_accuracy": best.get("val_verified_accuracy"),
+        "train_epsilon": cfg.target_epsilon,
         "val_robust_attack": {"name": "pgd", **cfg.val_pgd.settings()},
         "seed": params.seed,
         "dataset_fingerprint": data_fingerprint,

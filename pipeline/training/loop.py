@@ -1,8 +1,9 @@
 """The epoch loop: seeded batches, ε warm-up, LR schedule, robust validation, best checkpoint,
 early stopping, a guard against catastrophic overfitting, and exact resumption.
 
-The best epoch is chosen by robust validation accuracy for the robustness methods
-(clean accuracy for `standard` and `gaussian`), because adversarially trained models
+The best epoch is chosen by robust validation accuracy for the adversarial methods,
+verified validation accuracy for the certified ones (clean accuracy for `standard` and
+`gaussian`), because adversarially trained models
 overfit robustly (Rice et al. 2020): the last epoch is often not the most robust one.
 """
 from __future__ import annotations
@@ -37,7 +38,7 @@ class FitConfig:
     lr: float
     momentum: float
     weight_decay: float
-    epsilon: float
+    epsilon: float  # the threat model's ε: validation attacks and certifies at this radius
     norm: str
     epsilon_warmup_epochs: int
     train_pgd: PGD
@@ -47,6 +48,12 @@ class FitConfig:
     early_stopping_patience: Optional[int] = None
     catastrophic_drop: float = 0.2  # fast_at: robust val accuracy falling this far below its best
     context: dict = field(default_factory=dict)  # method hyperparameters for BatchContext
+    train_epsilon: Optional[float] = None  # ε of the inner maximisation / bounds; None: `epsilon`
+
+    @property
+    def target_epsilon(self) -> float:
+        """The radius training ramps up to (certified training often trains above the threat's ε)."""
+        return self.epsilon if self.train_epsilon is None else self.train_epsilon
 
 
 @dataclass
@@ -73,11 +80,16 @@ def learning_rate(cfg: FitConfig, progress: float) -> float:
     return cfg.lr
 
 
-def epoch_epsilon(cfg: FitConfig, epoch: int) -> float:
-    """Linear ε warm-up over the first `epsilon_warmup_epochs` epochs (epoch is 0-based)."""
+def warmup_progress(cfg: FitConfig, epoch: int) -> float:
+    """Fraction of the ε warm-up done after `epoch` (0-based): 1.0 once training is at full ε."""
     if cfg.epsilon_warmup_epochs == 0:
-        return cfg.epsilon
-    return cfg.epsilon * min(1.0, (epoch + 1) / cfg.epsilon_warmup_epochs)
+        return 1.0
+    return min(1.0, (epoch + 1) / cfg.epsilon_warmup_epochs)
+
+
+def epoch_epsilon(cfg: FitConfig, epoch: int) -> float:
+    """Linear ε warm-up over the first `epsilon_warmup_epochs` epochs, up to the training ε."""
+    return cfg.target_epsilon * warmup_progress(cfg, epoch)
 
 
 def robust_accuracy(model, pgd: PGD, x, y, epsilon, norm, domain, generator, batch_size: int = 512) -> float:
@@ -87,6 +99,16 @@ def robust_accuracy(model, pgd: PGD, x, y, epsilon, norm, domain, generator, bat
         x_adv = pgd(model, xb, yb, epsilon, norm, domain, generator)
         robust += int((predict(model, x_adv, batch_size) == yb).sum())
     return robust / len(x)
+
+
+def verified_accuracy(bounds, x, y, epsilon, norm, num_classes, batch_size: int = 256) -> float:
+    """Fraction certified by IBP or CROWN (each sound, so either suffices): the selection
+    score of certified training, whose goal is verified, not empirical, robustness."""
+    with torch.no_grad():
+        verified = torch.zeros(len(y), dtype=torch.bool)
+        for method in ("ibp", "crown"):
+            verified |= bounds.certify(x, y, epsilon, norm, method, num_classes, batch_size, 0.0).verified
+    return int(verified.sum()) / len(y)
 
 
 @dataclass
@@ -145,7 +167,7 @@ def fit(
     for epoch in range(first_epoch, cfg.epochs):
         started = time.perf_counter()
         epsilon = epoch_epsilon(cfg, epoch)
-        ramp = min(1.0, (epoch + 1) / cfg.epsilon_warmup_epochs) if cfg.epsilon_warmup_epochs else 1.0
+        ramp = warmup_progress(cfg, epoch)
         ctx = BatchContext(epsilon, cfg.norm, domain, cfg.train_pgd, generator, cfg.noise_sigma,
                            ramp=ramp, bounds=bounds, num_classes=num_classes, **cfg.context)
         order = torch.randperm(len(x_train), generator=generator)
@@ -179,20 +201,22 @@ def fit(
             "train_clean_accuracy": train_clean,
             "val_clean_accuracy": val_clean,
             "val_robust_accuracy": val_robust,
-            "seconds": time.perf_counter() - started,
         }
+        if bounds is not None:
+            row["val_verified_accuracy"] = verified_accuracy(bounds, x_val, y_val, cfg.epsilon, cfg.norm, num_classes)
+        row["seconds"] = time.perf_counter() - started
         result.history.append(row)
         if cfg.method == "fast_at" and best_score >= 0 and val_robust < best_score - cfg.catastrophic_drop:
             result.stopped = "catastrophic_overfitting"  # Wong et al. 2020: FGSM training collapsed
             if on_epoch is not None:
                 on_epoch(row)
             break
-        score = val_clean if cfg.method in CLEAN_SELECTED else val_robust
+        score = val_clean if cfg.method in CLEAN_SELECTED else row.get("val_verified_accuracy", val_robust)
         # Only epochs at full ε are eligible: a warm-up epoch's robustness is not the target's.
-        if epsilon == cfg.epsilon and score > best_score:
+        if ramp == 1.0 and score > best_score:
             best_score, result.best_epoch, stale = score, epoch + 1, 0
             result.best_state = copy.deepcopy(model.state_dict())
-        elif epsilon == cfg.epsilon:
+        elif ramp == 1.0:
             stale += 1
         if save_state is not None:
             state = TrainState(epoch + 1, copy.deepcopy(model.state_dict()), copy.deepcopy(optimizer.state_dict()),

@@ -7,6 +7,7 @@ on the worst-case loss computed by bound propagation.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -84,8 +85,7 @@ def trades(model: nn.Module, x, y, ctx: BatchContext) -> torch.Tensor:
         return standard(model, x, y, ctx)
     x_adv = _trades_point(model, x, ctx)
     logits = model(x)
-    kl = F.kl_div(F.log_softmax(model(x_adv), dim=1), F.softmax(logits, dim=1), reduction="batchmean")
-    return F.cross_entropy(logits, y) + ctx.beta * kl
+    return F.cross_entropy(logits, y) + ctx.beta * kl_divergence(logits, model(x_adv))
 
 
 def mart(model: nn.Module, x, y, ctx: BatchContext) -> torch.Tensor:
@@ -146,8 +146,7 @@ def awp(model: nn.Module, x, y, ctx: BatchContext) -> torch.Tensor:
     if ctx.awp_base == "pgd_at":
         return F.cross_entropy(model(x_adv), y)
     logits = model(x)
-    kl = F.kl_div(F.log_softmax(model(x_adv), dim=1), F.softmax(logits, dim=1), reduction="batchmean")
-    return F.cross_entropy(logits, y) + ctx.beta * kl
+    return F.cross_entropy(logits, y) + ctx.beta * kl_divergence(logits, model(x_adv))
 
 
 def _shift(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
@@ -167,10 +166,26 @@ def consistency(model: nn.Module, x, y, ctx: BatchContext) -> torch.Tensor:
     adversarial = [_adversarial(model, view, y, ctx) for view in views]
     logits = [model(a) for a in adversarial]
     ce = sum(F.cross_entropy(z, y) for z in logits) / 2
-    probs = [F.softmax(z / ctx.consistency_temperature, dim=1) for z in logits]
-    mixture = (probs[0] + probs[1]) / 2
-    js = sum(F.kl_div(torch.log(mixture + 1e-12), p, reduction="batchmean") for p in probs) / 2
-    return ce + ctx.consistency_weight * js
+    return ce + ctx.consistency_weight * jensen_shannon(*(z / ctx.consistency_temperature for z in logits))
+
+
+def jensen_shannon(logits_a: torch.Tensor, logits_b: torch.Tensor) -> torch.Tensor:
+    """JS divergence of two softmax distributions, batch mean, computed in log space: with
+    probabilities, a class whose probability underflows to 0 gets an infinite gradient
+    (d/dp p·log p) and the loss turns NaN after a few epochs of confident training."""
+    log_a, log_b = F.log_softmax(logits_a, dim=1), F.log_softmax(logits_b, dim=1)
+    log_mixture = torch.logaddexp(log_a, log_b) - math.log(2.0)
+    return (_kl_rows(log_a, log_mixture) + _kl_rows(log_b, log_mixture)).mean() / 2
+
+
+def kl_divergence(logits_p: torch.Tensor, logits_q: torch.Tensor) -> torch.Tensor:
+    """KL(softmax(p) ‖ softmax(q)), batch mean, in log space so gradients stay finite when a
+    probability underflows (`F.kl_div` with a probability target returns NaN gradients there)."""
+    return _kl_rows(F.log_softmax(logits_p, dim=1), F.log_softmax(logits_q, dim=1)).mean()
+
+
+def _kl_rows(log_p: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:
+    return (log_p.exp() * (log_p - log_q)).sum(dim=1)
 
 
 def _certified(model: nn.Module, x, y, ctx: BatchContext, method: str) -> torch.Tensor:
@@ -181,12 +196,13 @@ def _certified(model: nn.Module, x, y, ctx: BatchContext, method: str) -> torch.
     if ctx.epsilon == 0:
         return clean
     kappa = 1.0 - (1.0 - ctx.kappa_end) * ctx.ramp
-    lower_ibp, _ = ctx.bounds.margin_bounds(x, y, ctx.epsilon, ctx.norm, "ibp", ctx.num_classes, True)
+    lower_ibp, _ = ctx.bounds.margin_bounds(x, y, ctx.epsilon, ctx.norm, "ibp", ctx.num_classes, True, upper=False)
     lower = lower_ibp
     if method == "crown_ibp":
         beta = 1.0 - ctx.ramp
         if beta > 0:
-            lower_crown, _ = ctx.bounds.margin_bounds(x, y, ctx.epsilon, ctx.norm, "crown_ibp", ctx.num_classes, True)
+            lower_crown, _ = ctx.bounds.margin_bounds(x, y, ctx.epsilon, ctx.norm, "crown_ibp", ctx.num_classes, True,
+                                                      upper=False)
             lower = beta * lower_crown + (1.0 - beta) * lower_ibp
     worst = torch.cat([torch.zeros(len(y), 1), -lower], dim=1)  # class 0 stands for the true class
     robust = F.cross_entropy(worst, torch.zeros(len(y), dtype=torch.long))
