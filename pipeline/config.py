@@ -18,7 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from pipeline.errors import UsageError
 from pipeline.io import confine
 
-BUILTIN_MODELS = ("mlp", "cnn_small")
+BUILTIN_MODELS = ("mlp", "cnn_small", "cnn_medium")
 _FACTORY_PATTERN = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
 
 
@@ -43,8 +43,8 @@ class DataConfig(_Section):
 class ModelConfig(_Section):
     name: str = "cnn_small"
     hidden: list[int] = Field(default_factory=lambda: [128, 64], description="mlp layer widths")
-    channels: list[int] = Field(default_factory=lambda: [16, 32], description="cnn_small conv widths")
-    dense: int = Field(100, ge=1, description="cnn_small dense width")
+    channels: list[int] = Field(default_factory=lambda: [16, 32], description="cnn_small / cnn_medium conv widths")
+    dense: int = Field(100, ge=1, description="cnn_small / cnn_medium dense width")
     options: dict[str, Union[int, float, str, bool, list[int]]] = Field(
         default_factory=dict, description="keyword arguments for a 'module:callable' factory"
     )
@@ -53,7 +53,7 @@ class ModelConfig(_Section):
         """Keyword arguments the named model factory is called with."""
         if self.name == "mlp":
             return {"hidden": list(self.hidden)}
-        if self.name == "cnn_small":
+        if self.name in ("cnn_small", "cnn_medium"):
             return {"channels": list(self.channels), "dense": self.dense}
         return dict(self.options)
 

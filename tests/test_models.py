@@ -11,7 +11,8 @@ def meta_for(name, options, shape=(1, 8, 8)):
     return {"model": name, "model_options": options, "input_shape": list(shape), "num_classes": 10}
 
 
-@pytest.mark.parametrize("name,options", [("mlp", {"hidden": [16]}), ("cnn_small", {"channels": [4, 8], "dense": 16})])
+@pytest.mark.parametrize("name,options", [("mlp", {"hidden": [16]}), ("cnn_small", {"channels": [4, 8], "dense": 16}),
+                                          ("cnn_medium", {"channels": [4, 8], "dense": 16})])
 def test_checkpoint_roundtrip(tmp_path, name, options):
     model = build_model(name, (1, 8, 8), 10, options)
     save_checkpoint(model, tmp_path, meta_for(name, options))

@@ -25,11 +25,17 @@ def test_metrics_carry_the_required_keys(pipeline_workspace):
     assert 0 <= lo <= attack["robust_accuracy"] <= hi <= 1
     assert "upper bound" in attack["bound"]
     certify = metrics(root, "certify")
-    assert set(certify["verified_accuracy"]) == {"ibp", "crown"}
+    assert set(certify["verified_accuracy"]) == {"ibp", "crown", "any"}
     for method in ("ibp", "crown"):
-        assert certify["verified_accuracy"][method] <= attack["robust_accuracy"]
+        assert certify["verified_accuracy"][method] <= certify["verified_accuracy"]["any"]
         assert certify["methods"][method]["soundness"]["attack_conflicts"] == 0
         assert certify["methods"][method]["soundness"]["containment_violations"] == 0
+    # The union of two sound certificates: at least either, at most the attack's robust share.
+    assert certify["verified_accuracy"]["any"] <= attack["robust_accuracy"]
+    samples = [json.loads(line) for line in (root / "artifacts/certify/samples.jsonl").read_text().splitlines()]
+    assert certify["combined"]["successes"] == sum(s["ibp_verified"] or s["crown_verified"] for s in samples)
+    report = (root / "reports/build/report.html").read_text()
+    assert "Verified accuracy, any of IBP, CROWN" in report
     export = metrics(root, "export")
     assert export["max_abs_diff"] <= 1e-4 and export["label_agreement"] == 1.0
     assert export["onnx_sha256"] == sha256_file(root / "models" / "model.onnx")
