@@ -121,6 +121,8 @@ class TrainConfig(_Section):
     fast_at_step_factor: float = Field(1.25, gt=0.0, description="fast_at: FGSM step as a multiple of ε")
     catastrophic_drop: float = Field(0.2, gt=0.0, le=1.0, description="fast_at: robust-accuracy fall that stops training")
     kappa_end: float = Field(0.5, ge=0.0, le=1.0, description="ibp/crown_ibp: final weight of the clean loss")
+    beta_end: float = Field(0.0, ge=0.0, le=1.0,
+                            description="crown_ibp: final weight of the CROWN-IBP bound against IBP (1: CROWN-IBP throughout)")
     lr_schedule: Literal["constant", "cosine", "piecewise"] = "constant"
     early_stopping_patience: Optional[int] = Field(None, ge=1)
     init_checkpoint: Optional[str] = Field(None, description="fine-tune: directory with model.pt and model.json")

@@ -117,6 +117,7 @@ def test_nan_loss_names_epoch_and_batch(small_data):
     ({"method": "freeat"}, "train.method = 'freeat'"),
     ({"lr_schedule": "linear"}, "train.lr_schedule = 'linear'"),
     ({"epsilon": 0.0}, "train.epsilon = 0.0"),
+    ({"beta_end": 1.5}, "train.beta_end = 1.5"),
 ])
 def test_bad_training_params(change, fragment):
     with pytest.raises(UsageError) as info:
@@ -262,3 +263,26 @@ def test_divergences_match_their_definitions_and_keep_finite_gradients_when_satu
         grads = torch.autograd.grad(loss, (sat_a, sat_b))
         assert torch.isfinite(loss) and all(torch.isfinite(g).all() for g in grads)
     assert float(jensen_shannon(sat_a, sat_b)) == pytest.approx(torch.log(torch.tensor(2.0)).item(), rel=1e-5)
+
+
+def test_crown_ibp_beta_end_mixes_the_two_bounds_after_the_ramp(small_data):
+    from pipeline.certify.bounds import BoundComputer
+    from pipeline.training.methods import BatchContext
+
+    (x, y), domain = small_data[0]["train"], small_data[1]
+    x, y = x[:32], y[:32]
+    torch.manual_seed(0)
+    model = build_model("mlp", (1, 8, 8), 10, {"hidden": [16]})
+    bounds = BoundComputer(model, (1, 8, 8), domain)
+
+    def loss(method, beta_end):
+        ctx = BatchContext(0.05, "linf", domain, PGD(1, 0.1), torch.Generator().manual_seed(0), ramp=1.0,
+                           kappa_end=0.0, beta_end=beta_end, bounds=bounds)
+        return float(METHODS[method](model, x, y, ctx))
+
+    ibp_only, crown_only, half = loss("ibp", 0.0), loss("crown_ibp", 1.0), loss("crown_ibp", 0.5)
+    assert loss("crown_ibp", 0.0) == pytest.approx(ibp_only)  # the paper's schedule ends at pure IBP
+    assert crown_only != pytest.approx(ibp_only)
+    # κ_end = 0: the loss is the CE of the worst-case logits from β·CROWN-IBP + (1-β)·IBP lower bounds,
+    # convex in β, so the even mix costs at most the mean of the two pure losses.
+    assert half <= (ibp_only + crown_only) / 2 + 1e-6

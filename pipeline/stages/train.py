@@ -41,7 +41,8 @@ def fit_config(params) -> FitConfig:
         catastrophic_drop=t.catastrophic_drop,
         context={"beta": t.beta, "awp_gamma": t.awp_gamma, "awp_base": t.awp_base,
                  "consistency_weight": t.consistency_weight, "consistency_temperature": t.consistency_temperature,
-                 "fast_at_step_factor": t.fast_at_step_factor, "kappa_end": t.kappa_end},
+                 "fast_at_step_factor": t.fast_at_step_factor, "kappa_end": t.kappa_end,
+                 "beta_end": t.beta_end},
     )
 
 

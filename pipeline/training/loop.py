@@ -102,11 +102,12 @@ def robust_accuracy(model, pgd: PGD, x, y, epsilon, norm, domain, generator, bat
 
 
 def verified_accuracy(bounds, x, y, epsilon, norm, num_classes, batch_size: int = 256) -> float:
-    """Fraction certified by IBP or CROWN (each sound, so either suffices): the selection
-    score of certified training, whose goal is verified, not empirical, robustness."""
+    """Fraction certified by IBP or CROWN-IBP (each sound, so either suffices): the selection
+    score of certified training, whose goal is verified, not empirical, robustness. Full CROWN
+    is left to the certify stage: on a conv net it costs 10-50x more, every epoch."""
     with torch.no_grad():
         verified = torch.zeros(len(y), dtype=torch.bool)
-        for method in ("ibp", "crown"):
+        for method in ("ibp", "crown_ibp"):
             verified |= bounds.certify(x, y, epsilon, norm, method, num_classes, batch_size, 0.0).verified
     return int(verified.sum()) / len(y)
 

@@ -36,6 +36,7 @@ class BatchContext:
     fast_at_step_factor: float = 1.25
     ramp: float = 1.0  # fraction of the ε warm-up done: drives the κ and β schedules
     kappa_end: float = 0.5
+    beta_end: float = 0.0  # crown_ibp: final weight of the CROWN-IBP bound (Zhang et al. 2020 end at 0)
     bounds: Any = None  # a BoundComputer-like object for certified training
     num_classes: int = 10
     after_backward: list = field(default_factory=list)  # callbacks run between backward and step (AWP)
@@ -190,8 +191,8 @@ def _kl_rows(log_p: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:
 
 def _certified(model: nn.Module, x, y, ctx: BatchContext, method: str) -> torch.Tensor:
     """Gowal et al. 2018 (IBP) / Zhang et al. 2020 (CROWN-IBP): κ·CE(clean) + (1−κ)·CE(worst-case
-    logits from the margin lower bounds). κ falls from 1 to κ_end and CROWN-IBP's β from 1 to 0
-    along the ε ramp."""
+    logits from the margin lower bounds). κ falls from 1 to κ_end and CROWN-IBP's β from 1 to
+    β_end along the ε ramp."""
     clean = F.cross_entropy(model(x), y)
     if ctx.epsilon == 0:
         return clean
@@ -199,7 +200,7 @@ def _certified(model: nn.Module, x, y, ctx: BatchContext, method: str) -> torch.
     lower_ibp, _ = ctx.bounds.margin_bounds(x, y, ctx.epsilon, ctx.norm, "ibp", ctx.num_classes, True, upper=False)
     lower = lower_ibp
     if method == "crown_ibp":
-        beta = 1.0 - ctx.ramp
+        beta = 1.0 - (1.0 - ctx.beta_end) * ctx.ramp
         if beta > 0:
             lower_crown, _ = ctx.bounds.margin_bounds(x, y, ctx.epsilon, ctx.norm, "crown_ibp", ctx.num_classes, True,
                                                       upper=False)
