@@ -99,7 +99,8 @@ def main(ws: Workspace, resume: bool = False) -> int:
         bar.write(
             f"epoch {row['epoch']:>3}: loss {row['loss']:.4f} train {row['train_clean_accuracy']:.3f} "
             f"val clean {row['val_clean_accuracy']:.3f} val robust {row['val_robust_accuracy']:.3f} "
-            f"({row['seconds']:.1f}s)"
+            + (f"val verified {row['val_verified_accuracy']:.3f} " if "val_verified_accuracy" in row else "")
+            + f"({row['seconds']:.1f}s)"
         )
 
     def save_state(state: TrainState) -> None:
@@ -158,8 +159,9 @@ def main(ws: Workspace, resume: bool = False) -> int:
         "dataset_fingerprint": data_fingerprint,
         "params": params.train.model_dump(mode="json"),
     })
+    verified = f" val verified {best['val_verified_accuracy']:.3f}" if "val_verified_accuracy" in best else ""
     print(f"train: best epoch {result.best_epoch}/{cfg.epochs} val clean {best['val_clean_accuracy']:.3f} "
-          f"val robust {best['val_robust_accuracy']:.3f} in {seconds:.1f}s")
+          f"val robust {best['val_robust_accuracy']:.3f}{verified} in {seconds:.1f}s")
     return 0
 
 

@@ -3,8 +3,8 @@ early stopping, a guard against catastrophic overfitting, and exact resumption.
 
 The best epoch is chosen by robust validation accuracy for the adversarial methods,
 verified validation accuracy for the certified ones (clean accuracy for `standard` and
-`gaussian`), because adversarially trained models
-overfit robustly (Rice et al. 2020): the last epoch is often not the most robust one.
+`gaussian`), because adversarially trained models overfit robustly (Rice et al. 2020):
+the last epoch is often not the most robust one.
 """
 from __future__ import annotations
 
