@@ -77,7 +77,7 @@ def compare(ws: Workspace, methods: str = "standard,pgd_at,trades", samples: int
     target = confine(out, ws.root, "--out")
     key = study_key(params)
     if collect:
-        rows = collect_rows(target / "rows", key)
+        rows = collect_rows(target / "rows", key, load_data(ws, params)[2])
     else:
         chosen = [m.strip() for m in methods.split(",") if m.strip()]
         unknown = [m for m in chosen if m not in METHODS]
@@ -104,17 +104,18 @@ def compare(ws: Workspace, methods: str = "standard,pgd_at,trades", samples: int
     return 0
 
 
-def collect_rows(directory, key: str) -> list[dict]:
-    """Every row in `directory`, in METHODS order; a row trained under other params is an error,
-    because a table mixing them would compare what was never run side by side."""
+def collect_rows(directory, key: str, data_fingerprint: str) -> list[dict]:
+    """Every row in `directory`, in METHODS order; a row trained under other params or on other
+    data is an error, because a table mixing them would compare what was never run side by side."""
     files = sorted(directory.glob("*.json")) if directory.is_dir() else []
     if not files:
         raise UsageError(f"--collect: no rows in {directory}; run `robustgate compare --rows-only` first")
     rows = [read_json(f) for f in files]
-    stale = [f.name for f, row in zip(files, rows) if row.get("study_key") != key]
+    stale = [f.name for f, row in zip(files, rows)
+             if row.get("study_key") != key or row.get("dataset_fingerprint") != data_fingerprint]
     if stale:
-        raise UsageError(f"--collect: {', '.join(stale)} in {directory} were trained under other params; "
-                         "re-run them or delete them")
+        raise UsageError(f"--collect: {', '.join(stale)} in {directory} were trained under other params "
+                         "or on other data; re-run them or delete them")
     order = list(METHODS)
     return sorted(rows, key=lambda r: order.index(r["method"]) if r["method"] in order else len(order))
 

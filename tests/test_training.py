@@ -183,12 +183,13 @@ def test_compare_writes_table_and_plot(pipeline_workspace, tmp_path, capsys):
     (root / "reports/build/comparison.md").unlink()
     assert main(["compare", "--workspace", str(root), "--collect"]) == 0
     assert "| pgd_at |" in (root / "reports/build/comparison.md").read_text()
-    stale = json.loads((root / "reports/build/rows/standard.json").read_text())
-    stale["study_key"] = "0" * 64
-    (root / "reports/build/rows/standard.json").write_text(json.dumps(stale))
-    capsys.readouterr()
-    assert main(["compare", "--workspace", str(root), "--collect"]) == 2
-    assert "standard.json" in capsys.readouterr().err
+    row_file = root / "reports/build/rows/standard.json"
+    good = json.loads(row_file.read_text())
+    for field in ("study_key", "dataset_fingerprint"):  # other params, other data
+        row_file.write_text(json.dumps({**good, field: "0" * 64}))
+        capsys.readouterr()
+        assert main(["compare", "--workspace", str(root), "--collect"]) == 2
+        assert "standard.json" in capsys.readouterr().err
 
 
 def test_interrupted_stage_resumes_to_identical_weights(pipeline_workspace, tmp_path):
