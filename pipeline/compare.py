@@ -7,13 +7,11 @@ a release decision weighs.
 
 One row per method is written to `<out>/rows/<method>.json`, keyed by the params it was
 trained under; the DVC study (`studies/dvc.yaml`) runs one method per `foreach` stage and
-builds the table with `--collect`, which refuses rows trained under other params.
+builds the table with `--collect`, which refuses rows trained under other params or data.
 """
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import json
 import time
 
 from pipeline.attacks.suite import run_suite
@@ -32,10 +30,7 @@ from pipeline.workspace import Workspace
 
 def study_key(params) -> str:
     """SHA-256 of every params section a row depends on except `train.method`, the one the study varies."""
-    dumped = params.model_dump(mode="json", by_alias=True)
-    dumped["train"].pop("method")
-    chosen = {k: dumped[k] for k in ("seed", "data", "model", "threat", "train", "attack")}
-    return hashlib.sha256(json.dumps(chosen, sort_keys=True).encode()).hexdigest()
+    return params.section_hash("seed", "data", "model", "threat", "train", "attack", exclude={"train": {"method"}})
 
 
 def evaluate_method(method: str, params, data, domain, samples: int) -> dict:

@@ -235,9 +235,10 @@ class Params(_Section):
     # `register` would shadow ABCMeta.register on the model class, hence the alias.
     registry: RegisterConfig = Field(RegisterConfig(), alias="register")
 
-    def section_hash(self, *sections: str) -> str:
-        """SHA-256 of the named sections (all when none), for traceability."""
-        dumped = self.model_dump(mode="json", by_alias=True)
+    def section_hash(self, *sections: str, exclude: dict | None = None) -> str:
+        """SHA-256 of the named sections (all when none), for traceability; `exclude` drops fields
+        the way pydantic's `model_dump` does, e.g. {"train": {"method"}}."""
+        dumped = self.model_dump(mode="json", by_alias=True, exclude=exclude)
         chosen = {k: dumped[k] for k in (sections or dumped.keys())}
         return hashlib.sha256(json.dumps(chosen, sort_keys=True).encode()).hexdigest()
 

@@ -40,12 +40,14 @@ def test_certified_samples_survive_the_attack(digits_model, computer, method):
     assert not (cert.verified & ~suite.robust).any()
 
 
+@pytest.mark.parametrize("norm,epsilon,count", [("linf", 0.03, 50), ("l2", 0.3, 30)])
 @pytest.mark.parametrize("method", ["ibp", "crown"])
-def test_bounds_contain_random_margins(digits_model, computer, method):
+def test_bounds_contain_random_margins(digits_model, computer, method, norm, epsilon, count):
+    """Random points of the ε-ball (L∞ box, or L2 ball) have margins inside the bounds."""
     model, x, y, domain = digits_model
-    x, y = x[:50], y[:50]
-    lower, upper = computer.margin_bounds(x, y, 0.03, "linf", method, 10)
-    assert_bounds_contain_random_points(model, x, y, lower, upper, 0.03, "linf", domain)
+    x, y = x[:count], y[:count]
+    lower, upper = computer.margin_bounds(x, y, epsilon, norm, method, 10)
+    assert_bounds_contain_random_points(model, x, y, lower, upper, epsilon, norm, domain)
 
 
 def test_ibp_verified_accuracy_never_rises_with_epsilon(digits_model, computer):
@@ -100,14 +102,6 @@ def test_certify_stage_sweep_is_below_attack_sweep(pipeline_workspace):
         assert point["verified_accuracy"] <= point["attack_robust_accuracy"] + 1e-9
     verified = [p["verified_accuracy"] for p in certify["sweep"]["points"]]
     assert verified == sorted(verified, reverse=True)
-
-
-@pytest.mark.parametrize("method", ["ibp", "crown"])
-def test_l2_bounds_contain_random_points_in_the_l2_ball(digits_model, computer, method):
-    model, x, y, domain = digits_model
-    x, y = x[:30], y[:30]
-    lower, upper = computer.margin_bounds(x, y, 0.3, "l2", method, 10)
-    assert_bounds_contain_random_points(model, x, y, lower, upper, 0.3, "l2", domain)
 
 
 def test_certify_stage_records_not_applicable(tmp_path):

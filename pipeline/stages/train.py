@@ -48,8 +48,6 @@ def fit_config(params) -> FitConfig:
 
 def start_from_checkpoint(model, params, root) -> None:
     """Fine-tuning: load the initial weights (architecture must match) and freeze all but the head."""
-    import torch
-
     t = params.train
     if t.init_checkpoint is None:
         return
@@ -138,7 +136,7 @@ def main(ws: Workspace, resume: bool = False) -> int:
         "best_epoch": result.best_epoch,
         "seed": params.seed,
         "dataset_fingerprint": data_fingerprint,
-        "params_sha256": params.section_hash("seed", "data", "model", "threat", "train"),
+        "params_sha256": fingerprint_now,
     })
     state_file.unlink(missing_ok=True)  # finished: nothing to resume
     write_json(ws.train_plot, result.history)
