@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 
 from pipeline import __version__
-from pipeline.errors import GateFailed, UsageError
+from pipeline.errors import EvidenceError, UsageError
 
 STAGES = {
     "prepare": "load, validate, split and fingerprint the dataset",
@@ -91,8 +91,8 @@ def _run(command: str, call) -> int:
     except UsageError as error:
         print(f"robustgate {command}: error: {error}", file=sys.stderr)
         return 2
-    except GateFailed as error:
-        print(f"robustgate {command}: FAILED: {error}", file=sys.stderr)
+    except EvidenceError as error:
+        print(f"robustgate {command}: {error.prefix}: {error}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print(f"robustgate {command}: interrupted; no outputs were replaced", file=sys.stderr)

@@ -5,7 +5,7 @@ import os
 from pathlib import Path
 from typing import Optional
 
-from pipeline.errors import GateFailed, UsageError
+from pipeline.errors import IntegrityMismatch, UsageError
 from pipeline.manifest import verify_manifest
 
 
@@ -31,6 +31,6 @@ def verify(directory: Path, public_key: Optional[Path] = None) -> int:
     else:
         print("verify: manifest is not signed")
     if problems:
-        raise GateFailed(f"{len(problems)} problem(s) in {manifest}")
+        raise IntegrityMismatch(f"{len(problems)} problem(s) in {manifest}")
     print(f"verify: OK, {checked} artifacts match {manifest}")
     return 0

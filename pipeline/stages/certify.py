@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from pipeline.certify.bounds import BoundComputer, NotBoundable, margins_of
-from pipeline.errors import GateFailed, UsageError
+from pipeline.errors import SoundnessViolation, UsageError
 from pipeline.io import read_json, write_json, write_text
 from pipeline.stages.common import load_data, load_model_for, seed_everything, tensors
 from pipeline.stats import proportion
@@ -60,8 +60,8 @@ def certified_sweep(computer, x, y, sweep: list[dict], norm: str, num_classes: i
         count = int(verified.sum())
         robust_count = round(point["robust_accuracy"] * point["n"])
         if count > robust_count:
-            raise GateFailed(
-                f"SOUNDNESS: {method} verifies {count} of {n} samples at ε={point['epsilon']:g} but the attack "
+            raise SoundnessViolation(
+                f"{method} verifies {count} of {n} samples at ε={point['epsilon']:g} but the attack "
                 f"left only {robust_count} robust; the certificate cannot be trusted"
             )
         stats = proportion(count, n)
@@ -113,8 +113,8 @@ def main(ws: Workspace) -> int:
             verified[:done] = cert.verified & clean_correct[:done]
             conflicts = int((verified[:m] & ~attack_robust).sum())
             if conflicts:
-                raise GateFailed(
-                    f"SOUNDNESS: {conflicts} sample(s) certified by {method} at ε={threat.epsilon} "
+                raise SoundnessViolation(
+                    f"{conflicts} sample(s) certified by {method} at ε={threat.epsilon} "
                     "have an adversarial example from the attack stage; the certificate cannot be trusted"
                 )
             k = min(m, done)
@@ -122,8 +122,8 @@ def main(ws: Workspace) -> int:
                 cert, model, x[:k], y[:k], x_adv[:k], threat.epsilon, threat.norm, domain, generator,
                 cfg.random_points, cfg.tolerance)
             if violations:
-                raise GateFailed(
-                    f"SOUNDNESS: {violations} of {checked} points have margins outside the {method} bounds"
+                raise SoundnessViolation(
+                    f"{violations} of {checked} points have margins outside the {method} bounds"
                 )
             stats = proportion(int(verified[:done].sum()), done)
             metrics["verified_accuracy"][method] = stats["value"]

@@ -8,7 +8,7 @@ import numpy as np
 import onnx
 
 from pipeline import __version__
-from pipeline.errors import GateFailed, UsageError
+from pipeline.errors import ParityFailure, UsageError
 from pipeline.io import sha256_file, write_json
 from pipeline.onnx_export import EXPORTER, ExportError, export_onnx, latency, onnx_logits, parity, torch_logits
 from pipeline.stages.common import load_data, load_model_for, seed_everything
@@ -53,7 +53,7 @@ def main(ws: Workspace) -> int:
         onnx_robust = float((clean_onnx_ok & (adv_onnx.argmax(1) == y_adv)).mean())
         worst = max(clean["max_abs_diff"], adv["max_abs_diff"])
         if worst > cfg.atol or min(clean["label_agreement"], adv["label_agreement"]) < cfg.min_label_agreement:
-            raise GateFailed(
+            raise ParityFailure(
                 f"ONNX parity out of tolerance: max |Δlogit| {worst:.3g} (allowed {cfg.atol}), label agreement "
                 f"clean {clean['label_agreement']:.4f} adversarial {adv['label_agreement']:.4f} "
                 f"(required {cfg.min_label_agreement}); no model.onnx written"

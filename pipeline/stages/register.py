@@ -10,7 +10,7 @@ import os
 
 import numpy as np
 
-from pipeline.errors import GateFailed
+from pipeline.errors import IntegrityMismatch, RegistryUnreachable
 from pipeline.evidence import collect_metrics, hash_artifacts
 from pipeline.io import read_json, sha256_file, write_json
 from pipeline.registry import default_tracking_uri, register
@@ -30,7 +30,7 @@ def check_reachable(tracking_uri: str, timeout_s: float = 10.0) -> None:
             response.read()
     except (urllib.error.URLError, OSError) as error:
         reason = getattr(error, "reason", error)
-        raise GateFailed(
+        raise RegistryUnreachable(
             f"MLflow tracking server {_redact(tracking_uri)} is unreachable ({reason}); nothing was registered "
             "and every local artifact is kept: start the server or unset MLFLOW_TRACKING_URI, then re-run"
         ) from None
@@ -51,7 +51,7 @@ def main(ws: Workspace) -> int:
     gate = read_json(ws.metrics("gate"))
     changed = tampered(gate["artifacts"], hash_artifacts(ws))
     if changed:
-        raise GateFailed(f"refusing to register: changed since the gate ran: {', '.join(changed)}; re-run dvc repro")
+        raise IntegrityMismatch(f"refusing to register: changed since the gate ran: {', '.join(changed)}; re-run dvc repro")
     tracking_uri = os.environ.get("MLFLOW_TRACKING_URI") or default_tracking_uri(ws.root)
     local_store = tracking_uri.startswith("sqlite:")
     check_reachable(tracking_uri)
@@ -79,7 +79,7 @@ def main(ws: Workspace) -> int:
         )
     except Exception as error:  # MLflow raises many types for an unreachable or refusing store
         first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise GateFailed(f"MLflow at {_redact(tracking_uri)} failed: {first}; local artifacts are untouched") from None
+        raise RegistryUnreachable(f"MLflow at {_redact(tracking_uri)} failed: {first}; local artifacts are untouched") from None
     write_json(ws.metrics("register"), {
         "schema_version": SCHEMA_VERSION,
         "model_name": result.model_name,
