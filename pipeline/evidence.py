@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from pipeline import results
 from pipeline.io import sha256_file
 from pipeline.workspace import Workspace
 
@@ -11,13 +12,15 @@ METRIC_STAGES = ("prepare", "train", "attack", "certify", "smooth", "export")
 
 
 def collect_metrics(ws: Workspace, stages=METRIC_STAGES) -> dict[str, dict]:
-    """Every stage's metrics that exists; absent stages are simply absent (the policy fails them)."""
-    metrics = {}
-    for stage in stages:
-        path = ws.metrics(stage)
-        if path.is_file():
-            metrics[stage] = json.loads(path.read_text(encoding="utf-8"))
-    return metrics
+    """Every stage's metrics that exists, each validated against its results schema; absent stages
+    are simply absent (the policy fails them), a malformed file is refused."""
+    return {stage: results.load(stage, ws.metrics(stage)) for stage in stages if ws.metrics(stage).is_file()}
+
+
+def model_hashes(metrics: dict[str, dict]) -> dict[str, str]:
+    """The checkpoint SHA-256 each piece of evidence speaks of, by stage."""
+    return {stage: values["model_sha256"] for stage, values in metrics.items()
+            if isinstance(values, dict) and values.get("model_sha256")}
 
 
 def artifact_paths(ws: Workspace, include_report: bool) -> dict[str, Path]:
@@ -62,7 +65,10 @@ def traceability(ws: Workspace, metrics: dict[str, dict]) -> dict[str, float]:
         sets = [set(idx[s].tolist()) for s in ("train", "val", "test")]
         disjoint = float(not (sets[0] & sets[1] or sets[0] & sets[2] or sets[1] & sets[2]))
     commit = ws.git_commit()
+    checkpoint = sha256_file(ws.checkpoint) if ws.checkpoint.is_file() else None
+    hashes = set(model_hashes(metrics).values())
     return {
+        "model_hash_consistent": float(checkpoint is not None and hashes == {checkpoint}),
         "dataset_fingerprint_consistent": float(len(fingerprints) == 1 and None not in fingerprints),
         "onnx_hash_matches": onnx_matches,
         "splits_disjoint": disjoint,

@@ -7,41 +7,18 @@ is missing or `not_applicable` fails: absence of evidence never passes.
 """
 from __future__ import annotations
 
-import fnmatch
 import operator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, Optional
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from pipeline import results
 from pipeline.config import format_validation_error, read_yaml
 from pipeline.errors import UsageError
 
 COMPARATORS = {">=": operator.ge, ">": operator.gt, "<=": operator.le, "<": operator.lt, "==": operator.eq}
-
-# Metric paths a policy may name; anything else is a typo the policy author must hear about.
-KNOWN_METRICS = (
-    "attack.clean_accuracy",
-    "attack.robust_accuracy",
-    "attack.attacks.*.robust_accuracy.value",
-    "attack.masking_all_passed",
-    "attack.masking.*.pass",
-    "certify.verified_accuracy.*",
-    "smooth.certified_accuracy.*",
-    "smooth.abstention_rate",
-    "export.max_abs_diff",
-    "export.adv_max_abs_diff",
-    "export.label_agreement",
-    "export.adv_label_agreement",
-    "export.robust_accuracy_diff",
-    "train.best_val_clean_accuracy",
-    "train.best_val_robust_accuracy",
-    "trace.dataset_fingerprint_consistent",
-    "trace.onnx_hash_matches",
-    "trace.splits_disjoint",
-    "trace.git_clean",
-)
 
 
 class Requirement(BaseModel):
@@ -51,7 +28,7 @@ class Requirement(BaseModel):
     title: str = Field(min_length=1)
     metric: str
     comparator: Literal[">=", ">", "<=", "<", "=="]
-    threshold: float
+    threshold: float = Field(allow_inf_nan=False)
     bound: Literal["point", "lower", "upper"] = "point"
     severity: Literal["blocking", "advisory"] = "blocking"
     clause: str = Field(min_length=1)
@@ -60,9 +37,26 @@ class Requirement(BaseModel):
     @field_validator("metric")
     @classmethod
     def _known_metric(cls, metric: str) -> str:
-        if not any(fnmatch.fnmatchcase(metric, pattern) for pattern in KNOWN_METRICS):
-            raise ValueError(f"unknown metric path; allowed: {', '.join(KNOWN_METRICS)}")
+        """Valid paths are exactly those the results schema defines (pipeline/results.py)."""
+        results.metric_kind(metric)  # ValueError names the first part that does not exist
         return metric
+
+    @model_validator(mode="after")
+    def _interval_needs_accuracy(self) -> "Requirement":
+        if self.bound != "point" and results.metric_kind(self.metric) != "accuracy":
+            raise ValueError(f"bound: {self.bound} needs an accuracy with a confidence interval; "
+                             f"{self.metric} is a plain number (use bound: point)")
+        return self
+
+
+class ThreatPin(BaseModel):
+    """The threat the evidence must have been produced under: a weaker one fails the gate."""
+
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+
+    norm: Literal["linf", "l2"]
+    min_epsilon: float = Field(ge=0.0, allow_inf_nan=False)
+    clause: str = Field("threat model pinned by the policy", min_length=1)
 
 
 class Policy(BaseModel):
@@ -70,6 +64,8 @@ class Policy(BaseModel):
 
     name: str = Field(min_length=1)
     description: str = ""
+    threat: Optional[ThreatPin] = None
+    allow_clean_only: bool = Field(False, description="accept evidence produced at ε = 0 (clean accuracy only)")
     requirements: list[Requirement] = Field(min_length=1)
 
     @field_validator("requirements")
@@ -115,7 +111,7 @@ class Row:
 
 def lookup(metrics: dict[str, dict], path: str) -> Any:
     """`stage.key.sub` into the stage's metrics; None when any part is absent."""
-    stage, *keys = path.split(".")
+    stage, *keys = results.split_path(path)
     node: Any = metrics.get(stage)
     for key in keys:
         if not isinstance(node, dict) or key not in node:
@@ -124,9 +120,11 @@ def lookup(metrics: dict[str, dict], path: str) -> Any:
     return node
 
 
-def _interval_path(metric: str) -> str:
-    stage, key, *rest = metric.split(".")
-    return ".".join([stage, f"{key}_ci", *rest])
+def _not_produced(node: Any) -> Optional[str]:
+    """The reason when a metric is an explicit NotApplicable record."""
+    if isinstance(node, dict) and node.get("status") in ("not_applicable", "not_run"):
+        return node.get("reason") or node["status"]
+    return None
 
 
 def evaluate_requirement(req: Requirement, metrics: dict[str, dict]) -> Row:
@@ -138,20 +136,85 @@ def evaluate_requirement(req: Requirement, metrics: dict[str, dict]) -> Row:
 
     if measured is None:
         return row(None, False, "metric missing: the stage did not produce it", "missing")
-    if measured == "not_applicable":
-        return row(None, False, "not applicable to this model; no evidence", "not_applicable")
+    if _not_produced(measured) is not None:
+        return row(None, False, f"not applicable: {_not_produced(measured)}; no evidence", "not_applicable")
+    interval = None
+    if isinstance(measured, dict) and "value" in measured and "ci" in measured:  # an Accuracy
+        measured, interval = measured["value"], measured["ci"]
     if not isinstance(measured, (int, float)) or isinstance(measured, bool):
         return row(None, False, f"metric is {measured!r}, not a number", str(measured))
     compared = float(measured)
     if req.bound != "point":
-        interval = lookup(metrics, _interval_path(req.metric))
-        if not (isinstance(interval, list) and len(interval) == 2):
-            return row(None, False, f"no confidence interval at {_interval_path(req.metric)}")
+        if not (isinstance(interval, (list, tuple)) and len(interval) == 2):
+            return row(None, False, f"no confidence interval for {req.metric}", measured)
         compared = float(interval[0] if req.bound == "lower" else interval[1])
     passed = COMPARATORS[req.comparator](compared, req.threshold)
     which = "" if req.bound == "point" else f"{req.bound} 95% bound "
     verdict = "meets" if passed else "does not meet"
-    return row(compared, passed, f"{which}{compared:.4g} {verdict} {req.comparator} {req.threshold:g}")
+    return row(compared, passed, f"{which}{compared:.4g} {verdict} {req.comparator} {req.threshold:g}", measured)
+
+
+EVALUATED_STAGES = ("attack", "certify")
+
+
+def threat_rows(policy: Policy, metrics: dict[str, dict]) -> list[Row]:
+    """Rows no policy can drop: the evidence must be produced under the threat the policy pins, and
+    ε = 0 (a clean-only evaluation) passes only a policy that says it accepts one."""
+    rows = []
+    threats = {stage: lookup(metrics, f"{stage}.threat") for stage in EVALUATED_STAGES}
+    found = {stage: t for stage, t in threats.items() if isinstance(t, dict)}
+
+    def row(rid, title, shown, passed, reason, clause, metric="attack.threat"):
+        return Row(rid, title, metric, "point", shown, None, "==", 1.0, "blocking", clause, passed, reason)
+
+    if not found:
+        return [row("THREAT-0", "Evidence states its threat", "missing", False,
+                    "no attack or certify metrics state the threat they were produced under", "integrity")]
+    epsilons = {stage: float(t["epsilon"]) for stage, t in found.items()}
+    norms = {stage: t["norm"] for stage, t in found.items()}
+    same = len(set(epsilons.values())) == 1 and len(set(norms.values())) == 1
+    rows.append(row("THREAT-0", "Attacks and certificates speak of one threat",
+                    ", ".join(f"{s}: {norms[s]} ε={epsilons[s]:g}" for s in found), same,
+                    "one threat throughout" if same else "stages were run under different threats", "integrity"))
+    if not policy.allow_clean_only:
+        clean_only = [s for s, e in epsilons.items() if e == 0.0]
+        rows.append(row("THREAT-E0", "Not a clean-only evaluation (ε > 0)",
+                        min(epsilons.values()), not clean_only,
+                        "ε > 0" if not clean_only else "ε = 0 evaluates clean accuracy only; the policy does not "
+                        "set allow_clean_only: true", "integrity", "attack.threat.epsilon"))
+    if policy.threat is not None:
+        pin = policy.threat
+        wrong_norm = sorted(s for s, n in norms.items() if n != pin.norm)
+        rows.append(row("THREAT-NORM", f"Threat norm is {pin.norm}", ", ".join(sorted(set(norms.values()))),
+                        not wrong_norm, f"{pin.norm} as pinned" if not wrong_norm else
+                        f"{', '.join(wrong_norm)} ran under another norm than the pinned {pin.norm}", pin.clause,
+                        "attack.threat.norm"))
+        weak = sorted(s for s, e in epsilons.items() if e < pin.min_epsilon)
+        rows.append(row("THREAT-EPS", f"Threat ε ≥ {pin.min_epsilon:g}", min(epsilons.values()), not weak,
+                        f"ε ≥ {pin.min_epsilon:g} as pinned" if not weak else
+                        f"{', '.join(weak)} ran at ε below the pinned {pin.min_epsilon:g}", pin.clause,
+                        "attack.threat.epsilon"))
+    return rows
+
+
+INTEGRITY_CHECKS = {
+    "model_hash_consistent": "Every piece of evidence speaks of the checkpoint on disk",
+    "dataset_fingerprint_consistent": "Every piece of evidence speaks of the prepared data",
+    "onnx_hash_matches": "The ONNX file is the one the export stage checked",
+}
+
+
+def integrity_rows(metrics: dict[str, dict]) -> list[Row]:
+    """Blocking rows no policy can drop: evidence about another model, other data or another ONNX
+    file says nothing about this one."""
+    rows = []
+    for key, title in INTEGRITY_CHECKS.items():
+        value = lookup(metrics, f"trace.{key}")
+        passed = value == 1.0
+        rows.append(Row(f"INT-{key.split('_')[0].upper()}", title, f"trace.{key}", "point",
+                        "missing" if value is None else value, value, "==", 1.0, "blocking", "integrity",
+                        passed, "consistent" if passed else "inconsistent or missing: re-run dvc repro"))
+    return rows
 
 
 @dataclass(frozen=True)
@@ -165,7 +228,11 @@ class Verdict:
 
 
 def evaluate(policy: Policy, metrics: dict[str, dict]) -> Verdict:
+    """The policy's requirements, then the threat and integrity rows every policy carries."""
     rows = [evaluate_requirement(req, metrics) for req in policy.requirements]
+    rows += threat_rows(policy, metrics)
+    if "trace" in metrics:
+        rows += integrity_rows(metrics)
     return Verdict(all(r.passed for r in rows if r.severity == "blocking"), rows)
 
 

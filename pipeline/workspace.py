@@ -1,13 +1,13 @@
 """Where every stage reads and writes, relative to the workspace root."""
 from __future__ import annotations
 
+import os
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
 from pipeline.config import Params, load_params
-
-SCHEMA_VERSION = 1
+from pipeline.results import SCHEMA_VERSION  # noqa: F401 (re-exported for the stages)
 
 
 @dataclass(frozen=True)
@@ -33,6 +33,11 @@ class Workspace:
     @property
     def model_dir(self) -> Path:
         return self.root / "models"
+
+    @property
+    def checkpoint(self) -> Path:
+        """The weights every piece of evidence is bound to by SHA-256."""
+        return self.root / "models" / "model.pt"
 
     @property
     def onnx(self) -> Path:
@@ -62,16 +67,47 @@ class Workspace:
     def templates(self) -> Path:
         return self.root / "reports" / "templates"
 
+    def pipeline_outputs(self) -> set[str]:
+        """Files the pipeline itself writes (dvc.lock and every stage's outs, metrics and plots): a
+        change there is the run's own record, not a change of the source that produced it."""
+        import yaml
+
+        outputs = {"dvc.lock"}
+        for dvc_file in (self.root / "dvc.yaml", self.root / "studies" / "dvc.yaml"):
+            if not dvc_file.is_file():
+                continue
+            stages = (yaml.safe_load(dvc_file.read_text(encoding="utf-8")) or {}).get("stages", {})
+            base = dvc_file.parent.relative_to(self.root)
+            for stage in stages.values():
+                body = stage.get("do", stage)  # a foreach stage keeps its body under `do`
+                wdir = base / body.get("wdir", ".")
+                for kind in ("outs", "metrics", "plots"):
+                    for entry in body.get(kind, []) or []:
+                        name = next(iter(entry)) if isinstance(entry, dict) else entry
+                        name = os.path.dirname(name) if "${" in name else name  # a foreach item's folder
+                        outputs.add(os.path.normpath(str(wdir / name)))
+        return outputs
+
+    def source_changes(self) -> list[str]:
+        """Tracked or untracked (not ignored) files that differ from HEAD, less the pipeline's outputs."""
+        status = subprocess.run(["git", "status", "--porcelain", "--untracked-files=all"], cwd=self.root,
+                                capture_output=True, text=True, check=True).stdout
+        outputs = self.pipeline_outputs()
+        changed = []
+        for line in status.splitlines():
+            name = line[3:].split(" -> ")[-1].strip('"')
+            if not any(name == out or name.startswith(out.rstrip("/") + "/") for out in outputs):
+                changed.append(name)
+        return changed
+
     def git_commit(self) -> str:
-        """HEAD of the workspace's git repository, `+dirty` when tracked files changed."""
+        """HEAD of the workspace's git repository, `+dirty` when its source differs from HEAD
+        (files the pipeline writes itself, such as dvc.lock and metrics, do not count)."""
         try:
             head = subprocess.run(
                 ["git", "rev-parse", "HEAD"], cwd=self.root, capture_output=True, text=True, check=True
             ).stdout.strip()
-            dirty = subprocess.run(
-                ["git", "status", "--porcelain", "--untracked-files=no"],
-                cwd=self.root, capture_output=True, text=True, check=True,
-            ).stdout.strip()
+            dirty = self.source_changes()
         except (OSError, subprocess.CalledProcessError):
             return "unknown"
         return head + ("+dirty" if dirty else "")

@@ -3,13 +3,29 @@ import yaml
 
 from pipeline.errors import UsageError
 from pipeline.policy import Policy, evaluate, format_table, load_policy
+from pipeline.results import Accuracy, NotApplicable, dump
+
+THREAT = {"norm": "linf", "epsilon": 0.1}
+
+
+def accuracy(value, ci, kind="upper_bound"):
+    record = dump(Accuracy.of(round(value * 100), 100, kind, "test"))
+    return {**record, "ci": list(ci)}
+
 
 METRICS = {
-    "attack": {"clean_accuracy": 0.97, "robust_accuracy": 0.80, "robust_accuracy_ci": [0.76, 0.84]},
-    "certify": {"verified_accuracy": {"crown": 0.30, "ibp": "not_applicable"},
-                "verified_accuracy_ci": {"crown": [0.25, 0.35]}},
+    "attack": {"threat": THREAT, "clean_accuracy": accuracy(0.97, [0.91, 0.99], "point"),
+               "robust_accuracy": accuracy(0.80, [0.76, 0.84])},
+    "certify": {"threat": THREAT, "verified_accuracy": {
+        "crown": accuracy(0.30, [0.25, 0.35], "lower_bound"),
+        "ibp": dump(NotApplicable(status="not_applicable", reason="cannot bound the FFT"))}},
     "export": {"max_abs_diff": 3e-6},
 }
+
+
+def policy_rows(verdict):
+    """The rows of the policy's own requirements (the threat and integrity rows follow them)."""
+    return [r for r in verdict.rows if not r.id.startswith(("THREAT-", "INT-"))]
 
 
 def req(**overrides):
@@ -24,7 +40,7 @@ def policy(*requirements):
 
 def test_point_passes_but_lower_bound_fails():
     verdict = evaluate(policy(req(id="A"), req(id="B", bound="lower")), METRICS)
-    assert [r.passed for r in verdict.rows] == [True, False]
+    assert [r.passed for r in policy_rows(verdict)] == [True, False]
     assert verdict.rows[1].compared == 0.76
     assert not verdict.passed and [r.id for r in verdict.blocking_failures] == ["B"]
 
@@ -33,8 +49,9 @@ def test_missing_and_not_applicable_fail_blocking():
     verdict = evaluate(policy(req(id="M", metric="certify.verified_accuracy.crown", threshold=0.1),
                               req(id="NA", metric="certify.verified_accuracy.ibp", threshold=0.0),
                               req(id="GONE", metric="export.label_agreement", threshold=0.0)), METRICS)
-    assert [r.passed for r in verdict.rows] == [True, False, False]
+    assert [r.passed for r in policy_rows(verdict)] == [True, False, False]
     assert verdict.rows[1].measured == "not_applicable" and verdict.rows[2].measured == "missing"
+    assert "cannot bound the FFT" in verdict.rows[1].reason
 
 
 def test_advisory_failure_does_not_block():
@@ -49,7 +66,10 @@ def test_upper_comparisons():
 
 
 @pytest.mark.parametrize("change,fragment", [
-    ({"metric": "attack.robustness"}, "unknown metric path"),
+    ({"metric": "attack.robustness"}, "attack has no 'robustness'"),
+    ({"metric": "attack.robust_accuracy_ci"}, "attack has no 'robust_accuracy_ci'"),
+    ({"metric": "export.max_abs_diff", "bound": "lower"}, "needs an accuracy with a confidence interval"),
+    ({"threshold": float("nan")}, "threshold"),
     ({"comparator": "=>"}, "comparator"),
     ({"clause": None}, "clause"),
     ({"severity": "fatal"}, "severity"),
@@ -99,4 +119,34 @@ def test_gate_explain_and_traceability(pipeline_workspace, tmp_path, capsys):
     assert main(["gate", "--workspace", str(root)]) == 1
     gate = json.loads((root / "metrics/gate.json").read_text())
     assert gate["trace"]["dataset_fingerprint_consistent"] == 0.0
-    assert gate["blocking_failures"] == ["DATA-1"]
+    assert gate["blocking_failures"] == ["DATA-1", "INT-DATASET"]
+
+
+def test_threat_rows_pin_norm_and_epsilon_and_refuse_clean_only():
+    """The threat cannot be weakened unnoticed: evidence at a smaller ε or another norm than the
+    policy pins fails, and ε = 0 fails unless the policy accepts a clean-only evaluation."""
+    pinned = {"name": "p", "threat": {"norm": "linf", "min_epsilon": 0.1}, "requirements": [req(threshold=0.0)]}
+    assert evaluate(Policy.model_validate(pinned), METRICS).passed
+
+    def with_threat(norm, epsilon):
+        return {**METRICS, "attack": {**METRICS["attack"], "threat": {"norm": norm, "epsilon": epsilon}},
+                "certify": {**METRICS["certify"], "threat": {"norm": norm, "epsilon": epsilon}}}
+
+    weak = evaluate(Policy.model_validate(pinned), with_threat("linf", 0.05))
+    assert not weak.passed and [r.id for r in weak.blocking_failures] == ["THREAT-EPS"]
+    other = evaluate(Policy.model_validate(pinned), with_threat("l2", 0.5))
+    assert [r.id for r in other.blocking_failures] == ["THREAT-NORM"]
+    clean = with_threat("linf", 0.0)
+    unpinned = {"name": "p", "requirements": [req(threshold=0.0)]}
+    assert [r.id for r in evaluate(Policy.model_validate(unpinned), clean).blocking_failures] == ["THREAT-E0"]
+    assert evaluate(Policy.model_validate({**unpinned, "allow_clean_only": True}), clean).passed
+    mixed = {**METRICS, "certify": {**METRICS["certify"], "threat": {"norm": "linf", "epsilon": 0.2}}}
+    assert [r.id for r in evaluate(Policy.model_validate(unpinned), mixed).blocking_failures] == ["THREAT-0"]
+
+
+def test_shipped_policies_pin_their_threat():
+    from pathlib import Path
+
+    for path in (Path(__file__).parents[1] / "policies").glob("*.yaml"):
+        pin = load_policy(path).threat
+        assert pin is not None and pin.min_epsilon > 0, path.name

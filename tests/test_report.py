@@ -32,10 +32,10 @@ def test_report_shows_the_metrics_and_verdict(pipeline_workspace):
     export = json.loads((pipeline_workspace / "metrics/export.json").read_text())
     certify = json.loads((pipeline_workspace / "metrics/certify.json").read_text())
     assert "Policy verdict: PASS" in html
-    assert f"{100 * attack['robust_accuracy']:.1f}%" in html
-    lo, hi = attack["robust_accuracy_ci"]
+    assert f"{100 * attack['robust_accuracy']['value']:.1f}%" in html
+    lo, hi = attack["robust_accuracy"]["ci"]
     assert f"[{100 * lo:.1f}%, {100 * hi:.1f}%]" in html
-    crown = certify["methods"]["crown"]
+    crown = certify["methods"]["crown"]["accuracy"]
     assert f"<td class=\"num\">{crown['successes']}</td><td class=\"num\">{crown['n'] - crown['successes']}</td>" in html
     assert export["onnx_sha256"] in html
     for section in SECTIONS:
@@ -50,8 +50,9 @@ def test_evidence_lists_every_figure_with_its_source(pipeline_workspace):
     evidence = json.loads((pipeline_workspace / "reports/build/evidence.json").read_text())
     figures = {f["figure"]: f for f in evidence["figures"]}
     attack = json.loads((pipeline_workspace / "metrics/attack.json").read_text())
-    assert figures["attack.robust_accuracy"]["value"] == attack["robust_accuracy"]
-    assert figures["attack.robust_accuracy"]["source"] == "metrics/attack.json"
+    assert figures["attack.robust_accuracy.value"]["value"] == attack["robust_accuracy"]["value"]
+    assert figures["attack.robust_accuracy.kind"]["value"] == "upper_bound"
+    assert figures["attack.robust_accuracy.value"]["source"] == "metrics/attack.json"
     assert figures["certify.methods.crown.soundness.containment_violations"]["value"] == 0
     assert evidence["verdict"]["passed"] is True
 
@@ -87,7 +88,7 @@ def test_pdf_text_pages_and_reproducibility(workspace_copy, tmp_path):
     for section in ("Summary", "Formal results", "Sign-off", "Integrity"):
         assert section in text
     attack = json.loads((root / "metrics/attack.json").read_text())
-    assert f"{100 * attack['robust_accuracy']:.1f}%" in text
+    assert f"{100 * attack['robust_accuracy']['value']:.1f}%" in text
     subprocess.run(["pdftoppm", "-r", "30", "-png", "-f", "1", "-l", "2", str(pdf), str(tmp_path / "page")], check=True)
     images = sorted(tmp_path.glob("page-*.png"))
     assert len(images) == 2 and all(p.stat().st_size > 2000 for p in images)

@@ -74,7 +74,13 @@ def test_smooth_stage_metrics(pipeline_workspace):
 
     smooth = json.loads((pipeline_workspace / "metrics/smooth.json").read_text())
     assert smooth["status"] == "ok" and smooth["forward_passes"] == smooth["n"] * (smooth["n0"] + smooth["n_samples_per_input"])
-    accuracies = [c["robust_accuracy"] for c in smooth["curve"]]
+    accuracies = [c["certified_accuracy"]["value"] for c in smooth["curve"]]
+    assert all(c["certified_accuracy"]["kind"] == "probabilistic_certificate" for c in smooth["curve"])
+    # n = 200, α = 0.01, σ = 0.25: no certificate can exceed σ·Φ⁻¹(α^(1/n))
+    from scipy.stats import norm
+    assert abs(smooth["max_certifiable_radius"] - 0.25 * norm.ppf(0.01 ** (1 / 200))) < 1e-12
+    # tiny threat: L∞ ε = 0.05 on d = 64 inputs lies in an L2 ball of 0.4, inside the certifiable 0.5
+    assert "a certificate can cover the whole threat" in smooth["threat_coverage"]
     assert accuracies == sorted(accuracies, reverse=True)  # certified accuracy never rises with the radius
     assert 0 <= smooth["abstention_rate"] <= 1
     assert smooth["base_training_method"] == "pgd_at" and smooth["base_trained_with_same_sigma"] is False

@@ -17,31 +17,40 @@ def test_metrics_carry_the_required_keys(pipeline_workspace):
     root = pipeline_workspace
     train = metrics(root, "train")
     assert train["epochs"] == 4 and train["seconds"] > 0
+    assert train["selected_by"] == "val_robust_accuracy" and train["model_sha256"] == sha256_file(root / "models/model.pt")
     attack = metrics(root, "attack")
-    for key in ("clean_accuracy", "robust_accuracy", "robust_accuracy_ci", "n"):
-        assert key in attack
-    assert attack["robust_accuracy"] <= attack["clean_accuracy"]
-    lo, hi = attack["robust_accuracy_ci"]
-    assert 0 <= lo <= attack["robust_accuracy"] <= hi <= 1
-    assert "upper bound" in attack["bound"]
+    robust, clean = attack["robust_accuracy"], attack["clean_accuracy"]
+    assert robust["kind"] == "upper_bound" and clean["kind"] == "point"
+    assert robust["value"] <= clean["value"] and robust["n"] == clean["n"] == attack["n"]
+    lo, hi = robust["ci"]
+    assert 0 <= lo <= robust["value"] <= hi <= 1
+    assert robust["successes"] == round(robust["value"] * robust["n"])
+    assert "fgsm, pgd, apgd_ce, square" in robust["method"]
+    assert attack["reference_suite"]["not_run"] == ["apgd_t", "fab_t"]
     certify = metrics(root, "certify")
-    assert set(certify["verified_accuracy"]) == {"ibp", "crown", "any"}
+    verified = certify["verified_accuracy"]
+    assert set(verified) == {"ibp", "crown", "any"}
     for method in ("ibp", "crown"):
-        assert certify["verified_accuracy"][method] <= certify["verified_accuracy"]["any"]
+        assert verified[method]["kind"] == "lower_bound" and verified[method]["method"] == method
+        assert verified[method]["value"] <= verified["any"]["value"]
         assert certify["methods"][method]["soundness"]["attack_conflicts"] == 0
         assert certify["methods"][method]["soundness"]["containment_violations"] == 0
     # The union of two sound certificates: at least either, at most the attack's robust share.
-    assert certify["verified_accuracy"]["any"] <= attack["robust_accuracy"]
+    assert verified["any"]["value"] <= robust["value"]
     samples = [json.loads(line) for line in (root / "artifacts/certify/samples.jsonl").read_text().splitlines()]
-    assert certify["combined"]["successes"] == sum(s["ibp_verified"] or s["crown_verified"] for s in samples)
+    assert verified["any"]["successes"] == sum(s["ibp_verified"] or s["crown_verified"] for s in samples)
+    # every piece of evidence speaks of the one checkpoint on disk
+    checkpoint = sha256_file(root / "models/model.pt")
+    for stage in ("attack", "certify", "smooth", "export"):
+        assert metrics(root, stage)["model_sha256"] == checkpoint, stage
     report = (root / "reports/build/report.html").read_text()
     assert "Verified accuracy, any of IBP, CROWN" in report
     export = metrics(root, "export")
     assert export["max_abs_diff"] <= 1e-4 and export["label_agreement"] == 1.0
     assert export["onnx_sha256"] == sha256_file(root / "models" / "model.onnx")
-    assert export["robust_accuracy_onnx"] == attack["robust_accuracy"]
+    assert export["robust_accuracy_onnx"] == robust["value"]
     gate = metrics(root, "gate")
-    assert gate["passed"] is True and len(gate["rows"]) == 3
+    assert gate["passed"] is True and [r["id"] for r in gate["rows"]][:3] == ["ACC", "VER", "ONNX"]
 
 
 def test_per_sample_certificates_never_exceed_attack_verdicts(pipeline_workspace):
@@ -116,8 +125,8 @@ def test_unexportable_user_model_fails_cleanly(tmp_path, capsys):
 def test_attack_sweep_masking_and_per_class(pipeline_workspace):
     attack = metrics(pipeline_workspace, "attack")
     points = attack["sweep"]["points"]
-    assert points[0]["epsilon"] == 0.0 and points[0]["robust_accuracy"] == attack["clean_accuracy"]
-    assert len(points) == 3 and points[-1]["epsilon"] == 2 * attack["epsilon"]
+    assert points[0]["epsilon"] == 0.0 and points[0]["robust_accuracy"] == attack["clean_accuracy"]["value"]
+    assert len(points) == 3 and points[-1]["epsilon"] == 2 * attack["threat"]["epsilon"]
     for point in points:
         assert point["ci_low"] <= point["robust_accuracy"] <= point["ci_high"]
     assert json.loads((pipeline_workspace / "plots/attack_sweep.json").read_text()) == points

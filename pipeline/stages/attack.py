@@ -14,12 +14,14 @@ from pipeline.attacks.apgd import APGD, APGDTargeted
 from pipeline.attacks.losses import MIN_CLASSES
 from pipeline.attacks.masking import run_checks
 from pipeline.attacks.square import Square
-from pipeline.attacks.suite import robust_mask, run_suite
+from pipeline.attacks.suite import SuiteResult, robust_mask, run_suite
 from pipeline.errors import UsageError
-from pipeline.io import atomic_write, write_json, write_text
+from pipeline.io import atomic_write, sha256_file, write_json, write_text
+from pipeline.results import (Accuracy, AttackRecord, AttackResult, AttackSweep, ClassRecord, NotApplicable,
+                              ReferenceCoverage, ThreatRecord, dump)
 from pipeline.stages.common import load_data, load_model_for, seed_everything, tensors
 from pipeline.stats import proportion
-from pipeline.workspace import SCHEMA_VERSION, Workspace
+from pipeline.workspace import Workspace
 
 NEEDS_CLASSES = {"apgd_dlr": MIN_CLASSES["dlr"], "apgd_t": MIN_CLASSES["dlr_targeted"]}
 
@@ -64,26 +66,26 @@ def epsilon_sweep(model, cfg, x, y, epsilon, norm, domain, generator) -> list[di
     return rows
 
 
-def main(ws: Workspace) -> int:
-    params = ws.params()
-    cfg, threat = params.attack, params.threat
-    data, domain, data_fingerprint = load_data(ws, params)
-    model, _ = load_model_for(ws, data_fingerprint)
-    generator = seed_everything(params.seed)
-    x, y = tensors(data, "test", cfg.max_samples)
-    for name, needed in NEEDS_CLASSES.items():
-        if name in cfg.attacks and data.num_classes < needed:
-            raise UsageError(f"attack.attacks: {name} needs at least {needed} classes; the data has {data.num_classes}")
-    check_model_outputs(model, x, data.num_classes)
-    attacks = build_attacks(cfg, threat.epsilon)
+# AutoAttack's "standard" suite (Croce & Hein 2020), the reference a reader compares against.
+AUTOATTACK_STANDARD = ("apgd_ce", "apgd_t", "fab_t", "square")
 
-    bar = tqdm(total=len(x) * len(attacks), desc="attack", unit="img", file=sys.stderr, mininterval=1.0)
+
+def reference_coverage(names: list[str]) -> ReferenceCoverage:
+    return ReferenceCoverage(reference="AutoAttack standard (Croce & Hein 2020)", attacks=list(AUTOATTACK_STANDARD),
+                             run=[a for a in AUTOATTACK_STANDARD if a in names],
+                             not_run=[a for a in AUTOATTACK_STANDARD if a not in names])
+
+
+def evaluate(model, params, x, y, domain, num_classes: int, generator, *, model_sha256: str, data_fingerprint: str,
+             progress=None) -> tuple[AttackResult, SuiteResult]:
+    """The attack evaluation of one model on (x, y): worst case over the configured attacks, the ε
+    sweep and the masking checks. Pure: the stage and `robustgate compare` both call it."""
+    cfg, threat = params.attack, params.threat
+    attacks = build_attacks(cfg, threat.epsilon)
     result = run_suite(model, attacks, x, y, threat.epsilon, threat.norm, domain, cfg.batch_size, generator,
-                       progress=lambda name, count: (bar.set_postfix_str(name, refresh=False), bar.update(count)),
-                       sequential=cfg.mode == "sequential")
-    bar.close()
+                       progress=progress, sequential=cfg.mode == "sequential")
     n = len(y)
-    sweep_n = cfg.sweep.max_samples or n
+    sweep_n = min(cfg.sweep.max_samples or n, n)
     sweep = epsilon_sweep(model, cfg, x[:sweep_n], y[:sweep_n], threat.epsilon, threat.norm, domain, generator)
     masking = []
     if cfg.masking.enabled:
@@ -91,54 +93,68 @@ def main(ws: Workspace) -> int:
         masking = run_checks(model, result, attacks, sweep, x, y, threat.epsilon, threat.norm, domain, generator,
                              cfg.batch_size, cfg.masking.tolerance, domain.diameter(threat.norm),
                              cfg.masking.large_epsilon_max_accuracy, reference)
-
-    clean = proportion(int(result.clean_correct.sum()), n)
-    robust = proportion(int(result.robust.sum()), n)
     names = [a.name for a in attacks]
+    worst_case = f"worst case over {', '.join(names)} ({cfg.mode})"
     per_attack = {}
     for attack in attacks:
         survived = int((result.clean_correct & ~result.broken[attack.name]).sum())
-        per_attack[attack.name] = {
-            "settings": attack.settings(),
-            "broken": int(result.broken[attack.name].sum()),
+        per_attack[attack.name] = AttackRecord(
+            settings=attack.settings(),
+            broken=int(result.broken[attack.name].sum()),
             # in sequential mode an attack only sees what earlier ones left, so its own figure is not defined
-            "robust_accuracy": None if result.sequential else proportion(survived, n),
-        }
+            robust_accuracy=NotApplicable(status="not_applicable",
+                                          reason="sequential mode: this attack saw only the samples earlier ones left")
+            if result.sequential else Accuracy.of(survived, n, "upper_bound", attack.name),
+        )
     per_class = {}
-    for label in range(data.num_classes):
+    for label in range(num_classes):
         members = y == label
         if int(members.sum()):
-            per_class[str(label)] = {
-                "n": int(members.sum()),
-                "clean_accuracy": float(result.clean_correct[members].float().mean()),
-                "robust_accuracy": float(result.robust[members].float().mean()),
-            }
-    confusion = np.zeros((data.num_classes, data.num_classes), dtype=int)
+            per_class[str(label)] = ClassRecord(
+                n=int(members.sum()),
+                clean_accuracy=float(result.clean_correct[members].float().mean()),
+                robust_accuracy=float(result.robust[members].float().mean()))
+    confusion = np.zeros((num_classes, num_classes), dtype=int)
     np.add.at(confusion, (y.numpy(), result.adv_pred.numpy()), 1)
     ran = [c for c in masking if c.passed is not None]
-    metrics = {
-        "schema_version": SCHEMA_VERSION,
-        "n": n,
-        "epsilon": threat.epsilon,
-        "norm": threat.norm,
-        "mode": cfg.mode,
-        "clean_accuracy": clean["value"],
-        "clean_accuracy_ci": clean["ci"],
-        "robust_accuracy": robust["value"],
-        "robust_accuracy_ci": robust["ci"],
-        "ci_method": robust["ci_method"],
-        "bound": f"upper bound on true robust accuracy: worst case over {', '.join(names)} only",
-        "attacks": per_attack,
-        "broken_by": {name: result.broken_by.count(name) for name in ["clean", *names]},
-        "per_class": per_class,
-        "confusion_under_attack": confusion.tolist(),
-        "sweep": {"attack": "pgd (step size scaled with ε)", "n": min(sweep_n, n), "points": sweep},
-        "masking": {c.name: c.record() for c in masking},
-        "masking_all_passed": float(bool(ran) and all(c.passed for c in ran) and len(ran) == len(masking)),
-        "masking_failed": [c.name for c in ran if not c.passed],
-        "seed": params.seed,
-        "dataset_fingerprint": data_fingerprint,
-    }
+    metrics = AttackResult(
+        seed=params.seed, dataset_fingerprint=data_fingerprint, model_sha256=model_sha256, n=n,
+        threat=ThreatRecord(norm=threat.norm, epsilon=threat.epsilon), mode=cfg.mode,
+        clean_accuracy=Accuracy.of(int(result.clean_correct.sum()), n, "point", "clean inputs"),
+        robust_accuracy=Accuracy.of(int(result.robust.sum()), n, "upper_bound", worst_case),
+        attacks=per_attack,
+        broken_by={name: result.broken_by.count(name) for name in ["clean", *names]},
+        per_class=per_class,
+        confusion_under_attack=confusion.tolist(),
+        sweep=AttackSweep(attack="pgd (step size scaled with ε)", n=sweep_n, points=sweep),
+        masking={c.name: c.record() for c in masking},
+        masking_all_passed=float(bool(ran) and all(c.passed for c in ran) and len(ran) == len(masking)),
+        masking_failed=[c.name for c in ran if not c.passed],
+        reference_suite=reference_coverage(names),
+    )
+    return metrics, result
+
+
+def main(ws: Workspace) -> int:
+    params = ws.params()
+    cfg, threat = params.attack, params.threat
+    data, domain, data_fingerprint = load_data(ws, params)
+    model_sha = sha256_file(ws.checkpoint)
+    model, _ = load_model_for(ws, data_fingerprint)
+    generator = seed_everything(params.seed)
+    x, y = tensors(data, "test", cfg.max_samples)
+    for name, needed in NEEDS_CLASSES.items():
+        if name in cfg.attacks and data.num_classes < needed:
+            raise UsageError(f"attack.attacks: {name} needs at least {needed} classes; the data has {data.num_classes}")
+    check_model_outputs(model, x, data.num_classes)
+    bar = tqdm(total=len(x) * len(cfg.attacks), desc="attack", unit="img", file=sys.stderr, mininterval=1.0)
+    metrics, result = evaluate(
+        model, params, x, y, domain, data.num_classes, generator, model_sha256=model_sha,
+        data_fingerprint=data_fingerprint,
+        progress=lambda name, count: (bar.set_postfix_str(name, refresh=False), bar.update(count)))
+    bar.close()
+    names = list(metrics.attacks)
+    n = metrics.n
 
     def save_adversarial(tmp):
         with open(tmp, "wb") as handle:
@@ -148,6 +164,7 @@ def main(ws: Workspace) -> int:
                 clean_correct=result.clean_correct.numpy(), robust=result.robust.numpy(),
                 broken_by=np.array(result.broken_by, dtype="U16"),
                 epsilon=np.float32(threat.epsilon), norm=np.str_(threat.norm), attacks=np.array(names),
+                model_sha256=np.str_(model_sha),
             )
 
     rows = [
@@ -158,11 +175,12 @@ def main(ws: Workspace) -> int:
     ]
     atomic_write(ws.adversarial, save_adversarial)
     write_text(ws.attack_samples, "\n".join(rows) + "\n")
-    write_json(ws.root / "plots" / "attack_sweep.json", sweep)
-    write_json(ws.metrics("attack"), metrics)
-    print(f"attack: clean {clean['value']:.3f} robust {robust['value']:.3f} "
-          f"[{robust['ci'][0]:.3f}, {robust['ci'][1]:.3f}] n={n} ({', '.join(names)}, {threat.norm} ε={threat.epsilon})")
-    for check in masking:
-        status = "not run" if check.passed is None else ("pass" if check.passed else "FAIL")
-        print(f"  masking check {check.name}: {status}: {check.detail}")
+    write_json(ws.root / "plots" / "attack_sweep.json", [p.model_dump() for p in metrics.sweep.points])
+    write_json(ws.metrics("attack"), dump(metrics))
+    robust = metrics.robust_accuracy
+    print(f"attack: clean {metrics.clean_accuracy.value:.3f} robust {robust.value:.3f} "
+          f"[{robust.ci[0]:.3f}, {robust.ci[1]:.3f}] n={n} ({', '.join(names)}, {threat.norm} ε={threat.epsilon})")
+    for name, check in metrics.masking.items():
+        status = {"not_run": "not run", "pass": "pass", "fail": "FAIL"}[check.status]
+        print(f"  masking check {name}: {status}: {check.detail}")
     return 0

@@ -15,12 +15,15 @@ import numpy as np
 import torch
 
 from pipeline.certify.bounds import BoundComputer, NotBoundable, margins_of
-from pipeline.errors import SoundnessViolation, UsageError
-from pipeline.io import read_json, write_json, write_text
+from pipeline import results
+from pipeline.errors import IntegrityMismatch, SoundnessViolation, UsageError
+from pipeline.io import sha256_file, write_json, write_text
+from pipeline.results import (Accuracy, CertifyMethodRecord, CertifyResult, CertifySweep, CombinedRecord,
+                              NotApplicable, Soundness, ThreatRecord)
 from pipeline.stages.common import load_data, load_model_for, seed_everything, tensors
 from pipeline.stats import proportion
 from pipeline.threat import random_start
-from pipeline.workspace import SCHEMA_VERSION, Workspace
+from pipeline.workspace import Workspace
 
 
 def _attack_evidence(ws: Workspace, n: int, epsilon: float, norm: str):
@@ -70,7 +73,7 @@ def certified_sweep(computer, x, y, sweep: list[dict], norm: str, num_classes: i
     return rows
 
 
-def combined(verified: dict[str, torch.Tensor], n: int) -> dict:
+def combined(verified: dict[str, torch.Tensor], n: int) -> tuple[int, CombinedRecord]:
     """Samples verified by at least one method. Each method is sound on its own, so their union is
     a sound lower bound too, and the strongest claim the evidence supports (IBP can be tighter
     than CROWN on IBP-trained networks, and the other way round on adversarially trained ones)."""
@@ -79,34 +82,31 @@ def combined(verified: dict[str, torch.Tensor], n: int) -> dict:
         union |= mask
     only = {m: int((mask & ~torch.stack([v for k, v in verified.items() if k != m]).any(0)).sum())
             for m, mask in verified.items()}
-    return {**proportion(int(union.sum()), n), "methods": list(verified), "verified_by_this_method_only": only}
+    return int(union.sum()), CombinedRecord(methods=list(verified), verified_by_this_method_only=only)
 
 
-def main(ws: Workspace) -> int:
-    params = ws.params()
+def certify_model(model, params, x, y, domain, num_classes: int, generator, attack_evidence, *, model_sha256: str,
+                  data_fingerprint: str, attack_sweep=None, report=print) -> tuple[CertifyResult, dict]:
+    """Verified accuracy of one model on (x, y) by every configured method, each cross-checked against
+    the attack's evidence `(x_adv, attack_robust, m)`. Pure: the stage and `robustgate compare` call it.
+    Returns the result and the per-sample rows."""
     cfg, threat = params.certify, params.threat
-    data, domain, data_fingerprint = load_data(ws, params)
-    model, _ = load_model_for(ws, data_fingerprint)
-    generator = seed_everything(params.seed)
-    x, y = tensors(data, "test", cfg.max_samples)
-    x_adv, attack_robust, m = _attack_evidence(ws, len(x), threat.epsilon, threat.norm)
+    x_adv, attack_robust, m = attack_evidence
     with torch.no_grad():
         clean_correct = model(x).argmax(1) == y
     n = len(y)
-    metrics = {
-        "schema_version": SCHEMA_VERSION, "n": n, "epsilon": threat.epsilon, "norm": threat.norm,
-        "status": "ok", "verified_accuracy": {}, "verified_accuracy_ci": {}, "methods": {},
-        "bound": "lower bound on true robust accuracy (sound bound propagation, float32)",
-        "seed": params.seed, "dataset_fingerprint": data_fingerprint,
-    }
+    verified_accuracy: dict = {}
+    methods: dict[str, CertifyMethodRecord] = {}
     per_sample = {i: {"index": i, "label": int(y[i]), "clean_correct": bool(clean_correct[i])} for i in range(n)}
     complete: dict[str, torch.Tensor] = {}  # method -> verified mask, for methods that certified every sample
+    extra: dict = {}
+    status, reason = "ok", None
     try:
         computer = BoundComputer(model, tuple(x.shape[1:]), domain)
         for method in cfg.methods:
             started = time.perf_counter()
             deadline = time.monotonic() + cfg.time_budget_s if cfg.time_budget_s else None
-            cert = computer.certify(x, y, threat.epsilon, threat.norm, method, data.num_classes,
+            cert = computer.certify(x, y, threat.epsilon, threat.norm, method, num_classes,
                                     cfg.batch_size, cfg.tolerance, deadline)
             done = len(cert.margin_lower)  # fewer than n when the time budget ran out
             verified = torch.zeros(n, dtype=torch.bool)
@@ -122,44 +122,61 @@ def main(ws: Workspace) -> int:
                 cert, model, x[:k], y[:k], x_adv[:k], threat.epsilon, threat.norm, domain, generator,
                 cfg.random_points, cfg.tolerance)
             if violations:
-                raise SoundnessViolation(
-                    f"{violations} of {checked} points have margins outside the {method} bounds"
-                )
-            stats = proportion(int(verified[:done].sum()), done)
-            metrics["verified_accuracy"][method] = stats["value"]
-            metrics["verified_accuracy_ci"][method] = stats["ci"]
-            metrics["methods"][method] = {
-                **stats, "seconds": time.perf_counter() - started, "requested": n,
-                "budget_exhausted": done < n,
-                "soundness": {"attack_conflicts": conflicts, "containment_violations": violations,
-                              "points_checked": checked, "samples_cross_checked": k, "tolerance": cfg.tolerance},
-            }
+                raise SoundnessViolation(f"{violations} of {checked} points have margins outside the {method} bounds")
+            accuracy = Accuracy.of(int(verified[:done].sum()), done, "lower_bound", method)
+            verified_accuracy[method] = accuracy
+            methods[method] = CertifyMethodRecord(
+                accuracy=accuracy, seconds=time.perf_counter() - started, requested=n, budget_exhausted=done < n,
+                soundness=Soundness(attack_conflicts=conflicts, containment_violations=violations,
+                                    points_checked=checked, samples_cross_checked=k, tolerance=cfg.tolerance))
             if done == n:
                 complete[method] = verified
             for i in range(done):
                 per_sample[i][f"{method}_margin_lower"] = float(cert.margin_lower[i])
                 per_sample[i][f"{method}_verified"] = bool(verified[i])
             budget = f" (time budget: {done} of {n} certified)" if done < n else ""
-            print(f"certify: {method} verified {stats['value']:.3f} [{stats['ci'][0]:.3f}, {stats['ci'][1]:.3f}] "
-                  f"n={done}{budget}; soundness: 0 conflicts, 0/{checked} containment violations")
+            report(f"certify: {method} verified {accuracy.value:.3f} [{accuracy.ci[0]:.3f}, {accuracy.ci[1]:.3f}] "
+                   f"n={done}{budget}; soundness: 0 conflicts, 0/{checked} containment violations")
         if len(complete) > 1:
-            metrics["combined"] = combined(complete, n)
-            metrics["verified_accuracy"]["any"] = metrics["combined"]["value"]
-            metrics["verified_accuracy_ci"]["any"] = metrics["combined"]["ci"]
-        if cfg.sweep:
-            sweep = read_json(ws.metrics("attack")).get("sweep")
-            if sweep:
-                fast = next((mth for mth in ("crown", "crown_ibp", "ibp") if mth in cfg.methods), cfg.methods[0])
-                count = sweep["n"]
-                rows = certified_sweep(computer, x[:count], y[:count], sweep["points"], threat.norm, data.num_classes,
-                                       cfg.batch_size, cfg.tolerance, fast)
-                metrics["sweep"] = {"method": fast, "n": count, "points": rows}
+            count, extra["combined"] = combined(complete, n)
+            verified_accuracy["any"] = Accuracy.of(count, n, "lower_bound", "any of " + ", ".join(complete))
+        if cfg.sweep and attack_sweep:
+            fast = next((mth for mth in ("crown", "crown_ibp", "ibp") if mth in cfg.methods), cfg.methods[0])
+            count = attack_sweep["n"]
+            rows = certified_sweep(computer, x[:count], y[:count], attack_sweep["points"], threat.norm, num_classes,
+                                   cfg.batch_size, cfg.tolerance, fast)
+            extra["sweep"] = CertifySweep(method=fast, n=count, points=rows)
     except NotBoundable as error:
-        metrics["status"] = "not_applicable"
-        metrics["reason"] = f"auto_LiRPA cannot bound this model: {error}"
-        metrics["verified_accuracy"] = {method: "not_applicable" for method in cfg.methods}
-        print(f"certify: not applicable: {error}")
+        status, reason = "not_applicable", f"auto_LiRPA cannot bound this model: {error}"
+        verified_accuracy = {method: NotApplicable(status="not_applicable", reason=reason) for method in cfg.methods}
+        methods, extra = {}, {}
+        report(f"certify: not applicable: {error}")
+    result = CertifyResult(
+        seed=params.seed, dataset_fingerprint=data_fingerprint, model_sha256=model_sha256, status=status,
+        reason=reason, n=n, threat=ThreatRecord(norm=threat.norm, epsilon=threat.epsilon),
+        requested_methods=list(cfg.methods), verified_accuracy=verified_accuracy, methods=methods,
+        tolerance=cfg.tolerance, **extra)
+    return result, per_sample
+
+
+def main(ws: Workspace) -> int:
+    params = ws.params()
+    cfg, threat = params.certify, params.threat
+    data, domain, data_fingerprint = load_data(ws, params)
+    model_sha = sha256_file(ws.checkpoint)
+    model, _ = load_model_for(ws, data_fingerprint)
+    generator = seed_everything(params.seed)
+    x, y = tensors(data, "test", cfg.max_samples)
+    attack = results.load("attack", ws.metrics("attack"))
+    if attack["model_sha256"] != model_sha:
+        raise IntegrityMismatch(f"metrics/attack.json speaks of checkpoint {attack['model_sha256'][:12]}, "
+                                f"{ws.checkpoint.name} is {model_sha[:12]}: re-run attack (dvc repro)")
+    evidence = _attack_evidence(ws, len(x), threat.epsilon, threat.norm)
+    result, per_sample = certify_model(model, params, x, y, domain, data.num_classes, generator, evidence,
+                                       model_sha256=model_sha, data_fingerprint=data_fingerprint,
+                                       attack_sweep=attack.get("sweep"))
     write_text(ws.certify_samples, "".join(json.dumps(row) + "\n" for row in per_sample.values()))
-    write_json(ws.root / "plots" / "certify_sweep.json", metrics.get("sweep", {}).get("points", []))
-    write_json(ws.metrics("certify"), metrics)
+    write_json(ws.root / "plots" / "certify_sweep.json", [p.model_dump() for p in result.sweep.points]
+               if result.sweep else [])
+    write_json(ws.metrics("certify"), results.dump(result))
     return 0

@@ -8,17 +8,19 @@ import numpy as np
 import onnx
 
 from pipeline import __version__
-from pipeline.errors import ParityFailure, UsageError
+from pipeline.errors import IntegrityMismatch, ParityFailure, UsageError
 from pipeline.io import sha256_file, write_json
 from pipeline.onnx_export import EXPORTER, ExportError, export_onnx, latency, onnx_logits, parity, torch_logits
 from pipeline.stages.common import load_data, load_model_for, seed_everything
-from pipeline.workspace import SCHEMA_VERSION, Workspace
+from pipeline.results import ExportResult, dump
+from pipeline.workspace import Workspace
 
 
 def main(ws: Workspace) -> int:
     params = ws.params()
     cfg, threat = params.export, params.threat
     data, _, data_fingerprint = load_data(ws, params)
+    model_sha = sha256_file(ws.checkpoint)
     model, meta = load_model_for(ws, data_fingerprint)
     seed_everything(params.seed)
     if not ws.adversarial.is_file():
@@ -26,6 +28,10 @@ def main(ws: Workspace) -> int:
     with np.load(ws.adversarial, allow_pickle=False) as archive:
         x_adv, y_adv = archive["x_adv"], archive["y"]
         torch_robust = float(archive["robust"].mean())
+        attacked = str(archive["model_sha256"]) if "model_sha256" in archive.files else "unknown"
+    if attacked != model_sha:
+        raise IntegrityMismatch(f"{ws.adversarial.name} was made against checkpoint {attacked[:12]}, "
+                                f"{ws.checkpoint.name} is {model_sha[:12]}: re-run attack (dvc repro)")
     x_test = data.x["test"]
     metadata = {
         "robustgate.version": __version__,
@@ -35,6 +41,7 @@ def main(ws: Workspace) -> int:
         "robustgate.epsilon": str(threat.epsilon),
         "robustgate.norm": threat.norm,
         "robustgate.training_method": meta["method"],
+        "robustgate.model_sha256": model_sha,
         "robustgate.exporter": EXPORTER,
     }
     ws.onnx.parent.mkdir(parents=True, exist_ok=True)
@@ -63,24 +70,24 @@ def main(ws: Workspace) -> int:
         tmp.unlink(missing_ok=True)
     digest = sha256_file(ws.onnx)
     timing = latency(model, ws.onnx, x_test)
-    write_json(ws.metrics("export"), {
-        "schema_version": SCHEMA_VERSION,
-        "onnx_sha256": digest,
-        "opset": cfg.opset,
-        "exporter": EXPORTER,
-        "max_abs_diff": clean["max_abs_diff"],
-        "label_agreement": clean["label_agreement"],
-        "n": clean["n"],
-        "adv_max_abs_diff": adv["max_abs_diff"],
-        "adv_label_agreement": adv["label_agreement"],
-        "adv_n": adv["n"],
-        "robust_accuracy_onnx": onnx_robust,
-        "robust_accuracy_torch": torch_robust,
-        "robust_accuracy_diff": abs(onnx_robust - torch_robust),
-        "metadata": metadata,
-        "latency": timing,
-        "latency_note": "median wall-clock on this machine, onnxruntime CPU vs torch eager, same process",
-    })
+    write_json(ws.metrics("export"), dump(ExportResult(
+        seed=params.seed, dataset_fingerprint=data_fingerprint, model_sha256=model_sha,
+        onnx_sha256=digest,
+        opset=cfg.opset,
+        exporter=EXPORTER,
+        max_abs_diff=clean["max_abs_diff"],
+        label_agreement=clean["label_agreement"],
+        n=clean["n"],
+        adv_max_abs_diff=adv["max_abs_diff"],
+        adv_label_agreement=adv["label_agreement"],
+        adv_n=adv["n"],
+        robust_accuracy_onnx=onnx_robust,
+        robust_accuracy_torch=torch_robust,
+        robust_accuracy_diff=abs(onnx_robust - torch_robust),
+        metadata=metadata,
+        latency=timing,
+        latency_note="median wall-clock on this machine, onnxruntime CPU vs torch eager, same process",
+    )))
     print(f"export: {ws.onnx.name} sha256 {digest[:12]} max|Δ| {worst:.2e} labels {clean['label_agreement']:.4f}/"
           f"{adv['label_agreement']:.4f} robust onnx {onnx_robust:.3f} vs torch {torch_robust:.3f}")
     return 0

@@ -8,7 +8,8 @@ from pipeline.data.split import SPLITS, fingerprint, prepare
 from pipeline.data.store import save_prepared
 from pipeline.io import atomic_write, confine, write_json
 from pipeline.threat import Domain, check_epsilon
-from pipeline.workspace import SCHEMA_VERSION, Workspace
+from pipeline import results
+from pipeline.workspace import Workspace
 
 
 def main(ws: Workspace) -> int:
@@ -21,7 +22,7 @@ def main(ws: Workspace) -> int:
     digest = fingerprint(data)
     atomic_write(ws.prepared, lambda tmp: save_prepared(data, tmp))
     write_json(ws.metrics("prepare"), {
-        "schema_version": SCHEMA_VERSION,
+        "schema_version": results.SCHEMA_VERSION,
         "dataset": cfg.dataset,
         "fingerprint": digest,
         "seed": params.seed,

@@ -19,17 +19,19 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline import __version__
-from pipeline.evidence import artifact_paths, collect_metrics, hash_artifacts, traceability
+from pipeline import __version__, claims
+from pipeline.evidence import artifact_paths, collect_metrics, hash_artifacts, model_hashes, traceability
 from pipeline.io import atomic_write, confine, read_json, write_json, write_text
 from pipeline.manifest import build_manifest, canonical_bytes, sign
 from pipeline.plots import accuracy_bars, adversarial_gallery, epsilon_curve, training_curves
-from pipeline.policy import evaluate, load_policy, lookup
+from pipeline.policy import evaluate, load_policy
 from pipeline.registry import flatten
+from pipeline.results import KIND_MEANING
 from pipeline.workspace import Workspace
 
-HEADLINE = ("attack.clean_accuracy", "attack.robust_accuracy", "certify.verified_accuracy.ibp",
-            "certify.verified_accuracy.crown", "export.max_abs_diff")
+# Headline figures compared with the approved model, as MLflow logs them (flattened metric paths).
+HEADLINE = ("attack.clean_accuracy.value", "attack.robust_accuracy.value", "certify.verified_accuracy.ibp.value",
+            "certify.verified_accuracy.crown.value", "certify.verified_accuracy.any.value", "export.max_abs_diff")
 
 
 def _version(package: str) -> str:
@@ -49,65 +51,6 @@ def source_date_epoch(ws: Workspace) -> int:
         return int(out) if out else 0
     except (OSError, subprocess.CalledProcessError, ValueError):
         return 0
-
-
-def limitations(params, metrics: dict) -> list[str]:
-    """Residual risk generated from what was run, what was not, and the params."""
-    notes = []
-    attack = metrics.get("attack", {})
-    names = ", ".join(attack.get("attacks", {})) or "none"
-    notes.append(
-        f"Robust accuracy is an upper bound: it holds only against the attacks run ({names}). "
-        "Stronger or adaptive attacks (APGD, Square, attacks tailored to this model) were not run and may lower it."
-    )
-    masking = attack.get("masking", {})
-    if not masking:
-        notes.append("Gradient-masking sanity checks (Carlini et al. 2019) were not run: attack.masking.enabled is false.")
-    for name, check in masking.items():
-        if check["status"] == "fail":
-            notes.append(f"Gradient-masking check {name} FAILED ({check['detail']}): the robust accuracy may be "
-                         "overstated. " + check["meaning"])
-        elif check["status"] == "not_run":
-            notes.append(f"Gradient-masking check {name} was not run: {check['detail']}.")
-    certify = metrics.get("certify", {})
-    if certify.get("status") == "not_applicable":
-        notes.append(f"Formal verification was not applicable: {certify.get('reason')}.")
-    else:
-        notes.append(
-            "Verified accuracy is a lower bound computed in float32 bound propagation; margins within "
-            f"{params.certify.tolerance:g} of zero are not counted as verified. Only ε = "
-            f"{params.threat.epsilon:g} was certified (no sweep over ε)."
-        )
-    if params.threat.norm == "l2":
-        notes.append("For L2 certification the data-domain box is not used, which can only loosen the bounds.")
-    n = attack.get("n")
-    if n:
-        lo, hi = attack.get("robust_accuracy_ci", [0, 1])
-        notes.append(f"All figures come from {n} test samples; the 95% interval on robust accuracy is "
-                     f"{100 * (hi - lo):.1f} points wide.")
-    notes.append(f"Only the {params.threat.norm} threat model with ε = {params.threat.epsilon:g} was evaluated; "
-                 "other variations (rotation, blur, weather, sensor faults, distribution shift) are not covered.")
-    smooth = metrics.get("smooth", {})
-    if smooth.get("status") != "ok":
-        notes.append("Randomized smoothing was not run: no probabilistic L2 certificate is claimed.")
-    else:
-        notes.append(f"Randomized-smoothing certificates hold for the smoothed classifier (which votes over "
-                     f"{smooth['n_samples_per_input']} noisy copies at inference), not for the ONNX base model, and each "
-                     f"fails with probability at most α = {smooth['alpha']}.")
-        if not smooth.get("base_trained_with_same_sigma"):
-            notes.append(f"The smoothing base model was trained with {smooth.get('base_training_method')}, not with "
-                         f"Gaussian noise at σ = {smooth['sigma']}: its smoothing certificates are sound but weaker "
-                         "than a noise-trained model's.")
-    for field in ("intended_purpose", "input_domain", "out_of_scope_use"):
-        if getattr(params.report, field) is None:
-            notes.append(f"report.{field} is not stated in params.yaml: the reviewer must supply it.")
-    if params.threat.rationale is None:
-        notes.append("threat.rationale is not stated: the choice of ε is not justified in the evidence.")
-    trace = metrics.get("trace", {})
-    if trace.get("git_clean") == 0.0:
-        notes.append("The evidence was produced from a source tree with uncommitted changes or without git: "
-                     "it cannot be reproduced from a commit.")
-    return notes
 
 
 def previous_approved(ws: Workspace, model_name: str) -> dict | None:
@@ -163,18 +106,19 @@ def build_context(ws: Workspace) -> dict:
     verdict = evaluate(policy, metrics)
     history = json.loads(ws.train_plot.read_text(encoding="utf-8")) if ws.train_plot.is_file() else []
     attack, certify = metrics["attack"], metrics["certify"]
-    bars = [("clean", attack["clean_accuracy"], attack["clean_accuracy_ci"])]
-    bars += [(f"robust: {name} only", a["robust_accuracy"]["value"], a["robust_accuracy"]["ci"])
-             for name, a in attack["attacks"].items() if a["robust_accuracy"] is not None]
-    bars.append(("robust: worst case", attack["robust_accuracy"], attack["robust_accuracy_ci"]))
-    bars += [(f"verified: {m}", d["value"], d["ci"]) for m, d in certify.get("methods", {}).items()]
     smooth = metrics.get("smooth", {})
-    bars += [(f"smoothing: L2 r = {c['radius']:g}", c["robust_accuracy"], [c["ci_low"], c["ci_high"]])
-             for c in smooth.get("curve", []) if c["radius"] > 0][:2]
+    bars = [("clean", attack["clean_accuracy"])]
+    bars += [(f"robust: {name} only", a["robust_accuracy"]) for name, a in attack["attacks"].items()
+             if a["robust_accuracy"]["status"] == "ok"]
+    bars.append(("robust: worst case", attack["robust_accuracy"]))
+    bars += [(f"verified: {m}", a) for m, a in certify.get("verified_accuracy", {}).items() if a["status"] == "ok"]
+    bars += [(f"smoothing: L2 r = {p['radius']:g}", p["certified_accuracy"]) for p in smooth.get("curve", [])
+             if p["radius"] > 0][:2]
+    threat = attack["threat"]
     lock = ws.root / "dvc.lock"
     artifacts = hash_artifacts(ws, include_report=False)
     epoch = source_date_epoch(ws)
-    current = {k: lookup(metrics, k) for k in HEADLINE}
+    current = {k: flatten(metrics).get(k) for k in HEADLINE}
     return {
         "title": params.report.title,
         "profile": params.report.profile,
@@ -193,20 +137,27 @@ def build_context(ws: Workspace) -> dict:
         "verdict": verdict,
         "history": history,
         "curves_png": training_curves(history) if history else None,
-        "smooth_png": epsilon_curve(metrics["smooth"]["curve"], 0.0, "L2 radius (input units)",
-                                    "Randomized smoothing: certified accuracy against radius")
-        if metrics.get("smooth", {}).get("status") == "ok" else None,
+        "smooth_png": epsilon_curve(
+            [{"epsilon": p["radius"], "robust_accuracy": p["certified_accuracy"]["value"],
+              "ci_low": p["certified_accuracy"]["ci"][0], "ci_high": p["certified_accuracy"]["ci"][1]}
+             for p in smooth["curve"]], 0.0, "L2 radius (input units)",
+            "Randomized smoothing: certified accuracy against radius") if smooth.get("status") == "ok" else None,
         "certify_sweep_png": epsilon_curve(
             [{"epsilon": p["epsilon"], "robust_accuracy": p["verified_accuracy"], "ci_low": p["ci_low"],
-              "ci_high": p["ci_high"]} for p in certify["sweep"]["points"]], attack["epsilon"],
-            f"ε ({attack['norm']}, input units)", f"Verified accuracy ({certify['sweep']['method']}) against ε")
+              "ci_high": p["ci_high"]} for p in certify["sweep"]["points"]], threat["epsilon"],
+            f"ε ({threat['norm']}, input units)", f"Verified accuracy ({certify['sweep']['method']}) against ε")
         if certify.get("sweep") else None,
-        "sweep_png": epsilon_curve(attack["sweep"]["points"], attack["epsilon"],
-                                   f"ε ({attack['norm']}, input units)", "Robust accuracy against ε")
+        "sweep_png": epsilon_curve(attack["sweep"]["points"], threat["epsilon"],
+                                   f"ε ({threat['norm']}, input units)", "Robust accuracy against ε")
         if attack.get("sweep") else None,
-        "bars_png": accuracy_bars(bars),
+        "bars_png": accuracy_bars([(label, a["value"], a["ci"]) for label, a in bars]),
         "gallery_png": gallery(ws),
-        "limitations": limitations(params, metrics),
+        "limitations": claims.limitations(params, metrics),
+        "threat_rows": claims.threat_model(metrics),
+        "model_hashes": model_hashes(metrics),
+        "attack_scope": claims.attack_scope(attack),
+        "training_selection": claims.training_selection(metrics["train"]),
+        "kind_meaning": KIND_MEANING,
         "previous": previous_approved(ws, params.registry.model_name),
         "current_headline": current,
         "artifacts": artifacts,

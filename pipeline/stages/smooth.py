@@ -11,13 +11,32 @@ import math
 import sys
 import time
 
+from scipy.stats import norm
 from tqdm import tqdm
 
 from pipeline.certify.smoothing import ABSTAIN, Smooth
-from pipeline.io import write_json, write_text
+from pipeline.io import sha256_file, write_json, write_text
+from pipeline.results import Accuracy, SmoothPoint, SmoothResult, dump
 from pipeline.stages.common import load_data, load_model_for, seed_everything, tensors
-from pipeline.stats import proportion
-from pipeline.workspace import SCHEMA_VERSION, Workspace
+from pipeline.workspace import Workspace
+
+
+def max_certifiable_radius(sigma: float, n: int, alpha: float) -> float:
+    """The largest L2 radius CERTIFY can ever return with n samples at level α: even when every noisy
+    copy votes for the class, the one-sided Clopper-Pearson bound is α^(1/n), so R ≤ σ·Φ⁻¹(α^(1/n))."""
+    return sigma * float(norm.ppf(alpha ** (1.0 / n)))
+
+
+def threat_coverage(r_max: float, dims: int, threat) -> str:
+    """Whether a smoothing certificate can ever speak of the threat's ball at all."""
+    needed = threat.epsilon * math.sqrt(dims) if threat.norm == "linf" else threat.epsilon
+    ball = (f"the threat's L∞ ball of ε = {threat.epsilon:g} lies inside an L2 ball of radius ε·√d = {needed:.3g}"
+            if threat.norm == "linf" else f"the threat's L2 ball has radius ε = {threat.epsilon:g}")
+    limit = (f"with these n and α no certificate can exceed the L2 radius σ·Φ⁻¹(α^(1/n)) = {r_max:.3g}"
+             f" (L∞ {r_max / math.sqrt(dims):.3g} on d = {dims} inputs)")
+    if r_max >= needed:
+        return f"{limit}; {ball}, so a certificate can cover the whole threat"
+    return f"{limit}; {ball}, so smoothing cannot certify any sample against the whole threat"
 
 
 def main(ws: Workspace) -> int:
@@ -25,13 +44,13 @@ def main(ws: Workspace) -> int:
     cfg = params.smoothing
     plot = ws.root / "plots" / "smooth.json"
     if not cfg.enabled:
-        write_json(ws.metrics("smooth"), {"schema_version": SCHEMA_VERSION, "status": "not_run",
-                                          "reason": "smoothing.enabled is false"})
+        write_json(ws.metrics("smooth"), dump(SmoothResult(status="not_run", reason="smoothing.enabled is false")))
         write_json(plot, [])
         write_text(ws.root / "artifacts" / "smooth" / "samples.jsonl", "")
         print("smooth: not run (smoothing.enabled is false)")
         return 0
     data, _, data_fingerprint = load_data(ws, params)
+    model_sha = sha256_file(ws.checkpoint)
     model, meta = load_model_for(ws, data_fingerprint)
     generator = seed_everything(params.seed)
     x, y = tensors(data, "test", cfg.max_samples)
@@ -43,36 +62,36 @@ def main(ws: Workspace) -> int:
                      "p_a_lower": cert.p_a_lower, "correct": cert.prediction == int(y[i])})
     seconds = time.perf_counter() - started
     n, dims = len(rows), x[0].numel()
+    method = f"randomized smoothing σ={cfg.sigma:g}, n={cfg.n}, α={cfg.alpha:g}"
     curve = []
     for radius in sorted(cfg.radii):
-        stats = proportion(sum(r["correct"] and r["radius"] >= radius for r in rows), n)
-        curve.append({"radius": radius, "epsilon": radius, "robust_accuracy": stats["value"],
-                      "ci_low": stats["ci"][0], "ci_high": stats["ci"][1], "linf_radius": radius / math.sqrt(dims),
-                      "n": n})
+        accuracy = Accuracy.of(sum(r["correct"] and r["radius"] >= radius for r in rows), n,
+                               "probabilistic_certificate", method)
+        curve.append(SmoothPoint(radius=radius, linf_radius=radius / math.sqrt(dims), certified_accuracy=accuracy))
     abstained = sum(r["prediction"] == ABSTAIN for r in rows)
     trained_for_it = meta.get("method") == "gaussian" and meta.get("noise_sigma") == cfg.sigma
+    r_max = max_certifiable_radius(cfg.sigma, cfg.n, cfg.alpha)
+    result = SmoothResult(
+        status="ok", seed=params.seed, dataset_fingerprint=data_fingerprint, model_sha256=model_sha,
+        sigma=cfg.sigma, n0=cfg.n0, n_samples_per_input=cfg.n, alpha=cfg.alpha, n=n, input_dimension=dims,
+        certified_accuracy={f"{c.radius:g}": c.certified_accuracy for c in curve},
+        curve=curve,
+        abstention_rate=abstained / n,
+        mean_radius_correct=sum(r["radius"] for r in rows if r["correct"]) / n,
+        max_certifiable_radius=r_max,
+        threat_coverage=threat_coverage(r_max, dims, params.threat),
+        forward_passes=smooth.forward_passes,
+        seconds=seconds,
+        base_training_method=meta.get("method"),
+        base_trained_with_same_sigma=trained_for_it,
+    )
     write_text(ws.root / "artifacts" / "smooth" / "samples.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
-    write_json(plot, curve)
-    write_json(ws.metrics("smooth"), {
-        "schema_version": SCHEMA_VERSION,
-        "status": "ok",
-        "sigma": cfg.sigma, "n0": cfg.n0, "n_samples_per_input": cfg.n, "alpha": cfg.alpha, "n": n,
-        "certified_accuracy": {f"{c['radius']:g}": c["robust_accuracy"] for c in curve},
-        "curve": curve,
-        "abstention_rate": abstained / n,
-        "mean_radius_correct": sum(r["radius"] for r in rows if r["correct"]) / n,
-        "forward_passes": smooth.forward_passes,
-        "seconds": seconds,
-        "linf_note": f"an L2 radius r implies an L∞ radius r/√d with d = {dims}",
-        "base_training_method": meta.get("method"),
-        "base_trained_with_same_sigma": trained_for_it,
-        "bound": "lower bound on the smoothed classifier's certified accuracy; each certificate fails with "
-                 f"probability at most α = {cfg.alpha}",
-        "seed": params.seed,
-        "dataset_fingerprint": data_fingerprint,
-    })
-    at = {c["radius"]: c["robust_accuracy"] for c in curve}
-    print(f"smooth: σ={cfg.sigma} n={n} certified accuracy " + ", ".join(f"r={r:g}: {a:.3f}" for r, a in at.items())
-          + f"; abstained {abstained}; {smooth.forward_passes} forward passes in {seconds:.1f}s"
+    write_json(plot, [{"radius": c.radius, "certified_accuracy": c.certified_accuracy.value,
+                       "ci_low": c.certified_accuracy.ci[0], "ci_high": c.certified_accuracy.ci[1]} for c in curve])
+    write_json(ws.metrics("smooth"), dump(result))
+    print(f"smooth: σ={cfg.sigma} n={n} certified accuracy "
+          + ", ".join(f"r={c.radius:g}: {c.certified_accuracy.value:.3f}" for c in curve)
+          + f"; abstained {abstained}; {smooth.forward_passes} forward passes in {seconds:.1f}s; "
+          + f"no radius above {r_max:.3g} is certifiable"
           + ("" if trained_for_it else f" (base model trained with {meta.get('method')}, not gaussian at σ={cfg.sigma})"))
     return 0

@@ -11,12 +11,14 @@ from tqdm import tqdm
 
 from pipeline.attacks.pgd import PGD
 from pipeline.errors import UsageError
-from pipeline.io import atomic_write, confine, write_json
+from pipeline.io import atomic_write, confine, sha256_file, write_json
 from pipeline.models import build_model, save_checkpoint
 from pipeline.stages.common import load_data, seed_everything, tensors
 from pipeline.threat import check_epsilon
-from pipeline.training.loop import FitConfig, TrainingDiverged, TrainState, fit
-from pipeline.workspace import SCHEMA_VERSION, Workspace
+from pipeline import results
+from pipeline.results import TrainResult, dump
+from pipeline.training.loop import FitConfig, TrainingDiverged, TrainState, fit, selection_metric
+from pipeline.workspace import Workspace
 
 
 def fit_config(params) -> FitConfig:
@@ -123,7 +125,7 @@ def main(ws: Workspace, resume: bool = False) -> int:
     model.load_state_dict(result.best_state)
     best = result.history[result.best_epoch - 1]
     save_checkpoint(model, ws.model_dir, {
-        "schema_version": SCHEMA_VERSION,
+        "schema_version": results.SCHEMA_VERSION,
         "model": params.model.name,
         "model_options": options,
         "input_shape": input_shape,
@@ -140,23 +142,28 @@ def main(ws: Workspace, resume: bool = False) -> int:
     })
     state_file.unlink(missing_ok=True)  # finished: nothing to resume
     write_json(ws.train_plot, result.history)
-    write_json(ws.metrics("train"), {
-        "schema_version": SCHEMA_VERSION,
-        "method": cfg.method,
-        "epochs": cfg.epochs,
-        "epochs_run": len(result.history),
-        "stopped": result.stopped,
-        "best_epoch": result.best_epoch,
-        "seconds": seconds,
-        "best_val_clean_accuracy": best["val_clean_accuracy"],
-        "best_val_robust_accuracy": best["val_robust_accuracy"],
-        "best_val_verified_accuracy": best.get("val_verified_accuracy"),
-        "train_epsilon": cfg.target_epsilon,
-        "val_robust_attack": {"name": "pgd", **cfg.val_pgd.settings()},
-        "seed": params.seed,
-        "dataset_fingerprint": data_fingerprint,
-        "params": params.train.model_dump(mode="json"),
-    })
+    selected_by = selection_metric(cfg.method)
+    write_json(ws.metrics("train"), dump(TrainResult(
+        model_sha256=sha256_file(ws.checkpoint),
+        selected_by=selected_by,
+        selection_rule=f"the epoch with the highest {selected_by.replace('_', ' ')} among the epochs trained at "
+                       "the full training ε" + (f" (validation attack: {cfg.val_pgd.name} {cfg.val_pgd.settings()})"
+                                                 if selected_by == "val_robust_accuracy" else ""),
+        method=cfg.method,
+        epochs=cfg.epochs,
+        epochs_run=len(result.history),
+        stopped=result.stopped,
+        best_epoch=result.best_epoch,
+        seconds=seconds,
+        best_val_clean_accuracy=best["val_clean_accuracy"],
+        best_val_robust_accuracy=best["val_robust_accuracy"],
+        best_val_verified_accuracy=best.get("val_verified_accuracy"),
+        train_epsilon=cfg.target_epsilon,
+        val_robust_attack={"name": "pgd", **cfg.val_pgd.settings()},
+        seed=params.seed,
+        dataset_fingerprint=data_fingerprint,
+        params=params.train.model_dump(mode="json"),
+    )))
     verified = f" val verified {best['val_verified_accuracy']:.3f}" if "val_verified_accuracy" in best else ""
     print(f"train: best epoch {result.best_epoch}/{cfg.epochs} val clean {best['val_clean_accuracy']:.3f} "
           f"val robust {best['val_robust_accuracy']:.3f}{verified} in {seconds:.1f}s")

@@ -25,6 +25,13 @@ from pipeline.training.methods import CERTIFIED, METHODS, BatchContext
 CLEAN_SELECTED = ("standard", "gaussian")
 
 
+def selection_metric(method: str) -> str:
+    """The validation figure that picks the kept epoch: what the method is trained to raise."""
+    if method in CLEAN_SELECTED:
+        return "val_clean_accuracy"
+    return "val_verified_accuracy" if method in CERTIFIED else "val_robust_accuracy"
+
+
 class TrainingDiverged(RuntimeError):
     """The loss became NaN or infinite; the message names the epoch and batch."""
 
@@ -212,7 +219,7 @@ def fit(
             if on_epoch is not None:
                 on_epoch(row)
             break
-        score = val_clean if cfg.method in CLEAN_SELECTED else row.get("val_verified_accuracy", val_robust)
+        score = row[selection_metric(cfg.method)]
         # Only epochs at full ε are eligible: a warm-up epoch's robustness is not the target's.
         if ramp == 1.0 and score > best_score:
             best_score, result.best_epoch, stale = score, epoch + 1, 0

@@ -1,0 +1,172 @@
+"""Every sentence the report says about what was and was not done, derived from the metrics.
+
+A sentence typed into a template once stops being true the day the code changes (the
+first report said "APGD and Square were not run" while both had run). Here each
+statement is computed from the validated metrics files; the template only renders
+them, and `tests/test_report_claims.py` checks rendered reports against the metrics.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+ATTACK_NAMES = {
+    "fgsm": "FGSM", "pgd": "PGD", "pgd_cw": "PGD (CW loss)", "apgd_ce": "APGD-CE", "apgd_dlr": "APGD-DLR",
+    "apgd_t": "APGD-T", "fab_t": "FAB-T", "square": "Square",
+}
+GRADIENT_FREE = ("square",)
+TARGETED = ("apgd_t", "fab_t")
+METHOD_NAMES = {"ibp": "IBP", "crown_ibp": "CROWN-IBP", "crown": "CROWN", "alpha_crown": "alpha-CROWN"}
+
+
+def attack_label(name: str) -> str:
+    return ATTACK_NAMES.get(name, name)
+
+
+def listing(items: list[str]) -> str:
+    if not items:
+        return "none"
+    return items[0] if len(items) == 1 else ", ".join(items[:-1]) + " and " + items[-1]
+
+
+@dataclass(frozen=True)
+class ThreatRow:
+    axis: str
+    value: str
+
+
+def threat_model(metrics: dict) -> list[ThreatRow]:
+    """The NIST AI 100-2 axes as this evaluation actually exercised them."""
+    attack, certify = metrics.get("attack", {}), metrics.get("certify", {})
+    threat = attack.get("threat", {})
+    names = list(attack.get("attacks", {}))
+    gradient = [attack_label(a) for a in names if a not in GRADIENT_FREE]
+    black = [attack_label(a) for a in names if a in GRADIENT_FREE]
+    knowledge = []
+    if gradient:
+        knowledge.append(f"white-box: gradients of the evaluated model ({listing(gradient)})")
+    if black:
+        knowledge.append(f"black-box: model outputs only ({listing(black)})")
+    if certify.get("status") == "ok":
+        knowledge.append("full model: bound propagation over every input of the ball (certification)")
+    targeted = [attack_label(a) for a in names if a in TARGETED]
+    goal = "integrity: untargeted misclassification"
+    if targeted:
+        goal += f"; targeted towards the likeliest wrong classes ({listing(targeted)})"
+    norm = {"linf": "L∞", "l2": "L2"}.get(threat.get("norm"), str(threat.get("norm")))
+    return [
+        ThreatRow("Attack stage", "deployment (evasion at inference time); training-time attacks (poisoning, "
+                                  "backdoors) are not evaluated"),
+        ThreatRow("Attacker goal", goal),
+        ThreatRow("Attacker knowledge", "; ".join(knowledge) or "none: no attack ran"),
+        ThreatRow("Attacker capability", f"modify test inputs within the {norm} ball of radius ε = "
+                                         f"{threat.get('epsilon', '?')}, inside the data domain; no control of "
+                                         "training data, model or code"),
+        ThreatRow("Perturbation budget", f"{norm} norm, ε = {threat.get('epsilon', '?')} in input units, on the "
+                                         f"{attack.get('split', 'test')} split ({attack.get('n', '?')} samples)"),
+    ]
+
+
+def attack_scope(attack: dict) -> list[str]:
+    names = list(attack.get("attacks", {}))
+    ran = listing([attack_label(a) for a in names])
+    notes = [f"Robust accuracy is an upper bound: it holds only against the attacks that ran ({ran}, "
+             f"{attack.get('mode')} mode). Stronger or adaptive attacks may lower it."]
+    ref = attack.get("reference_suite")
+    if ref:
+        ran_ref = [attack_label(a) for a in ref["run"]]
+        missing = [attack_label(a) for a in ref["not_run"]]
+        sentence = f"Of the {ref['reference']} suite ({listing([attack_label(a) for a in ref['attacks']])}), "
+        sentence += f"{listing(ran_ref)} ran" if ran_ref else "none ran"
+        sentence += f"; {listing(missing)} did not." if missing else "; every one ran."
+        notes.append(sentence)
+    masking = attack.get("masking", {})
+    if not masking:
+        notes.append("Gradient-masking sanity checks (Carlini et al. 2019) were not run: attack.masking.enabled "
+                     "is false.")
+    for name, check in masking.items():
+        if check["status"] == "fail":
+            notes.append(f"Gradient-masking check {name} FAILED ({check['detail']}): the robust accuracy may be "
+                         "overstated. " + check["meaning"])
+        elif check["status"] == "not_run":
+            notes.append(f"Gradient-masking check {name} did not run: {check['detail']}.")
+    sweep = attack.get("sweep")
+    if sweep:
+        points = sweep["points"]
+        notes.append(f"Robust accuracy was swept over {len(points)} ε values from {points[0]['epsilon']:g} to "
+                     f"{points[-1]['epsilon']:g} with {sweep['attack']} only, on the first {sweep['n']} samples.")
+    return notes
+
+
+def certify_scope(certify: dict) -> list[str]:
+    if not certify:
+        return ["Formal verification did not run: no metrics/certify.json."]
+    if certify.get("status") != "ok":
+        return [f"Formal verification was not applicable: {certify.get('reason')}."]
+    methods = certify.get("methods", {})
+    ran = listing([METHOD_NAMES.get(m, m) for m in methods])
+    eps = certify["threat"]["epsilon"]
+    notes = [f"Verified accuracy is a lower bound from {ran} bound propagation in float32 at ε = {eps:g}; "
+             f"margins within {certify['tolerance']:g} of zero are not counted as verified."]
+    for method, record in methods.items():
+        if record["budget_exhausted"]:
+            notes.append(f"{METHOD_NAMES.get(method, method)} certified only {record['accuracy']['n']} of "
+                         f"{record['requested']} samples within its time budget.")
+    sweep = certify.get("sweep")
+    if sweep:
+        points = sweep["points"]
+        notes.append(f"Verified accuracy was also computed at {len(points)} ε values from {points[0]['epsilon']:g} "
+                     f"to {points[-1]['epsilon']:g} ({METHOD_NAMES.get(sweep['method'], sweep['method'])}, first "
+                     f"{sweep['n']} samples), each checked against the attack's robust accuracy at the same ε.")
+    else:
+        notes.append(f"Only ε = {eps:g} was certified: certify.sweep is off, so no verified accuracy against ε "
+                     "is claimed.")
+    if certify["threat"]["norm"] == "l2":
+        notes.append("For L2 certification the data-domain box is not used, which can only loosen the bounds.")
+    return notes
+
+
+def smoothing_scope(smooth: dict) -> list[str]:
+    if smooth.get("status") != "ok":
+        reason = smooth.get("reason", "no metrics/smooth.json")
+        return [f"Randomized smoothing did not run ({reason}): no probabilistic L2 certificate is claimed."]
+    notes = [f"Randomized-smoothing certificates hold for the smoothed classifier (which votes over "
+             f"{smooth['n_samples_per_input']} noisy copies at inference), not for the ONNX base model, and each "
+             f"fails with probability at most α = {smooth['alpha']:g}.",
+             f"Limit of this evidence: {smooth['threat_coverage']}."]
+    if not smooth.get("base_trained_with_same_sigma"):
+        notes.append(f"The smoothing base model was trained with {smooth.get('base_training_method')}, not with "
+                     f"Gaussian noise at σ = {smooth['sigma']:g}: its smoothing certificates are sound but weaker "
+                     "than a noise-trained model's.")
+    return notes
+
+
+def training_selection(train: dict) -> str:
+    """How the kept checkpoint was chosen, as the train stage recorded it."""
+    return f"Checkpoint from epoch {train['best_epoch']} of {train['epochs_run']} run: {train['selection_rule']}."
+
+
+def limitations(params, metrics: dict) -> list[str]:
+    """Residual risk, each sentence computed from the metrics (or, for the gaps the reviewer must
+    fill, from what params.yaml leaves unstated)."""
+    attack = metrics.get("attack", {})
+    notes = attack_scope(attack) + certify_scope(metrics.get("certify", {}))
+    robust = attack.get("robust_accuracy")
+    if robust:
+        lo, hi = robust["ci"]
+        notes.append(f"All attack figures come from {robust['n']} test samples; the 95% interval on robust "
+                     f"accuracy is {100 * (hi - lo):.1f} points wide.")
+    threat = attack.get("threat")
+    if threat:
+        norm = {"linf": "L∞", "l2": "L2"}[threat["norm"]]
+        notes.append(f"Only the {norm} threat with ε = {threat['epsilon']:g} was evaluated; other variations "
+                     "(rotation, blur, weather, sensor faults, distribution shift) are not covered.")
+    notes += smoothing_scope(metrics.get("smooth", {}))
+    for field in ("intended_purpose", "input_domain", "out_of_scope_use"):
+        if getattr(params.report, field) is None:
+            notes.append(f"report.{field} is not stated in params.yaml: the reviewer must supply it.")
+    if params.threat.rationale is None:
+        notes.append("threat.rationale is not stated: the choice of ε is not justified in the evidence.")
+    if metrics.get("trace", {}).get("git_clean") == 0.0:
+        notes.append("The evidence was produced from a source tree with uncommitted changes or without git: "
+                     "it cannot be reproduced from a commit.")
+    return notes

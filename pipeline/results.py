@@ -1,0 +1,392 @@
+"""The typed results schema: one pydantic model per metrics file.
+
+The stage that writes a file, the policy that reads it, the report that renders it
+and the MLflow logging all go through these classes, so a renamed key or a string
+where a number belongs fails where it is written, not silently in a consumer.
+
+An accuracy is always an :class:`Accuracy`: point, interval, count and what kind of
+claim it is (a point estimate, an upper bound from attacks, a lower bound from a
+sound certificate, or a probabilistic certificate). Evidence that does not exist is
+an explicit :class:`NotApplicable` with its reason, never a string in a number's place.
+"""
+from __future__ import annotations
+
+import json
+import re
+import typing
+from pathlib import Path
+from typing import Annotated, Any, Literal, Optional, Union
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from pipeline.errors import UsageError
+from pipeline.stats import clopper_pearson
+
+SCHEMA_VERSION = 2
+
+AccuracyKind = Literal["point", "upper_bound", "lower_bound", "probabilistic_certificate"]
+KIND_MEANING = {
+    "point": "point estimate on the test split",
+    "upper_bound": "upper bound on true robust accuracy (empirical attacks only)",
+    "lower_bound": "lower bound on true robust accuracy (sound certificate)",
+    "probabilistic_certificate": "certified for the smoothed classifier, each certificate failing with probability at most α",
+}
+
+
+class _Record(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Accuracy(_Record):
+    """A share of n test samples, with its exact 95% interval and what kind of claim it is."""
+
+    status: Literal["ok"] = "ok"
+    value: float = Field(ge=0.0, le=1.0)
+    ci: tuple[float, float]
+    n: int = Field(ge=1)
+    successes: int = Field(ge=0)
+    ci_method: str = "clopper-pearson 95%"
+    kind: AccuracyKind
+    method: str = Field(min_length=1, description="what produced it: the attacks, the certifier, the smoothing")
+
+    @classmethod
+    def of(cls, successes: int, n: int, kind: AccuracyKind, method: str) -> "Accuracy":
+        lower, upper = clopper_pearson(int(successes), int(n))
+        return cls(value=successes / n, ci=(lower, upper), n=n, successes=int(successes), kind=kind, method=method)
+
+
+class NotApplicable(_Record):
+    """Evidence that was not produced, and why."""
+
+    status: Literal["not_applicable", "not_run"]
+    reason: str = Field(min_length=1)
+
+
+MaybeAccuracy = Annotated[Union[Accuracy, NotApplicable], Field(discriminator="status")]
+
+
+class ThreatRecord(_Record):
+    norm: Literal["linf", "l2"]
+    epsilon: float = Field(ge=0.0)
+
+
+class _StageResult(_Record):
+    schema_version: Literal[2] = SCHEMA_VERSION
+    seed: int
+    dataset_fingerprint: str
+
+
+class _ModelResult(_StageResult):
+    """Evidence about one checkpoint: the SHA-256 of the `model.pt` it evaluated."""
+
+    model_sha256: str = Field(min_length=64, max_length=64)
+
+
+# --- prepare ---------------------------------------------------------------------------------
+
+class DomainRecord(_Record):
+    lower_min: float
+    upper_max: float
+
+
+class PrepareResult(_Record):
+    schema_version: Literal[2] = SCHEMA_VERSION
+    dataset: str
+    fingerprint: str
+    seed: int
+    input_shape: list[int]
+    num_classes: int = Field(ge=2)
+    samples: dict[str, int]
+    class_counts: dict[str, list[int]]
+    domain: DomainRecord
+    params: dict[str, Any]
+
+
+# --- train -----------------------------------------------------------------------------------
+
+SelectionMetric = Literal["val_clean_accuracy", "val_robust_accuracy", "val_verified_accuracy"]
+
+
+class TrainResult(_ModelResult):
+    method: str
+    epochs: int
+    epochs_run: int
+    stopped: str
+    best_epoch: int
+    selected_by: SelectionMetric = Field(description="the validation figure that chose the kept epoch")
+    selection_rule: str
+    seconds: float
+    best_val_clean_accuracy: float
+    best_val_robust_accuracy: float
+    best_val_verified_accuracy: Optional[float] = None
+    train_epsilon: float
+    val_robust_attack: dict[str, Any]
+    params: dict[str, Any]
+
+
+# --- attack ----------------------------------------------------------------------------------
+
+class AttackRecord(_Record):
+    settings: dict[str, Any]
+    broken: int
+    robust_accuracy: MaybeAccuracy
+
+
+class SweepPoint(_Record):
+    epsilon: float
+    robust_accuracy: float
+    ci_low: float
+    ci_high: float
+    n: int
+
+
+class AttackSweep(_Record):
+    attack: str
+    n: int
+    points: list[SweepPoint]
+
+
+class MaskingRecord(_Record):
+    status: Literal["pass", "fail", "not_run"]
+    passed: Optional[float] = Field(alias="pass", default=None)
+    detail: str
+    values: dict[str, Any]
+    meaning: str
+
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+
+class ClassRecord(_Record):
+    n: int
+    clean_accuracy: float
+    robust_accuracy: float
+
+
+class ReferenceCoverage(_Record):
+    """Which attacks of a published reference suite ran, so a reader knows what was not tried."""
+
+    reference: str
+    attacks: list[str]
+    run: list[str]
+    not_run: list[str]
+
+
+class AttackResult(_ModelResult):
+    n: int
+    threat: ThreatRecord
+    split: Literal["test"] = "test"
+    mode: Literal["independent", "sequential"]
+    clean_accuracy: Accuracy
+    robust_accuracy: Accuracy
+    attacks: dict[str, AttackRecord]
+    broken_by: dict[str, int]
+    per_class: dict[str, ClassRecord]
+    confusion_under_attack: list[list[int]]
+    sweep: Optional[AttackSweep] = None
+    masking: dict[str, MaskingRecord]
+    masking_all_passed: float
+    masking_failed: list[str]
+    reference_suite: ReferenceCoverage
+
+
+# --- certify ---------------------------------------------------------------------------------
+
+class Soundness(_Record):
+    attack_conflicts: int
+    containment_violations: int
+    points_checked: int
+    samples_cross_checked: int
+    tolerance: float
+
+
+class CertifyMethodRecord(_Record):
+    accuracy: Accuracy
+    seconds: float
+    requested: int
+    budget_exhausted: bool
+    soundness: Soundness
+
+
+class CombinedRecord(_Record):
+    methods: list[str]
+    verified_by_this_method_only: dict[str, int]
+
+
+class CertifySweepPoint(_Record):
+    epsilon: float
+    verified_accuracy: float
+    ci_low: float
+    ci_high: float
+    n: int
+    attack_robust_accuracy: float
+
+
+class CertifySweep(_Record):
+    method: str
+    n: int
+    points: list[CertifySweepPoint]
+
+
+class CertifyResult(_ModelResult):
+    status: Literal["ok", "not_applicable"]
+    reason: Optional[str] = None
+    n: int
+    threat: ThreatRecord
+    split: Literal["test"] = "test"
+    requested_methods: list[str]
+    verified_accuracy: dict[str, MaybeAccuracy]
+    methods: dict[str, CertifyMethodRecord]
+    combined: Optional[CombinedRecord] = None
+    sweep: Optional[CertifySweep] = None
+    tolerance: float
+
+
+# --- smooth ----------------------------------------------------------------------------------
+
+class SmoothPoint(_Record):
+    radius: float
+    linf_radius: float
+    certified_accuracy: Accuracy
+
+
+class SmoothResult(_Record):
+    schema_version: Literal[2] = SCHEMA_VERSION
+    status: Literal["ok", "not_run"]
+    reason: Optional[str] = None
+    seed: Optional[int] = None
+    dataset_fingerprint: Optional[str] = None
+    model_sha256: Optional[str] = None
+    sigma: Optional[float] = None
+    n0: Optional[int] = None
+    n_samples_per_input: Optional[int] = None
+    alpha: Optional[float] = None
+    n: Optional[int] = None
+    input_dimension: Optional[int] = None
+    certified_accuracy: dict[str, MaybeAccuracy] = Field(default_factory=dict)
+    curve: list[SmoothPoint] = Field(default_factory=list)
+    abstention_rate: Optional[float] = None
+    mean_radius_correct: Optional[float] = None
+    max_certifiable_radius: Optional[float] = Field(
+        None, description="σ·Φ⁻¹(α^(1/n)): no sample can be certified beyond this L2 radius with these n and α")
+    threat_coverage: Optional[str] = None
+    forward_passes: Optional[int] = None
+    seconds: Optional[float] = None
+    base_training_method: Optional[str] = None
+    base_trained_with_same_sigma: Optional[bool] = None
+
+
+# --- export ----------------------------------------------------------------------------------
+
+class ExportResult(_ModelResult):
+    onnx_sha256: str = Field(min_length=64, max_length=64)
+    opset: int
+    exporter: str
+    max_abs_diff: float
+    label_agreement: float
+    n: int
+    adv_max_abs_diff: float
+    adv_label_agreement: float
+    adv_n: int
+    robust_accuracy_onnx: float
+    robust_accuracy_torch: float
+    robust_accuracy_diff: float
+    metadata: dict[str, str]
+    latency: dict[str, Any]
+    latency_note: str
+
+
+# --- trace (computed by the gate and the report, not a file) ----------------------------------
+
+class TraceResult(_Record):
+    dataset_fingerprint_consistent: float
+    model_hash_consistent: float
+    onnx_hash_matches: float
+    splits_disjoint: float
+    git_clean: float
+
+
+STAGE_RESULTS: dict[str, type[BaseModel]] = {
+    "prepare": PrepareResult,
+    "train": TrainResult,
+    "attack": AttackResult,
+    "certify": CertifyResult,
+    "smooth": SmoothResult,
+    "export": ExportResult,
+    "trace": TraceResult,
+}
+
+
+def dump(result: BaseModel) -> dict:
+    """The JSON-ready form a stage writes."""
+    return result.model_dump(mode="json", by_alias=True)
+
+
+def parse(stage: str, raw: Any, source: str) -> dict:
+    """Validate one metrics file against its model; a truncated or hand-edited file is refused."""
+    try:
+        return dump(STAGE_RESULTS[stage].model_validate(raw))
+    except ValidationError as error:
+        first = error.errors()[0]
+        where = ".".join(str(p) for p in first["loc"]) or "<root>"
+        raise UsageError(f"{source}: does not match the {stage} results schema v{SCHEMA_VERSION} at {where}: "
+                         f"{first['msg']}; re-run the stage") from None
+
+
+def load(stage: str, path: Path) -> dict:
+    """Read and validate `metrics/<stage>.json`; a file whose stage has no model here is only parsed."""
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise UsageError(f"{path}: not valid JSON ({error}); re-run the stage") from None
+    return parse(stage, raw, str(path)) if stage in STAGE_RESULTS else raw
+
+
+# --- metric paths, for policies --------------------------------------------------------------
+
+MetricKind = Literal["accuracy", "number"]
+_SEPARATOR = re.compile(r"\.(?!\d)|(?<!\d)\.")
+
+
+def split_path(path: str) -> list[str]:
+    """`smooth.certified_accuracy.0.25` -> [smooth, certified_accuracy, 0.25]: a dot between two
+    digits belongs to a number (a radius or an ε), not to the path."""
+    return _SEPARATOR.split(path)
+
+
+def _members(annotation) -> list:
+    origin = typing.get_origin(annotation)
+    if origin is Annotated:
+        return _members(typing.get_args(annotation)[0])
+    if origin is Union:
+        return [m for arg in typing.get_args(annotation) for m in _members(arg)]
+    return [annotation]
+
+
+def metric_kind(path: str) -> MetricKind:
+    """What a policy's `stage.key[.key...]` names: an accuracy (with an interval) or a plain number.
+
+    Walks the schema, so the valid paths are exactly those the stages write; raises
+    ValueError naming the first part that does not exist."""
+    stage, *keys = split_path(path)
+    if stage not in STAGE_RESULTS:
+        raise ValueError(f"unknown stage {stage!r}; allowed: {', '.join(STAGE_RESULTS)}")
+    current = [STAGE_RESULTS[stage]]
+    walked = stage
+    for key in keys:
+        following = []
+        for node in current:
+            if isinstance(node, type) and issubclass(node, BaseModel):
+                fields = {f.alias or name: f for name, f in node.model_fields.items()}
+                if key in fields:
+                    following += _members(fields[key].annotation)
+            elif typing.get_origin(node) is dict:
+                following += _members(typing.get_args(node)[1])
+        following = [f for f in following if f is not NotApplicable and f is not type(None)]
+        if not following:
+            raise ValueError(f"{walked} has no {key!r}")
+        current, walked = following, f"{walked}.{key}"
+    if Accuracy in current:
+        return "accuracy"
+    if any(node in (float, int, bool) for node in current):
+        return "number"
+    raise ValueError(f"{path} is not a number or an accuracy")
