@@ -44,10 +44,9 @@ def run_goal(name: str, entry: dict, common: dict) -> str:
             assert cli([stage, "--workspace", str(root)]) == 0, stage
         metric = {s: json.loads((root / "metrics" / f"{s}.json").read_text()) for s in ("train", "attack", "certify")}
     attack, certify = metric["attack"], metric["certify"]
-    clean = {"value": attack["clean_accuracy"], "ci": attack["clean_accuracy_ci"]}
-    robust = {"value": attack["robust_accuracy"], "ci": attack["robust_accuracy_ci"]}
-    crown = certify["methods"]["crown"]
-    union = certify.get("combined", crown)
+    clean, robust = attack["clean_accuracy"], attack["robust_accuracy"]
+    crown = certify["verified_accuracy"]["crown"]
+    union = certify["verified_accuracy"].get("any", crown)
     overrides = "; ".join(f"{k}: {json.dumps(v, separators=(', ', ': '))}" for k, v in entry["params"].items())
     return (f"| {name} | {entry['goal']} | {metric['train']['seconds']:.0f} | {cell(clean)} | {cell(robust)} | "
             f"{cell(crown)} | {cell(union)} | {attack['n']} | {overrides} |")

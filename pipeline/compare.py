@@ -1,9 +1,10 @@
 """`robustgate compare`: train and evaluate several methods on the prepared data, side by side.
 
 Each method is trained with the workspace's params (only `train.method` changes), then
-evaluated on the same test samples with the attack stage's attacks (worst case, sequential)
-and CROWN, so the table and the clean-vs-robust plot show the accuracy-robustness trade-off
-a release decision weighs.
+evaluated on the same test samples by the attack and certify stages' own code (the
+configured attacks and mode with the gradient-masking checks, the configured certifiers
+with their soundness cross-checks), so the table and the clean-vs-robust plot show the
+accuracy-robustness trade-off a release decision weighs, measured as `dvc repro` measures it.
 
 One row per method is written to `<out>/rows/<method>.json`, keyed by the params it was
 trained under; the DVC study (`studies/dvc.yaml`) runs one method per `foreach` stage and
@@ -12,17 +13,19 @@ builds the table with `--collect`, which refuses rows trained under other params
 from __future__ import annotations
 
 import dataclasses
+import io
 import time
 
-from pipeline.attacks.suite import run_suite
-from pipeline.certify.bounds import BoundComputer, NotBoundable
+import torch
+
 from pipeline.errors import UsageError
-from pipeline.io import confine, read_json, write_json, write_text
+from pipeline.io import confine, read_json, sha256_bytes, write_json, write_text
 from pipeline.models import build_model
-from pipeline.stages.attack import build_attacks
+from pipeline.results import dump
+from pipeline.stages.attack import evaluate as evaluate_attacks
+from pipeline.stages.certify import certify_model
 from pipeline.stages.common import load_data, seed_everything, tensors
 from pipeline.stages.train import fit_config
-from pipeline.stats import proportion
 from pipeline.training.loop import TrainingDiverged, fit
 from pipeline.training.methods import METHODS
 from pipeline.workspace import Workspace
@@ -30,10 +33,21 @@ from pipeline.workspace import Workspace
 
 def study_key(params) -> str:
     """SHA-256 of every params section a row depends on except `train.method`, the one the study varies."""
-    return params.section_hash("seed", "data", "model", "threat", "train", "attack", exclude={"train": {"method"}})
+    return params.section_hash("seed", "data", "model", "threat", "train", "attack", "certify",
+                               exclude={"train": {"method"}})
+
+
+def weights_sha256(model) -> str:
+    """SHA-256 of the weights as a checkpoint would store them, for evidence about an unsaved model."""
+    buffer = io.BytesIO()
+    torch.save({k: v.detach().cpu() for k, v in model.state_dict().items()}, buffer)
+    return sha256_bytes(buffer.getvalue())
 
 
 def evaluate_method(method: str, params, data, domain, samples: int) -> dict:
+    """Train with `method`, then evaluate with the attack and certify stages' own code (worst case over
+    the configured attacks with the masking checks, every configured certifier with its soundness
+    cross-checks) on the first `samples` test samples."""
     generator = seed_everything(params.seed)
     model = build_model(params.model.name, list(data.x["train"].shape[1:]), data.num_classes,
                         params.model.factory_options())
@@ -45,25 +59,28 @@ def evaluate_method(method: str, params, data, domain, samples: int) -> dict:
     except TrainingDiverged as error:  # one method failing must not cost the others' results
         failed = {"value": "diverged", "reason": str(error)}
         return {"method": method, "train_seconds": time.perf_counter() - started, "epochs_run": 0,
-                "clean": failed, "robust": failed, "verified_crown": failed}
+                "clean": failed, "robust": failed, "verified_crown": failed, "verified_any": failed}
     seconds = time.perf_counter() - started
     model.load_state_dict(result.best_state)
     model.eval()
     x, y = tensors(data, "test", samples)
-    eps, norm = params.threat.epsilon, params.threat.norm
-    suite = run_suite(model, build_attacks(params.attack, eps), x, y, eps, norm, domain, params.attack.batch_size,
-                      generator, sequential=True)
-    n = len(y)
-    row = {"method": method, "train_seconds": seconds, "epochs_run": len(result.history),
-           "best_epoch": result.best_epoch,
-           "clean": proportion(int(suite.clean_correct.sum()), n), "robust": proportion(int(suite.robust.sum()), n)}
-    try:
-        cert = BoundComputer(model, tuple(x.shape[1:]), domain).certify(x, y, eps, norm, "crown", data.num_classes,
-                                                                         params.certify.batch_size, params.certify.tolerance)
-        row["verified_crown"] = proportion(int((cert.verified & suite.clean_correct).sum()), n)
-    except NotBoundable as error:
-        row["verified_crown"] = {"value": "not_applicable", "reason": str(error)}
-    return row
+    digest, fingerprint = weights_sha256(model), "compare"
+    attack, suite = evaluate_attacks(model, params, x, y, domain, data.num_classes, generator,
+                                     model_sha256=digest, data_fingerprint=fingerprint)
+    evidence = (suite.x_adv, suite.robust, len(y))
+    certify, _ = certify_model(model, params, x, y, domain, data.num_classes, generator, evidence,
+                               model_sha256=digest, data_fingerprint=fingerprint,
+                               attack_sweep=dump(attack.sweep) if attack.sweep else None, report=lambda _: None)
+
+    def verified(name: str) -> dict:
+        found = certify.verified_accuracy.get(name)
+        return dump(found) if found is not None else {"value": "not_run", "reason": f"certify.methods has no {name}"}
+
+    return {"method": method, "train_seconds": seconds, "epochs_run": len(result.history),
+            "best_epoch": result.best_epoch, "clean": dump(attack.clean_accuracy),
+            "robust": dump(attack.robust_accuracy), "verified_crown": verified("crown"),
+            "verified_any": verified("any"), "masking_all_passed": attack.masking_all_passed,
+            "masking_failed": attack.masking_failed}
 
 
 def compare(ws: Workspace, methods: str = "standard,pgd_at,trades", samples: int = 450, out: str = "reports/build",
@@ -85,8 +102,8 @@ def compare(ws: Workspace, methods: str = "standard,pgd_at,trades", samples: int
                    "dataset_fingerprint": fingerprint}
             write_json(target / "rows" / f"{method}.json", row)
             rows.append(row)
-            shown = {k: (f"{row[k]['value']:.3f}" if isinstance(row[k]["value"], float) else row[k]["value"])
-                     for k in ("clean", "robust", "verified_crown")}
+            shown = {k: (f"{row[k]['value']:.3f}" if isinstance(row[k].get("value"), float)
+                         else row[k].get("value", row[k].get("status"))) for k in ("clean", "robust", "verified_crown")}
             print(f"compare: {method:<12} clean {shown['clean']} robust {shown['robust']} "
                   f"verified(CROWN) {shown['verified_crown']} ({row['train_seconds']:.0f}s)")
     if rows_only:
@@ -118,17 +135,20 @@ def collect_rows(directory, key: str, data_fingerprint: str) -> list[dict]:
 def table(rows: list[dict], params) -> str:
     def cell(stat):
         if not isinstance(stat.get("value"), float):
-            return str(stat.get("value"))
+            return str(stat.get("value", stat.get("status")))
         lo, hi = stat["ci"]
         return f"{100 * stat['value']:.1f}% [{100 * lo:.1f}, {100 * hi:.1f}]"
 
     lines = [f"Methods compared at {params.threat.norm} ε = {params.threat.epsilon} (robust: worst case over "
-             f"{', '.join(params.attack.attacks)}, an upper bound; verified: CROWN, a lower bound; "
+             f"{', '.join(params.attack.attacks)} ({params.attack.mode}), an upper bound; verified: CROWN and "
+             f"any of {', '.join(params.certify.methods)}, lower bounds; "
              f"95% Clopper-Pearson intervals; n = {rows[0]['clean'].get('n', '?')} test samples)", "",
-             "| method | clean | robust | verified (CROWN) | epochs | train s |", "|---|---|---|---|---|---|"]
+             "| method | clean | robust | verified (CROWN) | verified (any) | masking checks | epochs | train s |",
+             "|---|---|---|---|---|---|---|---|"]
     for r in rows:
+        masking = {1.0: "pass", 0.0: "FAIL " + ", ".join(r.get("masking_failed", []))}.get(r.get("masking_all_passed"), "-")
         lines.append(f"| {r['method']} | {cell(r['clean'])} | {cell(r['robust'])} | {cell(r['verified_crown'])} | "
-                     f"{r['epochs_run']} | {r['train_seconds']:.0f} |")
+                     f"{cell(r.get('verified_any', {}))} | {masking} | {r['epochs_run']} | {r['train_seconds']:.0f} |")
     return "\n".join(lines) + "\n"
 
 

@@ -11,6 +11,8 @@ from pathlib import Path
 
 from jinja2 import Environment, FileSystemLoader, StrictUndefined
 
+from pipeline.claims import METHOD_NAMES
+
 PROFILES = {"default": "base.html.j2", "sotif": "sotif.html.j2", "medical": "medical.html.j2"}
 
 
@@ -22,6 +24,7 @@ def environment(templates: Path) -> Environment:
         trim_blocks=True,
         lstrip_blocks=True,
     )
+    env.filters["method"] = lambda name: METHOD_NAMES.get(name, name)
     env.filters["pct"] = lambda v: f"{100 * v:.1f}%" if isinstance(v, (int, float)) else str(v)
     env.filters["ci"] = lambda ci: f"[{100 * ci[0]:.1f}%, {100 * ci[1]:.1f}%]" if ci else "-"
     env.filters["num"] = lambda v, digits=4: f"{v:.{digits}g}" if isinstance(v, (int, float)) else str(v)

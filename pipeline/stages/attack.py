@@ -16,7 +16,8 @@ from pipeline.attacks.masking import run_checks
 from pipeline.attacks.square import Square
 from pipeline.attacks.suite import SuiteResult, robust_mask, run_suite
 from pipeline.errors import UsageError
-from pipeline.io import atomic_write, sha256_file, write_json, write_text
+from pipeline.io import atomic_write, confine, sha256_file, write_json, write_text
+from pipeline.policy import load_policy
 from pipeline.results import (Accuracy, AttackRecord, AttackResult, AttackSweep, ClassRecord, NotApplicable,
                               ReferenceCoverage, ThreatRecord, dump)
 from pipeline.stages.common import load_data, load_model_for, seed_everything, tensors
@@ -135,9 +136,17 @@ def evaluate(model, params, x, y, domain, num_classes: int, generator, *, model_
     return metrics, result
 
 
+def refuse_clean_only(ws: Workspace, params) -> None:
+    """ε = 0 measures clean accuracy only; it is refused unless the policy explicitly accepts that."""
+    if params.threat.epsilon == 0 and not load_policy(confine(params.gate.policy, ws.root, "gate.policy")).allow_clean_only:
+        raise UsageError(f"threat.epsilon = 0 is a clean-only evaluation, which policy {params.gate.policy} does not "
+                         "accept (set allow_clean_only: true in the policy to evaluate clean accuracy only)")
+
+
 def main(ws: Workspace) -> int:
     params = ws.params()
     cfg, threat = params.attack, params.threat
+    refuse_clean_only(ws, params)
     data, domain, data_fingerprint = load_data(ws, params)
     model_sha = sha256_file(ws.checkpoint)
     model, _ = load_model_for(ws, data_fingerprint)

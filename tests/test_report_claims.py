@@ -1,0 +1,167 @@
+"""The report never says what its metrics refute.
+
+Renders the report for several param sets (attack subsets, sweeps on and off, each family of
+training method, smoothing on and off, L∞ and L2, independent and sequential attacks) and reads
+every sentence against the metrics files of the same run. The first shipped report said "APGD
+and Square were not run" while both had run; each rule below would have caught such a sentence.
+"""
+from __future__ import annotations
+
+import copy
+import html as html_lib
+import json
+import re
+from pathlib import Path
+
+import pytest
+
+from pipeline.claims import ATTACK_NAMES, GRADIENT_FREE, METHOD_NAMES
+from tests.conftest import TINY_PARAMS, make_workspace, run_stage
+
+NEGATIONS = ("not run", "did not run", "were not run", "was not run", "not covered", "no sweep", "is off",
+             "not applicable", "not claimed")
+SELECTIONS = ("val_clean_accuracy", "val_robust_accuracy", "val_verified_accuracy")
+
+
+def variant(**changes) -> dict:
+    params = copy.deepcopy(TINY_PARAMS)
+    for dotted, value in changes.items():
+        node = params
+        *parents, leaf = dotted.split(".")
+        for key in parents:
+            node = node.setdefault(key, {})
+        if value is None:
+            node.pop(leaf, None)
+        else:
+            node[leaf] = value
+    return params
+
+
+VARIANTS = {
+    "pgd_at_full": variant(),
+    "subset_no_sweeps_no_smoothing": variant(**{
+        "attack.attacks": ["pgd"], "attack.masking": {"enabled": False}, "certify.methods": ["ibp"],
+        "certify.sweep": False, "smoothing.enabled": False}),
+    "gaussian_l2_smoothing": variant(**{
+        "train.method": "gaussian", "train.pgd": None, "threat": {"norm": "l2", "epsilon": 0.3},
+        "attack.attacks": ["pgd", "square"], "certify.methods": ["crown"], "smoothing.sigma": 0.25}),
+    "ibp_sequential": variant(**{
+        "train.method": "ibp", "train.pgd": None, "attack.mode": "sequential",
+        "certify.methods": ["ibp", "crown_ibp"]}),
+    "standard_independent": variant(**{"train.method": "standard", "train.pgd": None,
+                                       "attack.attacks": ["fgsm", "apgd_ce", "apgd_t"]}),
+}
+
+
+def sentences(html: str) -> list[str]:
+    body = html.split("<body>", 1)[1]
+    body = re.sub(r"<details>.*?</details>", " ", body, flags=re.S)  # params.yaml as run: not prose
+    text = html_lib.unescape(re.sub(r"<[^>]+>", " ", body))
+    text = re.sub(r"\s+", " ", text)
+    return [s.strip() for s in re.split(r"(?<=[.!?])\s+(?=[A-Z(])", text) if s.strip()]
+
+
+def mentions(sentence: str, label: str) -> bool:
+    return re.search(rf"(?<![\w-]){re.escape(label)}(?![\w-])", sentence) is not None
+
+
+def contradictions(html: str, metrics: dict[str, dict]) -> list[str]:
+    """Every sentence of the report that the metrics refute, with the reason."""
+    found = []
+    attack, certify, smooth, train = (metrics.get(s, {}) for s in ("attack", "certify", "smooth", "train"))
+    ran_attacks = set(attack.get("attacks", {}))
+    ran_methods = {m for m, a in certify.get("verified_accuracy", {}).items() if a.get("status") == "ok"}
+    text = sentences(html)
+    for sentence in text:
+        lowered = sentence.lower()
+        negative = any(n in lowered for n in NEGATIONS)
+        if negative:
+            for name in ran_attacks:
+                if mentions(sentence, ATTACK_NAMES[name]) and "did not." not in lowered.split(ATTACK_NAMES[name].lower())[-1]:
+                    found.append(f"says {ATTACK_NAMES[name]} did not run, but it ran: {sentence!r}")
+            if certify.get("sweep") and "certified" in lowered and ("sweep" in lowered or "against ε" in lowered):
+                found.append(f"denies the certified ε sweep that ran: {sentence!r}")
+            if smooth.get("status") == "ok" and "smoothing" in lowered:
+                found.append(f"denies the randomized smoothing that ran: {sentence!r}")
+            if attack.get("masking") and "masking" in lowered and "checks" in lowered:
+                found.append(f"denies the masking checks that ran: {sentence!r}")
+            if certify.get("status") == "ok" and "formal verification" in lowered:
+                found.append(f"denies the formal verification that ran: {sentence!r}")
+        match = re.search(r"against the attacks that ran \(([^)]*?), (independent|sequential) mode\)", sentence)
+        if match:
+            listed = {label for label in ATTACK_NAMES.values() if mentions(match.group(1), label)}
+            if listed != {ATTACK_NAMES[a] for a in ran_attacks} or match.group(2) != attack["mode"]:
+                found.append(f"lists other attacks or mode than ran ({sorted(ran_attacks)}, {attack['mode']}): "
+                             f"{sentence!r}")
+        for selection in SELECTIONS:
+            if f"highest {selection.replace('_', ' ')}" in sentence and selection != train["selected_by"]:
+                found.append(f"says the checkpoint was chosen by {selection}, train chose by "
+                             f"{train['selected_by']}: {sentence!r}")
+    joined = " ".join(text)
+    if f"highest {train['selected_by'].replace('_', ' ')}" not in joined:
+        found.append(f"never states the selection rule {train['selected_by']}")
+    for method, label in METHOD_NAMES.items():
+        shown = f"Verified accuracy, {label} " in joined
+        if shown != (method in ran_methods):
+            found.append(f"summary {'shows' if shown else 'omits'} verified accuracy by {label}; ran: {sorted(ran_methods)}")
+    knowledge = next(s for s in text if "Attacker knowledge" in s)
+    if ("white-box" in knowledge) != bool(ran_attacks - set(GRADIENT_FREE)):
+        found.append(f"white-box claim does not match the attacks run: {knowledge!r}")
+    if ("black-box" in knowledge) != bool(ran_attacks & set(GRADIENT_FREE)):
+        found.append(f"black-box claim does not match the attacks run: {knowledge!r}")
+    if ("certification" in knowledge) != (certify.get("status") == "ok"):
+        found.append(f"certification claim does not match the certify stage: {knowledge!r}")
+    if smooth.get("status") == "ok":
+        limit = smooth["threat_coverage"]
+        if limit not in joined:
+            found.append("the smoothing limit (largest certifiable radius against the threat) is not stated")
+        r_max, dims = smooth["max_certifiable_radius"], smooth["input_dimension"]
+        threat = attack["threat"]
+        needed = threat["epsilon"] * dims ** 0.5 if threat["norm"] == "linf" else threat["epsilon"]
+        if ("cannot certify" in limit) != (r_max < needed):
+            found.append(f"smoothing limit says the opposite of r_max {r_max:.3g} vs needed {needed:.3g}: {limit!r}")
+    return found
+
+
+@pytest.fixture(scope="module", params=sorted(VARIANTS))
+def rendered(request, tmp_path_factory) -> tuple[str, dict]:
+    root = make_workspace(tmp_path_factory.mktemp(request.param), VARIANTS[request.param])
+    for stage in ("prepare", "train", "attack", "certify", "smooth", "export", "report"):
+        assert run_stage(stage, root) == 0, (request.param, stage)
+    metrics = {p.stem: json.loads(p.read_text()) for p in (root / "metrics").glob("*.json")}
+    return (root / "reports/build/report.html").read_text(), metrics
+
+
+def test_no_sentence_contradicts_the_metrics(rendered):
+    html, metrics = rendered
+    assert contradictions(html, metrics) == []
+
+
+def test_the_checker_catches_the_sentences_the_first_report_shipped(rendered):
+    """The rules are not vacuous: the old template's sentences fail them on the same metrics."""
+    html, metrics = rendered
+    ran = metrics["attack"]["attacks"]
+    planted = html.replace("<h2 id=\"limitations\">", "<p>Stronger or adaptive attacks (APGD-CE, Square, attacks "
+                           "tailored to this model) were not run and may lower it.</p><p>Only ε = 0.05 was certified "
+                           "(no sweep over ε).</p><p>Checkpoint chosen by the highest val robust accuracy.</p>"
+                           "<h2 id=\"limitations\">")
+    problems = contradictions(planted, metrics)
+    if "apgd_ce" in ran or "square" in ran:
+        assert any("did not run, but it ran" in p for p in problems)
+    if metrics["certify"].get("sweep"):
+        assert any("certified ε sweep" in p for p in problems)
+    if metrics["train"]["selected_by"] != "val_robust_accuracy":
+        assert any("chosen by val_robust_accuracy" in p for p in problems)
+
+
+def test_pdf_contents_lines_do_not_overlap(pipeline_workspace):
+    """The table of contents is one column: each entry's page number ends its own line."""
+    import subprocess
+
+    pdf = Path(pipeline_workspace) / "reports/build/report.pdf"
+    text = subprocess.run(["pdftotext", "-layout", "-f", "1", "-l", "1", str(pdf), "-"], capture_output=True,
+                          text=True, check=True).stdout
+    lines = [line for line in text.splitlines() if "Randomized smoothing" in line or "Threat model" in line]
+    assert len(lines) == 2
+    for line in lines:
+        assert re.search(r"\.\s*\d+\s*$", line), line  # leader dots, then the page number, nothing after
