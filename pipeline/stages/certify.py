@@ -104,6 +104,7 @@ def certify_model(model, params, x, y, domain, num_classes: int, generator, atta
     try:
         computer = BoundComputer(model, tuple(x.shape[1:]), domain)
         for method in cfg.methods:
+            report(f"certify: {method}: bounding {n} samples at {threat.norm} ε={threat.epsilon:g} ...")
             started = time.perf_counter()
             deadline = time.monotonic() + cfg.time_budget_s if cfg.time_budget_s else None
             cert = computer.certify(x, y, threat.epsilon, threat.norm, method, num_classes,
@@ -143,6 +144,7 @@ def certify_model(model, params, x, y, domain, num_classes: int, generator, atta
         if cfg.sweep and attack_sweep:
             fast = next((mth for mth in ("crown", "crown_ibp", "ibp") if mth in cfg.methods), cfg.methods[0])
             count = attack_sweep["n"]
+            report(f"certify: {fast} at {len(attack_sweep['points'])} ε values of the sweep on {count} samples ...")
             rows = certified_sweep(computer, x[:count], y[:count], attack_sweep["points"], threat.norm, num_classes,
                                    cfg.batch_size, cfg.tolerance, fast)
             extra["sweep"] = CertifySweep(method=fast, n=count, points=rows)
