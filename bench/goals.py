@@ -18,6 +18,7 @@ from pathlib import Path
 import yaml
 
 from pipeline.cli import main as cli
+from pipeline.config import train_section_for
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -39,6 +40,7 @@ def run_goal(name: str, entry: dict, common: dict) -> str:
         root = Path(tmp)
         shutil.copytree(REPO / "policies", root / "policies")
         params = merged(merged(yaml.safe_load((REPO / "params.yaml").read_text()), common), entry["params"])
+        params["train"] = train_section_for(params["train"], params["train"]["method"])  # drop the other method's keys
         (root / "params.yaml").write_text(yaml.safe_dump(params))
         for stage in ("prepare", "train", "attack", "certify"):
             assert cli([stage, "--workspace", str(root)]) == 0, stage

@@ -35,7 +35,8 @@ def run(small_data, cfg, seed=0, model_name="cnn_small", **kwargs):
     torch.manual_seed(seed)
     model = build_model(model_name, (1, 8, 8), 10, {"channels": [4, 8], "dense": 16} if model_name == "cnn_small" else {"hidden": [16]})
     before = copy.deepcopy(model.state_dict())
-    result = fit(model, x, y, xv, yv, small_data[1], cfg, torch.Generator().manual_seed(seed), **kwargs)
+    result = fit(model, x, y, xv, yv, small_data[1], cfg, torch.Generator().manual_seed(seed), num_classes=10,
+                 **kwargs)
     return model, before, result
 
 
@@ -98,7 +99,8 @@ def test_fast_at_catastrophic_overfitting_restores_the_best_epoch(small_data):
     model = build_model("mlp", (1, 8, 8), 10, {"hidden": [32]})
     model_box.append(model)
     cfg = config("fast_at", epochs=6, lr=0.01, catastrophic_drop=0.05, epsilon=0.05)
-    result = fit(model, x, y, xv, yv, small_data[1], cfg, torch.Generator().manual_seed(0), on_epoch=collapse_after_epoch_2)
+    result = fit(model, x, y, xv, yv, small_data[1], cfg, torch.Generator().manual_seed(0), on_epoch=collapse_after_epoch_2,
+                 num_classes=10)
     assert result.stopped == "catastrophic_overfitting"
     assert len(result.history) == 3 and result.best_epoch in (1, 2)
     assert any(v.abs().sum() > 0 for v in result.best_state.values())  # the restored weights are pre-collapse
@@ -110,14 +112,14 @@ def test_nan_loss_names_epoch_and_batch(small_data):
 
 
 @pytest.mark.parametrize("change,fragment", [
-    ({"beta": -1.0}, "train.beta = -1.0"),
+    ({"method": "trades", "beta": -1.0}, "train.beta = -1.0"),
     ({"pgd": {"steps": 0}}, "train.pgd.steps = 0"),
     ({"pgd": {"step_size": 0.0}}, "train.pgd.step_size = 0.0"),
-    ({"noise_sigma": 0.0}, "train.noise_sigma = 0.0"),
+    ({"method": "gaussian", "noise_sigma": 0.0}, "train.noise_sigma = 0.0"),
     ({"method": "freeat"}, "train.method = 'freeat'"),
     ({"lr_schedule": "linear"}, "train.lr_schedule = 'linear'"),
     ({"epsilon": 0.0}, "train.epsilon = 0.0"),
-    ({"beta_end": 1.5}, "train.beta_end = 1.5"),
+    ({"method": "crown_ibp", "beta_end": 1.5}, "train.beta_end = 1.5"),
 ])
 def test_bad_training_params(change, fragment):
     with pytest.raises(UsageError) as info:
@@ -277,7 +279,7 @@ def test_crown_ibp_beta_end_mixes_the_two_bounds_after_the_ramp(small_data):
     bounds = BoundComputer(model, (1, 8, 8), domain)
 
     def loss(method, beta_end):
-        ctx = BatchContext(0.05, "linf", domain, PGD(1, 0.1), torch.Generator().manual_seed(0), ramp=1.0,
+        ctx = BatchContext(0.05, "linf", domain, None, torch.Generator().manual_seed(0), 10, ramp=1.0,
                            kappa_end=0.0, beta_end=beta_end, bounds=bounds)
         return float(METHODS[method](model, x, y, ctx))
 
