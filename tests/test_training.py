@@ -289,3 +289,26 @@ def test_crown_ibp_beta_end_mixes_the_two_bounds_after_the_ramp(small_data):
     # κ_end = 0: the loss is the CE of the worst-case logits from β·CROWN-IBP + (1-β)·IBP lower bounds,
     # convex in β, so the even mix costs at most the mean of the two pure losses.
     assert half <= (ibp_only + crown_only) / 2 + 1e-6
+
+
+def test_fit_config_passes_every_setting_of_the_method():
+    """Each setting a method accepts reaches the loop (before, `train.pgd.schedule` and
+    `train.val_pgd.schedule` were accepted and dropped)."""
+    from pipeline.stages.train import fit_config
+    from pipeline.training.methods import BatchContext
+
+    params = parse_params({"train": {"pgd": {"steps": 4, "step_size": 0.01, "schedule": "cosine"},
+                                     "val_pgd": {"steps": 5, "step_size": 0.02, "restarts": 3, "schedule": "cosine"}}})
+    cfg = fit_config(params)
+    assert cfg.train_pgd.settings() == {"steps": 4, "step_size": 0.01, "restarts": 1, "loss": "ce", "schedule": "cosine"}
+    assert cfg.val_pgd.settings() == {"steps": 5, "step_size": 0.02, "restarts": 3, "loss": "ce", "schedule": "cosine"}
+    for method, own in [("trades", {"beta": 2.0}), ("mart", {"beta": 3.0}),
+                        ("awp", {"awp_gamma": 0.01, "awp_base": "trades", "beta": 1.0}),
+                        ("consistency", {"consistency_weight": 2.0, "consistency_temperature": 0.7}),
+                        ("fast_at", {"fast_at_step_factor": 1.0, "catastrophic_drop": 0.3}),
+                        ("ibp", {"kappa_end": 0.2}), ("crown_ibp", {"kappa_end": 0.2, "beta_end": 0.4}),
+                        ("gaussian", {"noise_sigma": 0.5}), ("standard", {})]:
+        cfg = fit_config(parse_params({"train": {"method": method, **own}}))
+        reached = {**cfg.context, "catastrophic_drop": cfg.catastrophic_drop, "noise_sigma": cfg.noise_sigma}
+        assert own.items() <= reached.items(), method
+        BatchContext(0.1, "linf", None, cfg.train_pgd, torch.Generator(), 10, **cfg.context)  # all are its fields
