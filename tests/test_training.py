@@ -281,7 +281,7 @@ def test_crown_ibp_beta_end_mixes_the_two_bounds_after_the_ramp(small_data):
     def loss(method, beta_end):
         ctx = BatchContext(0.05, "linf", domain, None, torch.Generator().manual_seed(0), 10, ramp=1.0,
                            kappa_end=0.0, beta_end=beta_end, bounds=bounds)
-        return float(METHODS[method](model, x, y, ctx))
+        return float(METHODS[method](model, x, y, ctx).detach())
 
     ibp_only, crown_only, half = loss("ibp", 0.0), loss("crown_ibp", 1.0), loss("crown_ibp", 0.5)
     assert loss("crown_ibp", 0.0) == pytest.approx(ibp_only)  # the paper's schedule ends at pure IBP
