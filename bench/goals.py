@@ -18,6 +18,7 @@ from pathlib import Path
 import yaml
 
 from pipeline.cli import main as cli
+from pipeline.config import train_section_for
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -29,6 +30,14 @@ def merged(base: dict, override: dict) -> dict:
     return out
 
 
+def goal_params(base: dict, common: dict, override: dict) -> dict:
+    """params.yaml with the common and the goal's overrides; a goal that switches `train.method`
+    drops the settings of the method it replaces (no settings of the new one: an error otherwise)."""
+    params = merged(merged(base, common), override)
+    params["train"] = train_section_for(params["train"], params["train"]["method"])
+    return params
+
+
 def cell(stat: dict) -> str:
     lo, hi = stat["ci"]
     return f"{100 * stat['value']:.1f}% [{100 * lo:.1f}, {100 * hi:.1f}]"
@@ -38,7 +47,7 @@ def run_goal(name: str, entry: dict, common: dict) -> str:
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         shutil.copytree(REPO / "policies", root / "policies")
-        params = merged(merged(yaml.safe_load((REPO / "params.yaml").read_text()), common), entry["params"])
+        params = goal_params(yaml.safe_load((REPO / "params.yaml").read_text()), common, entry["params"])
         (root / "params.yaml").write_text(yaml.safe_dump(params))
         for stage in ("prepare", "train", "attack", "certify"):
             assert cli([stage, "--workspace", str(root)]) == 0, stage

@@ -24,7 +24,7 @@ def epoch_seconds(method: str, x, y, xv, yv, domain) -> float:
     model = cnn_small((1, 8, 8), 10)
     cfg = FitConfig(method, 1, 64, "adam", 1e-3, 0.9, 0.0, 0.1, "linf", 0, PGD(K, 0.025), PGD(1, 0.1))
     start = time.perf_counter()
-    fit(model, x, y, xv[:1], yv[:1], domain, cfg, torch.Generator().manual_seed(0))
+    fit(model, x, y, xv[:1], yv[:1], domain, cfg, torch.Generator().manual_seed(0), num_classes=10)
     return time.perf_counter() - start
 
 

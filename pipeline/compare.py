@@ -12,12 +12,12 @@ builds the table with `--collect`, which refuses rows trained under other params
 """
 from __future__ import annotations
 
-import dataclasses
 import io
 import time
 
 import torch
 
+from pipeline.config import with_method
 from pipeline.errors import UsageError
 from pipeline.io import confine, read_json, sha256_bytes, write_json, write_text
 from pipeline.models import build_model
@@ -51,7 +51,7 @@ def evaluate_method(method: str, params, data, domain, samples: int) -> dict:
     generator = seed_everything(params.seed)
     model = build_model(params.model.name, list(data.x["train"].shape[1:]), data.num_classes,
                         params.model.factory_options())
-    cfg = dataclasses.replace(fit_config(params), method=method)
+    cfg = fit_config(with_method(params, method))
     started = time.perf_counter()
     try:
         result = fit(model, *tensors(data, "train"), *tensors(data, "val"), domain, cfg, generator,

@@ -10,10 +10,12 @@ import hashlib
 import json
 import re
 from pathlib import Path
-from typing import Literal, Optional, Union
+from typing import Annotated, Literal, Optional, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationError, field_validator,
+                      model_validator)
+from pydantic_core import PydanticCustomError
 
 from pipeline.errors import UsageError
 from pipeline.io import confine
@@ -40,6 +42,20 @@ class DataConfig(_Section):
         return self
 
 
+def model_options(name: str) -> tuple[str, ...]:
+    """The keys of the `model` section (besides `name`) that the named model is built with."""
+    if name == "mlp":
+        return ("hidden",)
+    if name in ("cnn_small", "cnn_medium"):
+        return ("channels", "dense")
+    return ("options",)
+
+
+def _not_a_setting(key: str, message: str) -> PydanticCustomError:
+    """The error a key with no effect raises; :func:`format_validation_error` prints it as one line."""
+    return PydanticCustomError("not_a_setting", "{key}: " + message, {"key": key})
+
+
 class ModelConfig(_Section):
     name: str = "cnn_small"
     hidden: list[int] = Field(default_factory=lambda: [128, 64], description="mlp layer widths")
@@ -48,6 +64,19 @@ class ModelConfig(_Section):
     options: dict[str, Union[int, float, str, bool, list[int]]] = Field(
         default_factory=dict, description="keyword arguments for a 'module:callable' factory"
     )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _only_options_of_the_model(cls, data):
+        """mlp takes `hidden`, the CNNs `channels` and `dense`, a factory `options`: any other is an error."""
+        name = data.get("name", "cnn_small") if isinstance(data, dict) else None
+        if isinstance(name, str) and (name in BUILTIN_MODELS or _FACTORY_PATTERN.match(name)):  # else: name's error
+            own = model_options(name)
+            for key in data:
+                if key != "name" and key in cls.model_fields and key not in own:
+                    kind = "a 'module:callable' factory" if name not in BUILTIN_MODELS else f"model {name!r}"
+                    raise _not_a_setting(key, f"not an option of {kind} (its options: {', '.join(own)})")
+        return data
 
     def factory_options(self) -> dict:
         """Keyword arguments the named model factory is called with."""
@@ -109,20 +138,28 @@ class MaskingConfig(_Section):
     large_epsilon_max_accuracy: float = Field(0.1, ge=0.0, le=1.0)
 
 
-class TrainConfig(_Section):
-    method: Literal["standard", "pgd_at", "trades", "mart", "fast_at", "awp", "consistency", "ibp", "crown_ibp",
-                    "gaussian"] = "pgd_at"
-    noise_sigma: float = Field(0.25, gt=0.0, description="gaussian: σ of the training noise")
-    beta: float = Field(6.0, ge=0.0, description="trades/mart (and awp over trades): regularisation weight")
-    awp_gamma: float = Field(0.005, ge=0.0, description="awp: weight perturbation, relative to each layer's norm")
-    awp_base: Literal["pgd_at", "trades"] = "pgd_at"
-    consistency_weight: float = Field(1.0, ge=0.0)
-    consistency_temperature: float = Field(0.5, gt=0.0)
-    fast_at_step_factor: float = Field(1.25, gt=0.0, description="fast_at: FGSM step as a multiple of ε")
-    catastrophic_drop: float = Field(0.2, gt=0.0, le=1.0, description="fast_at: robust-accuracy fall that stops training")
-    kappa_end: float = Field(0.5, ge=0.0, le=1.0, description="ibp/crown_ibp: final weight of the clean loss")
-    beta_end: float = Field(0.0, ge=0.0, le=1.0,
-                            description="crown_ibp: final weight of the CROWN-IBP bound against IBP (1: CROWN-IBP throughout)")
+class TrainPGDConfig(PGDConfig):
+    """The inner maximisation of adversarial training: one PGD run per batch."""
+
+    steps: int = Field(7, ge=1)
+    step_size: float = Field(0.025, gt=0.0)
+
+    @field_validator("restarts")
+    @classmethod
+    def _one_restart(cls, restarts: int) -> int:
+        # Restarts would multiply the cost of every training step; Madry et al. train with one
+        # random start, and a fresh start each batch already varies the point. Restarts are an
+        # evaluation setting (attack.pgd.restarts, train.val_pgd.restarts).
+        if restarts != 1:
+            raise ValueError("training runs one PGD restart per batch (restarts multiply the cost of every "
+                             "step); set restarts for evaluation in attack.pgd or train.val_pgd")
+        return restarts
+
+
+class _TrainBase(_Section):
+    """Settings every training method has; each method's own settings live in its subclass."""
+
+    method: str
     lr_schedule: Literal["constant", "cosine", "piecewise"] = "constant"
     early_stopping_patience: Optional[int] = Field(None, ge=1)
     init_checkpoint: Optional[str] = Field(None, description="fine-tune: directory with model.pt and model.json")
@@ -131,13 +168,159 @@ class TrainConfig(_Section):
     batch_size: int = Field(64, ge=1)
     optimizer: Literal["adam", "sgd"] = "adam"
     lr: float = Field(1e-3, gt=0.0)
-    momentum: float = Field(0.9, ge=0.0, lt=1.0)
+    momentum: float = Field(0.9, ge=0.0, lt=1.0, description="sgd only")
     weight_decay: float = Field(0.0, ge=0.0)
+    val_pgd: PGDConfig = PGDConfig(steps=10, step_size=0.02)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _only_settings_in_effect(cls, data):
+        if isinstance(data, dict):
+            for key in data:
+                if key in cls.model_fields and key not in cls.keys_in_effect(data):
+                    raise _not_a_setting(key, cls.why_not_in_effect(key, data))
+        return data
+
+    @classmethod
+    def own_settings(cls) -> tuple[str, ...]:
+        """The settings of this method beyond the ones every method has."""
+        return tuple(name for name in cls.model_fields if name not in _TrainBase.model_fields)
+
+    @classmethod
+    def keys_in_effect(cls, data: dict) -> set[str]:
+        """The keys that change what training does, given the other keys in `data`."""
+        keys = set(cls.model_fields)
+        if data.get("optimizer", "adam") != "sgd":
+            keys.discard("momentum")
+        if data.get("init_checkpoint") is None:
+            keys.discard("finetune")
+        return keys
+
+    @classmethod
+    def why_not_in_effect(cls, key: str, data: dict) -> str:
+        if key == "momentum":
+            return f"only used by train.optimizer 'sgd', not {data.get('optimizer', 'adam')!r}"
+        return "only used with train.init_checkpoint (fine-tuning)"
+
+
+class _NoRadius:
+    """Methods that train on clean (or noisy) inputs have no training radius and no ε warm-up."""
+
+    @property
+    def epsilon(self) -> None:
+        return None
+
+    @property
+    def epsilon_warmup_epochs(self) -> int:
+        return 0
+
+
+class _Radius(_TrainBase):
     epsilon_warmup_epochs: int = Field(0, ge=0)
     epsilon: Optional[float] = Field(
         None, gt=0.0, description="training radius; default threat.epsilon (certified training often trains above it)")
-    pgd: PGDConfig = PGDConfig(steps=7, step_size=0.025)
-    val_pgd: PGDConfig = PGDConfig(steps=10, step_size=0.02)
+
+
+class _PGDTrained(_Radius):
+    pgd: TrainPGDConfig = TrainPGDConfig()
+
+
+class StandardTrain(_NoRadius, _TrainBase):
+    method: Literal["standard"] = "standard"
+
+
+class PgdAtTrain(_PGDTrained):
+    method: Literal["pgd_at"] = "pgd_at"
+
+
+class TradesTrain(_PGDTrained):
+    method: Literal["trades"] = "trades"
+    beta: float = Field(6.0, ge=0.0, description="weight of the KL term")
+
+
+class MartTrain(_PGDTrained):
+    method: Literal["mart"] = "mart"
+    beta: float = Field(6.0, ge=0.0, description="weight of the KL term")
+
+
+class FastAtTrain(_Radius):
+    method: Literal["fast_at"] = "fast_at"
+    fast_at_step_factor: float = Field(1.25, gt=0.0, description="FGSM step as a multiple of ε")
+    catastrophic_drop: float = Field(0.2, gt=0.0, le=1.0, description="robust-accuracy fall that stops training")
+
+
+class AwpTrain(_PGDTrained):
+    method: Literal["awp"] = "awp"
+    awp_gamma: float = Field(0.005, ge=0.0, description="weight perturbation, relative to each layer's norm")
+    awp_base: Literal["pgd_at", "trades"] = "pgd_at"
+    beta: float = Field(6.0, ge=0.0, description="awp over trades: weight of the KL term")
+
+    @classmethod
+    def keys_in_effect(cls, data: dict) -> set[str]:
+        keys = super().keys_in_effect(data)
+        if data.get("awp_base", "pgd_at") != "trades":
+            keys.discard("beta")
+        return keys
+
+    @classmethod
+    def why_not_in_effect(cls, key: str, data: dict) -> str:
+        if key == "beta":
+            return f"only used by train.awp_base 'trades', not {data.get('awp_base', 'pgd_at')!r}"
+        return super().why_not_in_effect(key, data)
+
+
+class ConsistencyTrain(_PGDTrained):
+    method: Literal["consistency"] = "consistency"
+    consistency_weight: float = Field(1.0, ge=0.0)
+    consistency_temperature: float = Field(0.5, gt=0.0)
+
+
+class IbpTrain(_Radius):
+    method: Literal["ibp"] = "ibp"
+    kappa_end: float = Field(0.5, ge=0.0, le=1.0, description="final weight of the clean loss")
+
+
+class CrownIbpTrain(_Radius):
+    method: Literal["crown_ibp"] = "crown_ibp"
+    kappa_end: float = Field(0.5, ge=0.0, le=1.0, description="final weight of the clean loss")
+    beta_end: float = Field(0.0, ge=0.0, le=1.0,
+                            description="final weight of the CROWN-IBP bound against IBP (1: CROWN-IBP throughout)")
+
+
+class GaussianTrain(_NoRadius, _TrainBase):
+    method: Literal["gaussian"] = "gaussian"
+    noise_sigma: float = Field(0.25, gt=0.0, description="σ of the training noise")
+
+
+TRAIN_SETTINGS: dict[str, type[_TrainBase]] = {
+    cls.model_fields["method"].default: cls
+    for cls in (StandardTrain, PgdAtTrain, TradesTrain, MartTrain, FastAtTrain, AwpTrain, ConsistencyTrain,
+                IbpTrain, CrownIbpTrain, GaussianTrain)
+}
+DEFAULT_TRAIN_METHOD = "pgd_at"
+
+
+def _train_method(value) -> object:
+    """The tag of the `train` union: the method named, `pgd_at` when none is."""
+    if isinstance(value, dict):
+        return value.get("method", DEFAULT_TRAIN_METHOD)
+    return getattr(value, "method", None)
+
+
+# One settings class per training method, chosen by `train.method`: a key of another method is an error.
+TrainConfig = Annotated[
+    Union[tuple(Annotated[cls, Tag(name)] for name, cls in TRAIN_SETTINGS.items())],
+    Discriminator(_train_method),
+]
+
+
+def train_section_for(train: dict, method: str) -> dict:
+    """`train` (as written in params.yaml) switched to `method`: the shared settings and those the
+    two methods share are kept, the others dropped (they would have no effect) and the new
+    method's own settings not given take their defaults."""
+    switched = {**train, "method": method}
+    in_effect = TRAIN_SETTINGS[method].keys_in_effect(switched)
+    return {key: value for key, value in switched.items() if key in in_effect}
 
 
 class AttackConfig(_Section):
@@ -225,7 +408,7 @@ class Params(_Section):
     data: DataConfig = DataConfig()
     model: ModelConfig = ModelConfig()
     threat: ThreatConfig = ThreatConfig()
-    train: TrainConfig = TrainConfig()
+    train: TrainConfig = PgdAtTrain()
     attack: AttackConfig = AttackConfig()
     certify: CertifyConfig = CertifyConfig()
     smoothing: SmoothingConfig = SmoothingConfig()
@@ -246,15 +429,50 @@ class Params(_Section):
 def format_validation_error(source: str, error: ValidationError) -> str:
     """One line: the first offending key path, its value and what is allowed."""
     first = error.errors()[0]
-    path = ".".join(str(p) for p in first["loc"]) or "<root>"
+    loc = [str(p) for p in first["loc"]]
+    method = None
+    if loc[:1] == ["train"] and len(loc) > 1 and loc[1] in TRAIN_SETTINGS:
+        method = loc.pop(1)  # the union's tag, not a key the user wrote
+    path = ".".join(loc) or "<root>"
     message = first["msg"]
-    if first["type"] == "extra_forbidden":
-        message = "unknown key"
     value = first.get("input")
-    shown = "{...}" if isinstance(value, dict) else repr(value)
     more = len(error.errors()) - 1
     suffix = f" (and {more} more problem{'s' if more > 1 else ''})" if more else ""
+    if first["type"] == "not_a_setting":
+        return f"{source}: {path}.{message}{suffix}"
+    if first["type"] == "extra_forbidden" and method is not None and _owners(loc[-1]):
+        return f"{source}: {path}: {_not_train_setting(loc[-1], method)}{suffix}"
+    if first["type"] == "union_tag_invalid" and loc == ["train"]:
+        path, value = "train.method", first["ctx"]["tag"]
+        message = "Input should be " + ", ".join(repr(m) for m in TRAIN_SETTINGS)
+    elif first["type"] == "extra_forbidden":
+        message = "unknown key"
+    shown = "{...}" if isinstance(value, dict) else repr(value)
     return f"{source}: {path} = {shown}: {message}{suffix}"
+
+
+def _owners(key: str) -> list[str]:
+    """The training methods that have `key` as a setting."""
+    return [name for name, cls in TRAIN_SETTINGS.items() if key in cls.model_fields]
+
+
+def _not_train_setting(key: str, method: str) -> str:
+    own = ", ".join(TRAIN_SETTINGS[method].own_settings()) or "none"
+    return f"not a setting of train.method {method!r} (a setting of {', '.join(_owners(key))}; {method}'s own: {own})"
+
+
+def with_method(params: Params, method: str) -> Params:
+    """The same params trained with another method (`robustgate compare`, the study): the settings
+    every method shares and those both methods have are kept; the others are dropped, since they
+    would have no effect, and the new method's own settings not given take their defaults."""
+    if method not in TRAIN_SETTINGS:
+        raise UsageError(f"train.method {method!r}: unknown; allowed: {', '.join(TRAIN_SETTINGS)}")
+    written = params.train.model_dump(exclude_unset=True)
+    try:
+        train = TRAIN_SETTINGS[method].model_validate(train_section_for(written, method))
+    except ValidationError as error:  # cannot happen for settings that were valid under the first method
+        raise UsageError(format_validation_error("params.yaml", error)) from None
+    return params.model_copy(update={"train": train})
 
 
 class _Yaml11Loader(yaml.SafeLoader):

@@ -127,30 +127,47 @@ class Quantised(torch.nn.Module):
         return self.inner(torch.round(x * 4) / 4)
 
 
-def test_masking_checks_pass_on_a_plain_model(digits_model):
-    model, x, y, domain = digits_model
+def masking_checks(model, x, y, domain, epsilon: float, mode: str) -> dict:
+    """The attack stage's own pieces end to end: the suite, the ε sweep and the six checks."""
+    from pipeline.config import AttackConfig, PGDConfig, SquareConfig, SweepConfig
+    from pipeline.stages.attack import build_attacks, epsilon_sweep
+
+    cfg = AttackConfig(attacks=["fgsm", "pgd", "apgd_ce", "square"], mode=mode, batch_size=128,
+                       pgd=PGDConfig(steps=20, step_size=epsilon / 5, restarts=1), apgd={"steps": 20},
+                       square=SquareConfig(queries=300), sweep=SweepConfig(points=5))
     gen = torch.Generator().manual_seed(0)
-    pgd = PGD(20, 0.01, 1)
-    attacks = [FGSM(), pgd, Square(300)]
-    suite = run_suite(model, attacks, x, y, 0.05, "linf", domain, 128, gen)
-    sweep = [{"epsilon": e, "robust_accuracy": a} for e, a in ((0.0, 0.9), (0.05, 0.5), (0.1, 0.2))]
-    checks = {c.name: c for c in run_checks(model, suite, attacks, sweep, x, y, 0.05, "linf", domain, gen, 128,
-                                            0.02, 1.0, 0.1, pgd)}
-    assert all(c.passed for c in checks.values()), {n: c.detail for n, c in checks.items()}
+    attacks = build_attacks(cfg, epsilon)
+    suite = run_suite(model, attacks, x, y, epsilon, "linf", domain, 128, gen, sequential=mode == "sequential")
+    sweep = epsilon_sweep(model, cfg, x, y, epsilon, "linf", domain, gen)
+    checks = run_checks(model, suite, attacks, sweep, x, y, epsilon, "linf", domain, gen, 128, 0.02,
+                        domain.diameter("linf"), 0.1, attacks[1])
+    return {c.name: c for c in checks}
 
 
-def test_masking_checks_catch_zero_gradients(digits_model):
+@pytest.mark.parametrize("mode", ["independent", "sequential"])
+def test_masking_checks_pass_on_a_plain_model(digits_model, mode):
+    """Every check runs and passes in both modes (before, `sequential` left the FGSM check not run,
+    so `masking_all_passed` could never be 1 there)."""
+    model, x, y, domain = digits_model
+    checks = masking_checks(model, x, y, domain, 0.05, mode)
+    assert len(checks) == 6
+    assert all(c.passed is True for c in checks.values()), {n: c.detail for n, c in checks.items()}
+
+
+@pytest.mark.parametrize("mode", ["independent", "sequential"])
+def test_masking_checks_catch_a_model_that_masks_its_gradients(digits_model, mode):
+    """A model whose forward rounds its input has zero input gradients: the white-box attacks stall
+    while Square, which reads only logits, breaks most samples, and even ε = the whole domain does
+    not break it. Both checks must say so, from the stage's real sweep and suite."""
     model, x, y, domain = digits_model
     masked = Quantised(model).eval()
-    gen = torch.Generator().manual_seed(0)
-    pgd = PGD(20, 0.01, 1)
-    attacks = [FGSM(), pgd, Square(300)]
-    suite = run_suite(masked, attacks, x, y, 0.15, "linf", domain, 128, gen)
-    sweep = [{"epsilon": 0.0, "robust_accuracy": 0.9}, {"epsilon": 0.15, "robust_accuracy": 0.95}]
-    checks = {c.name: c for c in run_checks(masked, suite, attacks, sweep, x, y, 0.15, "linf", domain, gen, 128,
-                                            0.02, 1.0, 0.1, pgd)}
-    assert checks["white_box_at_least_black_box"].passed is False  # Square finds what gradients cannot
-    assert checks["monotone_in_epsilon"].passed is False
+    from pipeline.attacks.losses import loss_and_gradient
+
+    assert not loss_and_gradient(masked, x, y, "ce")[1].any()  # the gradients really are masked
+    checks = masking_checks(masked, x, y, domain, 0.15, mode)
+    assert all(c.passed is not None for c in checks.values())
+    assert checks["white_box_at_least_black_box"].passed is False
+    assert checks["white_box_at_least_black_box"].values["broken_only_by_square"] > 0.5 * len(y)
     assert checks["large_epsilon_breaks_model"].passed is False
 
 
@@ -166,3 +183,60 @@ def test_model_output_checks(digits_model):
 
     with pytest.raises(UsageError, match="NaN"):
         check_model_outputs(NaNModel(), x, 10)
+
+
+RAW = [FGSM(), PGD(5, 0.05, 2), PGD(5, 0.05, 1, loss="cw", schedule="cosine"), APGD(10, 1, "ce"), APGD(10, 1, "dlr"),
+       APGDTargeted(10, 1, 2), Square(100)]
+
+
+@pytest.mark.parametrize("norm,eps", [("linf", 0.1), ("l2", 0.5)])
+@pytest.mark.parametrize("attack", RAW, ids=[f"{a.name}-{i}" for i, a in enumerate(RAW)])
+def test_each_attack_itself_stays_in_ball_and_domain(digits_model, attack, norm, eps):
+    """`Attack.__call__` projects whatever `run` returns, which would hide an attack whose own
+    projection is broken: check `run`'s raw output. (FGSM's raw step left the domain wherever a
+    pixel sat at 0 or 1, and only the base class's projection repaired it.)"""
+    model, x, y, domain = digits_model
+    x, y = x[:64], y[:64]
+    raw = attack.run(model.eval(), x, y, eps, norm, domain, torch.Generator().manual_seed(0))
+    assert raw.shape == x.shape
+    assert (lp_norm(raw - x, norm) <= eps + 1e-5).all()
+    assert domain.contains(raw, tol=1e-6)
+    assert (predict(model, raw, 64) != y).any()  # and it attacks: something breaks at this ε
+
+
+@pytest.mark.parametrize("norm,eps", [("linf", 0.1), ("l2", 0.5)])
+def test_pgd_perturb_as_adversarial_training_calls_it(digits_model, norm, eps):
+    """Training calls `PGD.perturb` directly, past the base class's projection, with the PGD that
+    `fit_config` builds from `train.pgd`: its iterate must stay in the ball and the domain, leave the
+    model in training mode, and follow the configured step schedule. Checked against a plain
+    reimplementation of the cosine schedule (before, `fit_config` dropped `train.pgd.schedule`)."""
+    import math
+
+    from pipeline.config import parse_params
+    from pipeline.stages.train import fit_config
+    from pipeline.threat import ascent_step
+    from pipeline.training.methods import BatchContext, _adversarial
+
+    model, x, y, domain = digits_model
+    x, y = x[:64], y[:64]
+    params = parse_params({"threat": {"norm": norm, "epsilon": eps},
+                           "train": {"pgd": {"steps": 4, "step_size": eps / 2, "schedule": "cosine"}}})
+    pgd = fit_config(params).train_pgd
+    ctx = BatchContext(eps, norm, domain, pgd, torch.Generator().manual_seed(1), 10)
+    model.train()
+    try:
+        x_adv = _adversarial(model, x, y, ctx)
+        assert model.training
+    finally:
+        model.eval()
+    assert (lp_norm(x_adv - x, norm) <= eps + 1e-5).all() and domain.contains(x_adv, tol=1e-6)
+    expected = random_start(x, eps, norm, domain, torch.Generator().manual_seed(1))
+    for step in range(4):
+        expected = expected.detach().requires_grad_(True)
+        loss = torch.nn.functional.cross_entropy(model(expected), y, reduction="sum")
+        (grad,) = torch.autograd.grad(loss, expected)
+        size = eps / 2 * 0.5 * (1 + math.cos(math.pi * step / 4))
+        expected = project(ascent_step(expected.detach(), grad, size, norm), x, eps, norm, domain)
+    assert torch.allclose(x_adv, expected, atol=1e-5)
+    loss_adv = torch.nn.functional.cross_entropy(model(x_adv), y)
+    assert loss_adv > torch.nn.functional.cross_entropy(model(x), y)  # it ascends the loss

@@ -117,3 +117,31 @@ def test_certify_stage_records_not_applicable(tmp_path):
     assert {m: v["status"] for m, v in certify["verified_accuracy"].items()} == {"ibp": "not_applicable",
                                                                                "crown": "not_applicable"}
     assert all("auto_LiRPA cannot bound" in v["reason"] for v in certify["verified_accuracy"].values())
+
+
+class Deprecating(torch.nn.Module):
+    """A network whose forward emits a DeprecationWarning, as a deprecated torch call in the
+    traced path (or in auto_LiRPA's bridge) would."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = torch.nn.Linear(4, 3)
+
+    def forward(self, x):
+        import warnings
+
+        warnings.warn("deprecated call on the bound path", DeprecationWarning, stacklevel=2)
+        return self.fc(x)
+
+
+def test_warnings_on_the_bound_path_reach_the_caller():
+    """Bound computation once ignored every warning raised while auto_LiRPA traced and bounded the
+    model, so a deprecation announcing the bridge's next breakage never surfaced. Only the
+    expected tracer warnings are muted now (the same filter guards `compute_bounds`)."""
+    from pipeline.threat import Domain
+
+    domain = Domain(torch.zeros(4), torch.ones(4))
+    with pytest.warns(DeprecationWarning, match="bound path"):  # tracing runs the forward once
+        computer = BoundComputer(Deprecating(), (4,), domain)
+    lower, upper = computer.margin_bounds(torch.full((2, 4), 0.5), torch.tensor([0, 1]), 0.1, "linf", "crown", 3)
+    assert (lower <= upper).all()

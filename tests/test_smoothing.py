@@ -92,12 +92,13 @@ def test_smoothing_on_a_noise_trained_model(pipeline_workspace, tmp_path):
 
     import yaml
 
+    from pipeline.config import train_section_for
     from tests.conftest import run_stage
 
     root = tmp_path / "ws"
     shutil.copytree(pipeline_workspace, root)
     params = yaml.safe_load((root / "params.yaml").read_text())
-    params["train"].update({"method": "gaussian", "noise_sigma": 0.25, "epochs": 3})
+    params["train"] = train_section_for({**params["train"], "noise_sigma": 0.25, "epochs": 3}, "gaussian")
     params["smoothing"] = {**params.get("smoothing", {}), "sigma": 0.25}
     (root / "params.yaml").write_text(yaml.safe_dump(params))
     assert run_stage("train", root) == 0 and run_stage("smooth", root) == 0

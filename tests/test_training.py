@@ -35,7 +35,8 @@ def run(small_data, cfg, seed=0, model_name="cnn_small", **kwargs):
     torch.manual_seed(seed)
     model = build_model(model_name, (1, 8, 8), 10, {"channels": [4, 8], "dense": 16} if model_name == "cnn_small" else {"hidden": [16]})
     before = copy.deepcopy(model.state_dict())
-    result = fit(model, x, y, xv, yv, small_data[1], cfg, torch.Generator().manual_seed(seed), **kwargs)
+    result = fit(model, x, y, xv, yv, small_data[1], cfg, torch.Generator().manual_seed(seed), num_classes=10,
+                 **kwargs)
     return model, before, result
 
 
@@ -98,7 +99,8 @@ def test_fast_at_catastrophic_overfitting_restores_the_best_epoch(small_data):
     model = build_model("mlp", (1, 8, 8), 10, {"hidden": [32]})
     model_box.append(model)
     cfg = config("fast_at", epochs=6, lr=0.01, catastrophic_drop=0.05, epsilon=0.05)
-    result = fit(model, x, y, xv, yv, small_data[1], cfg, torch.Generator().manual_seed(0), on_epoch=collapse_after_epoch_2)
+    result = fit(model, x, y, xv, yv, small_data[1], cfg, torch.Generator().manual_seed(0), on_epoch=collapse_after_epoch_2,
+                 num_classes=10)
     assert result.stopped == "catastrophic_overfitting"
     assert len(result.history) == 3 and result.best_epoch in (1, 2)
     assert any(v.abs().sum() > 0 for v in result.best_state.values())  # the restored weights are pre-collapse
@@ -110,14 +112,14 @@ def test_nan_loss_names_epoch_and_batch(small_data):
 
 
 @pytest.mark.parametrize("change,fragment", [
-    ({"beta": -1.0}, "train.beta = -1.0"),
+    ({"method": "trades", "beta": -1.0}, "train.beta = -1.0"),
     ({"pgd": {"steps": 0}}, "train.pgd.steps = 0"),
     ({"pgd": {"step_size": 0.0}}, "train.pgd.step_size = 0.0"),
-    ({"noise_sigma": 0.0}, "train.noise_sigma = 0.0"),
+    ({"method": "gaussian", "noise_sigma": 0.0}, "train.noise_sigma = 0.0"),
     ({"method": "freeat"}, "train.method = 'freeat'"),
     ({"lr_schedule": "linear"}, "train.lr_schedule = 'linear'"),
     ({"epsilon": 0.0}, "train.epsilon = 0.0"),
-    ({"beta_end": 1.5}, "train.beta_end = 1.5"),
+    ({"method": "crown_ibp", "beta_end": 1.5}, "train.beta_end = 1.5"),
 ])
 def test_bad_training_params(change, fragment):
     with pytest.raises(UsageError) as info:
@@ -263,7 +265,7 @@ def test_divergences_match_their_definitions_and_keep_finite_gradients_when_satu
     for loss in (kl_divergence(sat_a, sat_b), jensen_shannon(sat_a, sat_b)):
         grads = torch.autograd.grad(loss, (sat_a, sat_b))
         assert torch.isfinite(loss) and all(torch.isfinite(g).all() for g in grads)
-    assert float(jensen_shannon(sat_a, sat_b)) == pytest.approx(torch.log(torch.tensor(2.0)).item(), rel=1e-5)
+    assert float(jensen_shannon(sat_a, sat_b).detach()) == pytest.approx(torch.log(torch.tensor(2.0)).item(), rel=1e-5)
 
 
 def test_crown_ibp_beta_end_mixes_the_two_bounds_after_the_ramp(small_data):
@@ -277,9 +279,9 @@ def test_crown_ibp_beta_end_mixes_the_two_bounds_after_the_ramp(small_data):
     bounds = BoundComputer(model, (1, 8, 8), domain)
 
     def loss(method, beta_end):
-        ctx = BatchContext(0.05, "linf", domain, PGD(1, 0.1), torch.Generator().manual_seed(0), ramp=1.0,
+        ctx = BatchContext(0.05, "linf", domain, None, torch.Generator().manual_seed(0), 10, ramp=1.0,
                            kappa_end=0.0, beta_end=beta_end, bounds=bounds)
-        return float(METHODS[method](model, x, y, ctx))
+        return float(METHODS[method](model, x, y, ctx).detach())
 
     ibp_only, crown_only, half = loss("ibp", 0.0), loss("crown_ibp", 1.0), loss("crown_ibp", 0.5)
     assert loss("crown_ibp", 0.0) == pytest.approx(ibp_only)  # the paper's schedule ends at pure IBP
@@ -287,3 +289,26 @@ def test_crown_ibp_beta_end_mixes_the_two_bounds_after_the_ramp(small_data):
     # κ_end = 0: the loss is the CE of the worst-case logits from β·CROWN-IBP + (1-β)·IBP lower bounds,
     # convex in β, so the even mix costs at most the mean of the two pure losses.
     assert half <= (ibp_only + crown_only) / 2 + 1e-6
+
+
+def test_fit_config_passes_every_setting_of_the_method():
+    """Each setting a method accepts reaches the loop (before, `train.pgd.schedule` and
+    `train.val_pgd.schedule` were accepted and dropped)."""
+    from pipeline.stages.train import fit_config
+    from pipeline.training.methods import BatchContext
+
+    params = parse_params({"train": {"pgd": {"steps": 4, "step_size": 0.01, "schedule": "cosine"},
+                                     "val_pgd": {"steps": 5, "step_size": 0.02, "restarts": 3, "schedule": "cosine"}}})
+    cfg = fit_config(params)
+    assert cfg.train_pgd.settings() == {"steps": 4, "step_size": 0.01, "restarts": 1, "loss": "ce", "schedule": "cosine"}
+    assert cfg.val_pgd.settings() == {"steps": 5, "step_size": 0.02, "restarts": 3, "loss": "ce", "schedule": "cosine"}
+    for method, own in [("trades", {"beta": 2.0}), ("mart", {"beta": 3.0}),
+                        ("awp", {"awp_gamma": 0.01, "awp_base": "trades", "beta": 1.0}),
+                        ("consistency", {"consistency_weight": 2.0, "consistency_temperature": 0.7}),
+                        ("fast_at", {"fast_at_step_factor": 1.0, "catastrophic_drop": 0.3}),
+                        ("ibp", {"kappa_end": 0.2}), ("crown_ibp", {"kappa_end": 0.2, "beta_end": 0.4}),
+                        ("gaussian", {"noise_sigma": 0.5}), ("standard", {})]:
+        cfg = fit_config(parse_params({"train": {"method": method, **own}}))
+        reached = {**cfg.context, "catastrophic_drop": cfg.catastrophic_drop, "noise_sigma": cfg.noise_sigma}
+        assert own.items() <= reached.items(), method
+        BatchContext(0.1, "linf", None, cfg.train_pgd, torch.Generator(), 10, **cfg.context)  # all are its fields

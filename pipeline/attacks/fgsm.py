@@ -10,7 +10,7 @@ from torch import nn
 
 from pipeline.attacks.base import Attack
 from pipeline.attacks.losses import loss_and_gradient
-from pipeline.threat import Domain, ascent_step
+from pipeline.threat import Domain, ascent_step, project
 
 
 class FGSM(Attack):
@@ -18,4 +18,6 @@ class FGSM(Attack):
 
     def run(self, model: nn.Module, x, y, epsilon: float, norm: str, domain: Domain, generator: torch.Generator):
         _, grad, _ = loss_and_gradient(model, x, y, "ce")
-        return ascent_step(x, grad, epsilon, norm)
+        # A full ε step leaves the domain where a pixel is already at its bound: project it back here,
+        # so FGSM itself returns a point of the threat model (the base class projects again only as a net).
+        return project(ascent_step(x, grad, epsilon, norm), x, epsilon, norm, domain)

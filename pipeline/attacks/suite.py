@@ -5,9 +5,9 @@ failed on it; the first attack that broke it is recorded. Robust accuracy is
 therefore an upper bound on true robust accuracy, valid for these attacks only.
 
 `independent` runs every attack on every correctly classified sample, so each
-attack's own robust accuracy is known (the gradient-masking checks need that);
-`sequential` runs each attack only on the samples still robust, as AutoAttack
-does: the same worst-case verdict for less work.
+attack's own robust accuracy is known; `sequential` runs each attack only on the
+samples still robust, as AutoAttack does: the same worst-case verdict for less
+work (the gradient-masking checks then run the few attacks they compare on their own).
 """
 from __future__ import annotations
 

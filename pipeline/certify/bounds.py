@@ -59,8 +59,8 @@ class BoundComputer:
             options.update(sparse_features_alpha=False, sparse_spec_alpha=False,
                            sparse_conv_intermediate_bounds=False, sparse_intermediate_bounds=False)
         try:
-            with warnings.catch_warnings():  # tracing warnings are expected for a plain module
-                warnings.simplefilter("ignore")
+            with warnings.catch_warnings():  # tracing warnings are expected; any other must reach the caller
+                warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
                 return self.lirpa.BoundedModule(
                     self.model, torch.zeros(1, *self.input_shape), device="cpu", bound_opts=options,
                 )
@@ -88,7 +88,7 @@ class BoundComputer:
         bounded = self._wrap(dense_alpha=True) if method == "alpha_crown" else self.bounded
         try:
             with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
+                warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
                 lower, upper = bounded.compute_bounds(
                     x=(bounded_x,), C=specification(y, num_classes), method=METHODS[method],
                     bound_upper=upper and method != "alpha_crown",  # alpha-CROWN optimises the lower bound only

@@ -22,7 +22,12 @@ from pipeline.workspace import Workspace
 
 
 def fit_config(params) -> FitConfig:
+    """The training loop's settings: the shared ones, and the chosen method's own (`train` holds
+    only the settings of its method, see :data:`pipeline.config.TRAIN_SETTINGS`)."""
     t = params.train
+    own = {name: getattr(t, name) for name in t.own_settings()}
+    pgd = own.pop("pgd", None)
+    loop_settings = {key: own.pop(key) for key in ("noise_sigma", "catastrophic_drop") if key in own}
     return FitConfig(
         method=t.method,
         epochs=t.epochs,
@@ -33,18 +38,14 @@ def fit_config(params) -> FitConfig:
         weight_decay=t.weight_decay,
         epsilon=params.threat.epsilon,
         norm=params.threat.norm,
-        epsilon_warmup_epochs=t.epsilon_warmup_epochs,
-        train_epsilon=t.epsilon,
-        train_pgd=PGD(t.pgd.steps, t.pgd.step_size, 1),
-        val_pgd=PGD(t.val_pgd.steps, t.val_pgd.step_size, t.val_pgd.restarts),
-        noise_sigma=t.noise_sigma,
+        epsilon_warmup_epochs=own.pop("epsilon_warmup_epochs", 0),
+        train_epsilon=own.pop("epsilon", None),
+        train_pgd=None if pgd is None else PGD(pgd.steps, pgd.step_size, pgd.restarts, schedule=pgd.schedule),
+        val_pgd=PGD(t.val_pgd.steps, t.val_pgd.step_size, t.val_pgd.restarts, schedule=t.val_pgd.schedule),
         lr_schedule=t.lr_schedule,
         early_stopping_patience=t.early_stopping_patience,
-        catastrophic_drop=t.catastrophic_drop,
-        context={"beta": t.beta, "awp_gamma": t.awp_gamma, "awp_base": t.awp_base,
-                 "consistency_weight": t.consistency_weight, "consistency_temperature": t.consistency_temperature,
-                 "fast_at_step_factor": t.fast_at_step_factor, "kappa_end": t.kappa_end,
-                 "beta_end": t.beta_end},
+        context=own,  # what is left: the method's hyperparameters (beta, awp_gamma, kappa_end, ...)
+        **loop_settings,
     )
 
 

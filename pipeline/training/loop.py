@@ -48,7 +48,7 @@ class FitConfig:
     epsilon: float  # the threat model's ε: validation attacks and certifies at this radius
     norm: str
     epsilon_warmup_epochs: int
-    train_pgd: PGD
+    train_pgd: Optional[PGD]  # the inner maximisation; None for methods that do not run PGD
     val_pgd: PGD
     noise_sigma: float = 0.25
     lr_schedule: str = "constant"  # constant | cosine | piecewise
@@ -154,10 +154,13 @@ def fit(
     generator: torch.Generator,
     on_batch: Optional[Callable[[int, int, float], None]] = None,
     on_epoch: Optional[Callable[[dict], None]] = None,
+    *,
+    num_classes: int,
     save_state: Optional[Callable[[TrainState], None]] = None,
     resume: Optional[TrainState] = None,
-    num_classes: int = 10,
 ) -> FitResult:
+    """Train `model` in place; `num_classes` is the data's, never assumed (certified training
+    builds its margin specification from it)."""
     objective = METHODS[cfg.method]
     optimizer = _optimizer(model, cfg)
     result, best_score, stale, first_epoch = FitResult(), -1.0, 0, 0
@@ -176,8 +179,8 @@ def fit(
         started = time.perf_counter()
         epsilon = epoch_epsilon(cfg, epoch)
         ramp = warmup_progress(cfg, epoch)
-        ctx = BatchContext(epsilon, cfg.norm, domain, cfg.train_pgd, generator, cfg.noise_sigma,
-                           ramp=ramp, bounds=bounds, num_classes=num_classes, **cfg.context)
+        ctx = BatchContext(epsilon, cfg.norm, domain, cfg.train_pgd, generator, num_classes,
+                           noise_sigma=cfg.noise_sigma, ramp=ramp, bounds=bounds, **cfg.context)
         order = torch.randperm(len(x_train), generator=generator)
         loss_sum, seen = 0.0, 0
         model.train()

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 import torch
 import torch.nn.functional as F
@@ -25,8 +25,9 @@ class BatchContext:
     epsilon: float  # this epoch's ε (after warm-up)
     norm: str
     domain: Domain
-    pgd: PGD
+    pgd: Optional[PGD]  # the inner maximisation of the PGD-based methods
     generator: torch.Generator
+    num_classes: int  # the data's: the certified methods' margin specification has K-1 rows
     noise_sigma: float = 0.25
     beta: float = 6.0  # TRADES / MART regularisation weight
     awp_gamma: float = 0.005
@@ -38,7 +39,6 @@ class BatchContext:
     kappa_end: float = 0.5
     beta_end: float = 0.0  # crown_ibp: final weight of the CROWN-IBP bound (Zhang et al. 2020 end at 0)
     bounds: Any = None  # a BoundComputer-like object for certified training
-    num_classes: int = 10
     after_backward: list = field(default_factory=list)  # callbacks run between backward and step (AWP)
 
 
