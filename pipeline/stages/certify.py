@@ -86,7 +86,7 @@ def main(ws: Workspace) -> int:
     params = ws.params()
     cfg, threat = params.certify, params.threat
     data, domain, data_fingerprint = load_data(ws, params)
-    model, _ = load_model_for(ws, data_fingerprint)
+    model, _ = load_model_for(ws, params, data, data_fingerprint)
     generator = seed_everything(params.seed)
     x, y = tensors(data, "test", cfg.max_samples)
     x_adv, attack_robust, m = _attack_evidence(ws, len(x), threat.epsilon, threat.norm)

@@ -19,7 +19,7 @@ def main(ws: Workspace) -> int:
     params = ws.params()
     cfg, threat = params.export, params.threat
     data, _, data_fingerprint = load_data(ws, params)
-    model, meta = load_model_for(ws, data_fingerprint)
+    model, meta = load_model_for(ws, params, data, data_fingerprint)
     seed_everything(params.seed)
     if not ws.adversarial.is_file():
         raise UsageError(f"missing {ws.adversarial}: run `robustgate attack` first")
