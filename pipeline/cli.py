@@ -48,6 +48,8 @@ def build_parser() -> argparse.ArgumentParser:
             command.add_argument("directory", type=Path, nargs="?", default=Path("."),
                                  help="workspace or folder holding manifest.json (default: .)")
             command.add_argument("--public-key", type=Path, help="trusted Ed25519 public key (PEM)")
+            command.add_argument("--registry", metavar="TRACKING_URI",
+                                 help="also check that this MLflow registry serves the report's model.onnx byte for byte")
             continue
         command.add_argument("--workspace", type=Path, default=Path("."), help="project root (default: .)")
         command.add_argument("--params", default="params.yaml", help="params file inside the workspace")
@@ -72,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "verify":
         from pipeline.verify_cli import verify
 
-        return _run(args.command, lambda: verify(args.directory, args.public_key))
+        return _run(args.command, lambda: verify(args.directory, args.public_key, args.registry))
     options = {k: v for k, v in vars(args).items() if k not in ("command", "workspace", "params")}
     return _run(args.command, lambda: _dispatch(args.command, args.workspace, args.params, options))
 

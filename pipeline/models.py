@@ -172,7 +172,7 @@ def load_checkpoint(directory: Path, name: str, options: dict[str, Any], input_s
     meta = _read_meta(meta_file)
     check_sidecar(meta, name, options, input_shape, num_classes, meta_file)
     model = build_model(name, input_shape, num_classes, options)
-    state = load_state(weights)
+    state = load_weights(weights)
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as error:
@@ -181,7 +181,7 @@ def load_checkpoint(directory: Path, name: str, options: dict[str, Any], input_s
     return model.eval(), meta
 
 
-def load_state(weights: Path) -> dict[str, torch.Tensor]:
+def load_weights(weights: Path) -> dict[str, torch.Tensor]:
     """A state_dict of plain tensors; anything else in the pickle is refused, never run."""
     import pickle
 

@@ -260,6 +260,9 @@ def promote(client, model_name: str, version: str) -> Optional[str]:
     """Move `approved` to `version`, recording the version it replaces; returns that version.
     Under the promotion lock, and re-read after the write: if another writer got in anyway
     (a lock broken as stale), the chain is repaired before returning."""
+    verdict = client.get_model_version(model_name, version).tags.get("verdict")
+    if verdict != "passed":
+        raise IntegrityMismatch(f"version {version} of {model_name!r} has verdict {verdict!r}; {APPROVED!r} not moved")
     with promotion_lock(client, model_name):
         previous = alias_holder(client, model_name, APPROVED)
         _pause_for_tests()

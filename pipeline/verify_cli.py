@@ -87,7 +87,29 @@ def gate_problems(root: Path, manifest: Path, trusted: Optional[bytes], required
     return problems + signature, f"gate verdict {'PASSED' if record['passed'] else 'FAILED'} ({state})"
 
 
-def verify(directory: Path, public_key: Optional[Path] = None) -> int:
+def registry_problems(root: Path, manifest: Path, uri: str) -> tuple[list[str], str]:
+    """The registry must serve, for every version registered with the report's ONNX hash, exactly
+    those bytes; and at least one such version must exist."""
+    from pipeline.config import read_yaml
+    from pipeline.registry import check_reachable, redact, registered_onnx_sha256, registry_errors, versions
+
+    listed, _ = read_json_bytes(manifest.read_bytes(), manifest.name)
+    digest = (listed.get("artifacts") or {}).get("models/model.onnx") if isinstance(listed, dict) else None
+    params = read_yaml(root / "params.yaml") if (root / "params.yaml").is_file() else {}
+    section = params.get("register") if isinstance(params, dict) else None
+    name = section.get("model_name", "robustgate-model") if isinstance(section, dict) else "robustgate-model"
+    check_reachable(uri)
+    with registry_errors(uri, "comparing the registered model"):
+        matching = [row["version"] for row in versions(uri, name) if row["onnx_sha256"] == digest]
+        served = {version: registered_onnx_sha256(uri, name, version) for version in matching}
+    if not matching:
+        return [f"no version of {name!r} in {redact(uri)} was registered with this report's model.onnx"], ""
+    problems = [f"registry version {version} of {name!r} serves an ONNX file with SHA-256 {got[:16]}..., "
+                f"the report's is {str(digest)[:16]}..." for version, got in served.items() if got != digest]
+    return problems, f"registry: version(s) {', '.join(matching)} of {name!r} serve this model.onnx byte for byte"
+
+
+def verify(directory: Path, public_key: Optional[Path] = None, registry: Optional[str] = None) -> int:
     manifest = find_manifest(directory)
     trusted = trusted_key(public_key)
     root = workspace_root(manifest)
@@ -95,6 +117,10 @@ def verify(directory: Path, public_key: Optional[Path] = None) -> int:
     problems, checked, signature = verify_manifest(manifest, trusted, required)
     gate, gate_state = gate_problems(root, manifest, trusted, required)
     problems += gate
+    registry_state = ""
+    if registry:
+        found, registry_state = registry_problems(root, manifest, registry)
+        problems += found
     for problem in problems:
         print(f"verify: MISMATCH {problem}")
     if signature.get("public_key_sha256"):
@@ -102,8 +128,9 @@ def verify(directory: Path, public_key: Optional[Path] = None) -> int:
         print(f"verify: signature by key {signature['public_key_sha256'][:16]}... ({state})")
     elif not signature["signed"]:
         print("verify: manifest is not signed")
-    if gate_state:
-        print(f"verify: {gate_state}")
+    for state in (gate_state, registry_state):
+        if state:
+            print(f"verify: {state}")
     if problems:
         raise IntegrityMismatch(f"{len(problems)} problem(s) in {manifest}")
     print(f"verify: OK, {checked} artifacts match {manifest}")

@@ -305,3 +305,12 @@ def test_registry_serves_the_evaluated_onnx_bytes(ws, capsys):
     capsys.readouterr()
     assert run_stage("status", ws) == 0
     assert "same" in capsys.readouterr().out.splitlines()[-1]
+    assert cli(["verify", str(ws), "--registry", uri]) == 0
+    assert "version(s) 1 of 'tiny-model' serve this model.onnx byte for byte" in capsys.readouterr().out
+
+    stored = next((ws / "mlruns").rglob("artifacts/model/model.onnx"))  # the registry's own copy, altered
+    stored.write_bytes(stored.read_bytes() + b"\0")
+    assert run_stage("status", ws) == 1
+    assert "DIFFERENT" in capsys.readouterr().out
+    assert cli(["verify", str(ws), "--registry", uri]) == 1
+    assert "registry version 1 of 'tiny-model' serves an ONNX file" in capsys.readouterr().out
