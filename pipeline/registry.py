@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
-from pipeline.errors import IntegrityMismatch, RegistryUnreachable
+from pipeline.errors import EvidenceError, IntegrityMismatch, RegistryUnreachable, UsageError
 from pipeline.io import sha256_file
 
 CANDIDATE, APPROVED = "candidate", "approved"
@@ -75,13 +75,15 @@ def _first_line(error: BaseException) -> str:
 
 @contextmanager
 def registry_errors(tracking_uri: str, doing: str):
-    """Any failure of the MLflow client becomes one RegistryUnreachable line (exit 1)."""
-    from mlflow.exceptions import MlflowException
-
+    """Any failure of the MLflow client (MlflowException, but also the store's own SQLAlchemy or HTTP
+    errors) becomes one RegistryUnreachable line (exit 1), never an empty answer."""
     try:
         yield
-    except MlflowException as error:
-        raise RegistryUnreachable(f"MLflow at {redact(tracking_uri)} failed while {doing}: {_first_line(error)}") from None
+    except (EvidenceError, UsageError):
+        raise
+    except Exception as error:  # noqa: BLE001 (only registry calls run inside)
+        raise RegistryUnreachable(f"MLflow at {redact(tracking_uri)} failed while {doing}: "
+                                  f"{type(error).__name__}: {_first_line(error)}") from None
 
 
 def _flatten(prefix: str, value, out: dict) -> None:

@@ -286,6 +286,25 @@ def test_bad_signing_key_stops_the_report_before_it_writes(ws, tmp_path, monkeyp
     assert run_stage("gate", ws) == 2  # the gate signs its verdict with the same key: same refusal
 
 
+# --- 5. a registry that cannot be read is never "no approved model" --------------------------------
+
+def test_report_refuses_to_say_no_approved_model_when_the_registry_fails(ws, monkeypatch, capsys):
+    """Before: a registry that failed to answer became "registry not readable" text in the report (exit 0);
+    a failure is RegistryUnreachable (exit 1) and no report file is replaced. (The unreachable-server
+    cases run against a closed port in tests/test_registry_concurrency.py.)"""
+    broken = ws / "broken.db"
+    broken.write_text("not an sqlite database\n")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{broken}")
+    html = (ws / "reports/build/report.html").read_bytes()
+    capsys.readouterr()
+    assert run_stage("report", ws) == 1
+    err = capsys.readouterr().err
+    assert "REGISTRY UNREACHABLE" in err and "file is not a database" in err and len(err.strip().splitlines()) == 1
+    assert (ws / "reports/build/report.html").read_bytes() == html
+    assert run_stage("rollback", ws) == 1
+    assert "REGISTRY UNREACHABLE" in capsys.readouterr().err
+
+
 # --- issue 19: the registry holds the evaluated bytes -------------------------------------------------
 
 def test_registry_serves_the_evaluated_onnx_bytes(ws, capsys):
