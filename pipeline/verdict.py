@@ -1,5 +1,5 @@
 """The release decision as one function, so the gate that writes it and the register stage
-that acts on it cannot disagree: `decide` evaluates the policy on the metrics; `audit`
+that acts on it cannot disagree: `decide` evaluates the policy on the metrics;
 `file_problems` and `verdict_problems` list every way a recorded verdict (`metrics/gate.json`)
 fails to follow from the files.
 """

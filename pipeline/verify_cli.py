@@ -12,6 +12,7 @@ from typing import Optional
 from pipeline.errors import IntegrityMismatch, UsageError
 from pipeline.io import sha256_file
 from pipeline.manifest import check_file_signature, read_json_bytes, verify_manifest
+from pipeline.verdict import read_record
 
 
 def find_manifest(directory: Path) -> Path:
@@ -63,12 +64,10 @@ def gate_problems(root: Path, manifest: Path, trusted: Optional[bytes], required
     gate = root / "metrics" / "gate.json"
     if not gate.is_file():
         return [], "no gate verdict (metrics/gate.json) beside this manifest"
-    record, problems = read_json_bytes(gate.read_bytes(), "metrics/gate.json")
-    if problems:
-        return problems, ""
-    pinned = record.get("artifacts") if isinstance(record, dict) else None
-    if not isinstance(pinned, dict) or not isinstance(record.get("passed"), bool):
-        return ["metrics/gate.json is not a gate verdict (no 'passed' or 'artifacts')"], ""
+    record, problems = read_record(gate)
+    if record is None:
+        return [f"metrics/{problem}" for problem in problems], ""
+    pinned = record["artifacts"]
     listed, _ = read_json_bytes(manifest.read_bytes(), manifest.name)
     listed = listed.get("artifacts", {}) if isinstance(listed, dict) else {}
     for name, digest in sorted(pinned.items()):
