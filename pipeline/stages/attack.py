@@ -6,7 +6,6 @@ import json
 import sys
 
 import numpy as np
-import torch
 from tqdm import tqdm
 
 from pipeline.attacks import FGSM, PGD, Attack

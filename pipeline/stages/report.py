@@ -15,7 +15,6 @@ import platform
 import subprocess
 import sys
 from importlib import metadata
-from pathlib import Path
 
 import numpy as np
 
