@@ -221,6 +221,7 @@ def registered_onnx_sha256(tracking_uri: str, model_name: str, version: str) -> 
     """SHA-256 of the model.onnx the registry serves for a version (downloaded, then deleted)."""
     import mlflow.artifacts
 
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # status output stays a table
     with tempfile.TemporaryDirectory() as scratch, tracking(tracking_uri):  # models:/ resolves via the registry URI
         local = mlflow.artifacts.download_artifacts(artifact_uri=f"models:/{model_name}/{version}", dst_path=scratch)
         return sha256_file(Path(local) / "model.onnx")
