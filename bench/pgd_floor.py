@@ -58,6 +58,7 @@ def sequential_speedup() -> None:
 
     from pipeline.attacks import FGSM
     from pipeline.attacks.suite import run_suite
+    from pipeline.config import load_params
     from pipeline.data.store import load_prepared
     from pipeline.models import load_checkpoint
 
@@ -65,8 +66,10 @@ def sequential_speedup() -> None:
     if not (root / "models" / "model.pt").is_file():
         print("sequential speed-up: run `make repro` first (needs the default model)")
         return
-    model, _ = load_checkpoint(root / "models")
     data = load_prepared(root / "data" / "prepared" / "data.npz")
+    params = load_params(root / "params.yaml", root)
+    model, _ = load_checkpoint(root / "models", params.model.name, params.model.factory_options(),
+                               data.x["test"].shape[1:], data.num_classes)
     x, y = torch.as_tensor(data.x["test"]), torch.as_tensor(data.y["test"])
     domain = Domain.from_arrays(data.lower, data.upper)
     # deterministic attacks (no random start), so the two verdicts must match exactly

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import json
 import sys
 from pathlib import Path
 
@@ -47,6 +48,8 @@ def build_parser() -> argparse.ArgumentParser:
             command.add_argument("directory", type=Path, nargs="?", default=Path("."),
                                  help="workspace or folder holding manifest.json (default: .)")
             command.add_argument("--public-key", type=Path, help="trusted Ed25519 public key (PEM)")
+            command.add_argument("--registry", metavar="TRACKING_URI",
+                                 help="also check that this MLflow registry serves the report's model.onnx byte for byte")
             continue
         command.add_argument("--workspace", type=Path, default=Path("."), help="project root (default: .)")
         command.add_argument("--params", default="params.yaml", help="params file inside the workspace")
@@ -71,17 +74,22 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "verify":
         from pipeline.verify_cli import verify
 
-        return _run(args.command, lambda: verify(args.directory, args.public_key))
+        return _run(args.command, lambda: verify(args.directory, args.public_key, args.registry))
+    options = {k: v for k, v in vars(args).items() if k not in ("command", "workspace", "params")}
+    return _run(args.command, lambda: _dispatch(args.command, args.workspace, args.params, options))
+
+
+def _dispatch(command: str, workspace: Path, params: str, options: dict) -> int:
+    from pipeline.io import confine
     from pipeline.workspace import Workspace
 
-    ws = Workspace.at(args.workspace, args.params)
+    confine(params, workspace, "--params")  # a params file outside the workspace is refused
+    ws = Workspace.at(workspace, params)
     if str(ws.root) not in sys.path:
         sys.path.insert(0, str(ws.root))  # `model.name: module:callable` resolves in the workspace
-    options = {k: v for k, v in vars(args).items() if k not in ("command", "workspace", "params")}
-    if args.command in TOOLS:
-        module = importlib.import_module(TOOLS[args.command][0])
-        return _run(args.command, lambda: getattr(module, args.command)(ws, **options))
-    return _run(args.command, lambda: importlib.import_module(f"pipeline.stages.{args.command}").main(ws, **options))
+    if command in TOOLS:
+        return getattr(importlib.import_module(TOOLS[command][0]), command)(ws, **options)
+    return importlib.import_module(f"pipeline.stages.{command}").main(ws, **options)
 
 
 def _run(command: str, call) -> int:
@@ -90,6 +98,10 @@ def _run(command: str, call) -> int:
         return call()
     except UsageError as error:
         print(f"robustgate {command}: error: {error}", file=sys.stderr)
+        return 2
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:  # last resort; readers name the file themselves
+        print(f"robustgate {command}: error: an input file is not valid JSON or UTF-8 ({error}); "
+              "re-run the stage that writes it", file=sys.stderr)
         return 2
     except EvidenceError as error:
         print(f"robustgate {command}: {error.prefix}: {error}", file=sys.stderr)

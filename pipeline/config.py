@@ -475,8 +475,30 @@ def with_method(params: Params, method: str) -> Params:
     return params.model_copy(update={"train": train})
 
 
+class _DuplicateKey(Exception):
+    def __init__(self, key, first_line: int, second_line: int):
+        super().__init__(key)
+        self.key, self.first_line, self.second_line = key, first_line, second_line
+
+
 class _Yaml11Loader(yaml.SafeLoader):
-    """SafeLoader that reads `1e-4` as a float (plain YAML 1.1 reads it as a string)."""
+    """SafeLoader that reads `1e-4` as a float (plain YAML 1.1 reads it as a string) and refuses a
+    key given twice in one mapping (plain YAML keeps the last one silently)."""
+
+    def construct_mapping(self, node, deep=False):
+        if isinstance(node, yaml.MappingNode):
+            seen: dict = {}
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":
+                    continue
+                key, line = self.construct_object(key_node, deep=True), key_node.start_mark.line + 1
+                try:
+                    if key in seen:
+                        raise _DuplicateKey(key, seen[key], line)
+                    seen[key] = line
+                except TypeError:  # unhashable key: the base constructor reports it
+                    continue
+        return super().construct_mapping(node, deep=deep)
 
 
 _Yaml11Loader.add_implicit_resolver(
@@ -487,9 +509,19 @@ _Yaml11Loader.add_implicit_resolver(
 
 
 def read_yaml(path: Path) -> object:
-    """Parse a YAML file safely (no object construction), with scientific floats."""
+    """Parse a YAML file safely (no object construction), with scientific floats; invalid UTF-8,
+    invalid YAML and duplicate keys are one line each."""
     try:
-        return yaml.load(path.read_text(encoding="utf-8"), Loader=_Yaml11Loader)  # noqa: S506 (SafeLoader subclass)
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as error:
+        raise UsageError(f"{path.name}: not valid UTF-8 text (byte {error.start}: {error.reason})") from None
+    except OSError as error:
+        raise UsageError(f"{path.name}: cannot read ({error.strerror})") from None
+    try:
+        return yaml.load(text, Loader=_Yaml11Loader)  # noqa: S506 (SafeLoader subclass)
+    except _DuplicateKey as error:
+        raise UsageError(f"{path.name}: duplicate key {error.key!r} on lines {error.first_line} and "
+                         f"{error.second_line}") from None
     except yaml.YAMLError as error:
         raise UsageError(f"{path.name}: not valid YAML: {str(error).splitlines()[0]}") from None
 

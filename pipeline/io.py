@@ -75,4 +75,8 @@ def write_text(path: Path, text: str) -> None:
 def read_json(path: Path) -> Any:
     if not path.is_file():
         raise UsageError(f"missing input {path}: run the upstream stage first (dvc repro)")
-    return json.loads(path.read_text(encoding="utf-8"))
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise UsageError(f"{path}: not valid JSON ({error}): the file is truncated or was edited; "
+                         "re-run the stage that writes it") from None

@@ -89,17 +89,34 @@ def _resolve_factory(name: str) -> Callable[..., nn.Module]:
 
 
 def build_model(name: str, input_shape: Sequence[int], num_classes: int, options: dict[str, Any]) -> nn.Module:
-    """Build a model; a user factory is called as `factory(input_shape, num_classes, **options)`."""
-    model = _resolve_factory(name)(tuple(input_shape), num_classes, **options)
+    """Build a model; a user factory is called as `factory(input_shape, num_classes, **options)`.
+    A factory or forward pass that raises is bad input (one line), not a traceback."""
+    factory = _resolve_factory(name)
+    try:
+        model = factory(tuple(input_shape), num_classes, **options)
+    except UsageError:
+        raise
+    except Exception as error:  # user code: any failure is the user's model, reported in one line
+        raise UsageError(f"model.name = {name!r}: the factory raised {type(error).__name__}: {_first_line(error)}") from None
     if not isinstance(model, nn.Module):
         raise UsageError(f"model.name = {name!r}: factory returned {type(model).__name__}, not an nn.Module")
-    with torch.no_grad():
-        out = model.eval()(torch.zeros(2, *input_shape))
-    if out.shape != (2, num_classes):
+    try:
+        with torch.no_grad():
+            out = model.eval()(torch.zeros(2, *input_shape))
+    except Exception as error:
+        raise UsageError(f"model.name = {name!r}: forward on a zero batch of shape {(2, *input_shape)} raised "
+                         f"{type(error).__name__}: {_first_line(error)}") from None
+    if not isinstance(out, torch.Tensor) or out.shape != (2, num_classes):
+        shown = tuple(out.shape[1:]) if isinstance(out, torch.Tensor) else type(out).__name__
         raise UsageError(
-            f"model.name = {name!r}: output shape {tuple(out.shape[1:])} per sample; the data has {num_classes} classes"
+            f"model.name = {name!r}: output shape {shown} per sample; the data has {num_classes} classes"
         )
     return model
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0][:200] if text else "no message"
 
 
 def save_checkpoint(model: nn.Module, directory: Path, meta: dict[str, Any]) -> None:
@@ -112,16 +129,69 @@ def save_checkpoint(model: nn.Module, directory: Path, meta: dict[str, Any]) -> 
     atomic_write(directory / "model.json", lambda tmp: tmp.write_text(text, encoding="utf-8"))
 
 
-def load_checkpoint(directory: Path) -> tuple[nn.Module, dict[str, Any]]:
+def _read_meta(meta_file: Path) -> dict[str, Any]:
+    try:
+        meta = json.loads(meta_file.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise UsageError(f"{meta_file}: not valid JSON ({_first_line(error)}); re-run `robustgate train`") from None
+    if not isinstance(meta, dict):
+        raise UsageError(f"{meta_file}: must be a JSON object; re-run `robustgate train`")
+    return meta
+
+
+def _int_list(value: Any) -> list[int] | None:
+    if isinstance(value, list) and value and all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in value):
+        return value
+    return None
+
+
+def check_sidecar(meta: dict[str, Any], name: str, options: dict[str, Any], input_shape: Sequence[int],
+                  num_classes: int, meta_file: Path) -> None:
+    """model.json must describe exactly the architecture the params name, on the prepared data's
+    shapes: the sidecar chooses nothing, so it cannot make a stage import or call other code."""
+    expected = {"model": name, "model_options": dict(options), "input_shape": [int(d) for d in input_shape],
+                "num_classes": int(num_classes)}
+    for key, want in expected.items():
+        have = meta.get(key, {} if key == "model_options" else None)
+        if key == "input_shape" and _int_list(have) is None:
+            raise UsageError(f"{meta_file}: input_shape = {have!r} is not a list of positive integers; refused")
+        if key == "num_classes" and (not isinstance(have, int) or isinstance(have, bool)):
+            raise UsageError(f"{meta_file}: num_classes = {have!r} is not an integer; refused")
+        if have != want:
+            raise UsageError(f"{meta_file}: {key} = {json.dumps(have)[:120]}, but the params and prepared data give "
+                             f"{json.dumps(want)[:120]}; refused before building anything (re-run `robustgate train`)")
+
+
+def load_checkpoint(directory: Path, name: str, options: dict[str, Any], input_shape: Sequence[int],
+                    num_classes: int) -> tuple[nn.Module, dict[str, Any]]:
+    """The checkpoint in `directory`, built as `name(input_shape, num_classes, **options)` from the
+    params and data, after checking model.json names exactly that; weights as plain tensors only."""
     weights, meta_file = directory / "model.pt", directory / "model.json"
     if not weights.is_file() or not meta_file.is_file():
         raise UsageError(f"no checkpoint in {directory}: expected model.pt and model.json (run `robustgate train`)")
-    meta = json.loads(meta_file.read_text(encoding="utf-8"))
-    model = build_model(meta["model"], meta["input_shape"], meta["num_classes"], meta.get("model_options", {}))
-    state = torch.load(weights, map_location="cpu", weights_only=True)
+    meta = _read_meta(meta_file)
+    check_sidecar(meta, name, options, input_shape, num_classes, meta_file)
+    model = build_model(name, input_shape, num_classes, options)
+    state = load_weights(weights)
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as error:
         first = str(error).splitlines()[0]
-        raise UsageError(f"{weights}: checkpoint does not match model {meta['model']!r}: {first}") from None
+        raise UsageError(f"{weights}: checkpoint does not match model {name!r}: {first}") from None
     return model.eval(), meta
+
+
+def load_weights(weights: Path) -> dict[str, torch.Tensor]:
+    """A state_dict of plain tensors; anything else in the pickle is refused, never run."""
+    import pickle
+
+    try:
+        state = torch.load(weights, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        raise UsageError(f"{weights}: refused: the file holds Python objects other than tensors (only a plain "
+                         "state_dict is loaded, nothing in it is executed); re-save it with `robustgate train`") from None
+    except (RuntimeError, EOFError, OSError, ValueError) as error:
+        raise UsageError(f"{weights}: not a readable torch checkpoint ({_first_line(error)})") from None
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise UsageError(f"{weights}: refused: not a state_dict of tensors")
+    return state

@@ -1,10 +1,15 @@
-"""`robustgate status` and `robustgate rollback`: the release manager's view of the registry."""
+"""`robustgate status` and `robustgate rollback`: the release manager's view of the registry.
+
+Both fail within seconds on an unreachable registry (exit 1): "no approved version"
+is said only by a registry that answered.
+"""
 from __future__ import annotations
 
 import os
 
-from pipeline.errors import GateFailed
-from pipeline.registry import default_tracking_uri, rollback as move_back, versions
+from pipeline.errors import GateFailed, IntegrityMismatch
+from pipeline.registry import default_tracking_uri, registered_onnx_sha256, registry_errors, rollback as move_back
+from pipeline.registry import versions
 from pipeline.workspace import Workspace
 
 
@@ -13,28 +18,40 @@ def tracking_uri(ws: Workspace) -> str:
 
 
 def status(ws: Workspace) -> int:
-    name = ws.params().registry.model_name
-    rows = versions(tracking_uri(ws), name)
+    """The versions table; the bytes the registry serves for each aliased version are downloaded and
+    compared with the hash the evidence recorded (exit 1 on a difference)."""
+    name, uri = ws.params().registry.model_name, tracking_uri(ws)
+    with registry_errors(uri, "listing versions"):
+        rows = versions(uri, name)
+        for row in rows:
+            if row["aliases"]:
+                row["bytes"] = "same" if registered_onnx_sha256(uri, name, row["version"]) == row["onnx_sha256"] \
+                    else "DIFFERENT"
     if not rows:
         print(f"status: no registered versions of {name!r}")
         return 0
     print(f"status: {name} ({len(rows)} version{'s' if len(rows) > 1 else ''})")
-    header = ("version", "aliases", "verdict", "onnx sha256", "dataset", "git commit")
+    header = ("version", "aliases", "verdict", "onnx sha256", "dataset", "git commit", "registry bytes")
     table = [header] + [
         (r["version"], ",".join(r["aliases"]) or "-", r["verdict"], r["onnx_sha256"][:16],
-         r["dataset_fingerprint"][:12], r["git_commit"][:12])
+         r["dataset_fingerprint"][:12], r["git_commit"][:12], r.get("bytes", "-"))
         for r in rows
     ]
     widths = [max(len(row[i]) for row in table) for i in range(len(header))]
     for row in table:
-        print("  ".join(cell.ljust(w) for cell, w in zip(row, widths)))
+        print("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip())
+    different = [r["version"] for r in rows if r.get("bytes") == "DIFFERENT"]
+    if different:
+        raise IntegrityMismatch(f"the registry serves an ONNX file whose SHA-256 differs from the evaluated one for "
+                                f"version(s) {', '.join(different)}")
     return 0
 
 
 def rollback(ws: Workspace) -> int:
-    name = ws.params().registry.model_name
+    name, uri = ws.params().registry.model_name, tracking_uri(ws)
     try:
-        current, previous = move_back(tracking_uri(ws), name)
+        with registry_errors(uri, "rolling back"):
+            current, previous = move_back(uri, name)
     except LookupError as error:
         raise GateFailed(f"cannot roll back: {error}") from None
     print(f"rollback: {name} alias 'approved' moved from version {current} back to version {previous}")

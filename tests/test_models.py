@@ -16,7 +16,7 @@ def meta_for(name, options, shape=(1, 8, 8)):
 def test_checkpoint_roundtrip(tmp_path, name, options):
     model = build_model(name, (1, 8, 8), 10, options)
     save_checkpoint(model, tmp_path, meta_for(name, options))
-    loaded, meta = load_checkpoint(tmp_path)
+    loaded, meta = load_checkpoint(tmp_path, name, options, (1, 8, 8), 10)
     x = torch.rand(3, 1, 8, 8)
     assert torch.equal(model.eval()(x), loaded(x))
     assert meta["model"] == name
@@ -26,7 +26,7 @@ def test_architecture_mismatch_is_a_clear_error(tmp_path):
     model = build_model("mlp", (1, 8, 8), 10, {"hidden": [16]})
     save_checkpoint(model, tmp_path, meta_for("mlp", {"hidden": [32]}))
     with pytest.raises(UsageError, match="does not match model 'mlp'"):
-        load_checkpoint(tmp_path)
+        load_checkpoint(tmp_path, "mlp", {"hidden": [32]}, (1, 8, 8), 10)
 
 
 def test_user_factory(tmp_path, monkeypatch):

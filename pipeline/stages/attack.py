@@ -6,7 +6,6 @@ import json
 import sys
 
 import numpy as np
-import torch
 from tqdm import tqdm
 
 from pipeline.attacks import FGSM, PGD, Attack
@@ -20,7 +19,7 @@ from pipeline.io import atomic_write, confine, sha256_file, write_json, write_te
 from pipeline.policy import load_policy
 from pipeline.results import (Accuracy, AttackRecord, AttackResult, AttackSweep, ClassRecord, NotApplicable,
                               ReferenceCoverage, ThreatRecord, dump)
-from pipeline.stages.common import load_data, load_model_for, seed_everything, tensors
+from pipeline.stages.common import check_model_outputs, load_data, load_model_for, seed_everything, tensors
 from pipeline.stats import proportion
 from pipeline.workspace import Workspace
 
@@ -39,17 +38,6 @@ def build_attacks(cfg, epsilon: float) -> list[Attack]:
         "square": lambda: Square(cfg.square.queries, cfg.square.p_init, cfg.square.restarts),
     }
     return [factories[name]() for name in cfg.attacks]  # names validated by the config
-
-
-def check_model_outputs(model, x: torch.Tensor, num_classes: int) -> None:
-    """A model that returns NaN or the wrong number of logits makes every figure meaningless."""
-    with torch.no_grad():
-        out = model(x[:256])
-    if out.dim() != 2 or out.shape[1] != num_classes:
-        raise UsageError(f"model returns shape {tuple(out.shape)} for {len(x[:256])} inputs; "
-                         f"expected ({len(x[:256])}, {num_classes}) logits")
-    if not torch.isfinite(out).all():
-        raise UsageError("model returns NaN or inf logits on the test split; fix the model before attacking it")
 
 
 def epsilon_sweep(model, cfg, x, y, epsilon, norm, domain, generator) -> list[dict]:
@@ -149,7 +137,7 @@ def main(ws: Workspace) -> int:
     refuse_clean_only(ws, params)
     data, domain, data_fingerprint = load_data(ws, params)
     model_sha = sha256_file(ws.checkpoint)
-    model, _ = load_model_for(ws, data_fingerprint)
+    model, _ = load_model_for(ws, params, data, data_fingerprint)
     generator = seed_everything(params.seed)
     x, y = tensors(data, "test", cfg.max_samples)
     for name, needed in NEEDS_CLASSES.items():

@@ -166,7 +166,7 @@ def main(ws: Workspace) -> int:
     cfg, threat = params.certify, params.threat
     data, domain, data_fingerprint = load_data(ws, params)
     model_sha = sha256_file(ws.checkpoint)
-    model, _ = load_model_for(ws, data_fingerprint)
+    model, _ = load_model_for(ws, params, data, data_fingerprint)
     generator = seed_everything(params.seed)
     x, y = tensors(data, "test", cfg.max_samples)
     attack = results.load("attack", ws.metrics("attack"))

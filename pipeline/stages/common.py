@@ -30,15 +30,30 @@ def load_data(ws: Workspace, params) -> tuple[PreparedData, Domain, str]:
     return data, domain, fingerprint(data)
 
 
-def load_model_for(ws: Workspace, data_fingerprint: str):
-    """The trained model, refusing one trained on other data than the prepared split."""
-    model, meta = load_checkpoint(ws.model_dir)
+def load_model_for(ws: Workspace, params, data: PreparedData, data_fingerprint: str):
+    """The trained model, built from the params on the prepared data's shapes, refusing one trained on
+    other data than the prepared split or whose logits are NaN or wrongly shaped."""
+    model, meta = load_checkpoint(ws.model_dir, params.model.name, params.model.factory_options(),
+                                  data.x["test"].shape[1:], data.num_classes)
     if meta.get("dataset_fingerprint") != data_fingerprint:
         raise UsageError(
-            f"{ws.model_dir / 'model.pt'} was trained on data {meta.get('dataset_fingerprint', '?')[:12]}, "
+            f"{ws.model_dir / 'model.pt'} was trained on data {str(meta.get('dataset_fingerprint', '?'))[:12]}, "
             f"the prepared data is {data_fingerprint[:12]}: re-run `robustgate train`"
         )
+    check_model_outputs(model, tensors(data, "test", 256)[0], data.num_classes)
     return model, meta
+
+
+def check_model_outputs(model, x: torch.Tensor, num_classes: int) -> None:
+    """A model that returns NaN or the wrong number of logits makes every figure meaningless."""
+    with torch.no_grad():
+        out = model(x[:256])
+    if not isinstance(out, torch.Tensor) or out.dim() != 2 or out.shape[1] != num_classes:
+        shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+        raise UsageError(f"model returns shape {shape} for {len(x[:256])} inputs; "
+                         f"expected ({len(x[:256])}, {num_classes}) logits")
+    if not torch.isfinite(out).all():
+        raise UsageError("model returns NaN or inf logits on the test split; fix the model before evaluating it")
 
 
 def tensors(data: PreparedData, split: str, limit: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:

@@ -21,7 +21,7 @@ def main(ws: Workspace) -> int:
     cfg, threat = params.export, params.threat
     data, _, data_fingerprint = load_data(ws, params)
     model_sha = sha256_file(ws.checkpoint)
-    model, meta = load_model_for(ws, data_fingerprint)
+    model, meta = load_model_for(ws, params, data, data_fingerprint)
     seed_everything(params.seed)
     if not ws.adversarial.is_file():
         raise UsageError(f"missing {ws.adversarial}: run `robustgate attack` first")

@@ -1,8 +1,10 @@
 """Stage `register`: log the run to MLflow and register the ONNX model.
 
-It re-checks what the gate decided: a failed verdict, or any artifact whose
-SHA-256 differs from the one pinned in `metrics/gate.json`, keeps `approved`
-where it is.
+It does not take `metrics/gate.json` at its word: it re-evaluates the policy on the
+metrics (`pipeline.verdict.decide`, the gate's own function) and refuses, before
+touching the registry, when the recorded verdict disagrees, the policy changed, a
+pinned hash differs from its file, the export stage checked another ONNX file, the
+report's manifest lists other hashes, or a configured signature is missing or wrong.
 """
 from __future__ import annotations
 
@@ -11,75 +13,63 @@ import os
 import numpy as np
 
 from pipeline.errors import IntegrityMismatch, RegistryUnreachable
-from pipeline.evidence import collect_metrics, hash_artifacts
-from pipeline.io import read_json, sha256_file, write_json
-from pipeline.registry import default_tracking_uri, register
+from pipeline.io import sha256_file, write_json
+from pipeline.manifest import configured_signing_key
+from pipeline.registry import check_reachable, default_tracking_uri, redact, register
+from pipeline.verdict import decide, file_problems, gate_record_path, public_key_of, read_record, verdict_problems
 from pipeline.workspace import SCHEMA_VERSION, Workspace
 
 
-def check_reachable(tracking_uri: str, timeout_s: float = 10.0) -> None:
-    """Fail in seconds, not after minutes of client retries, when a tracking server is down."""
-    if not tracking_uri.startswith(("http://", "https://")):
-        return
-    import urllib.error
-    import urllib.request
-
-    url = tracking_uri.rstrip("/") + "/health"
-    try:
-        with urllib.request.urlopen(url, timeout=timeout_s) as response:  # noqa: S310 (http(s) only)
-            response.read()
-    except (urllib.error.URLError, OSError) as error:
-        reason = getattr(error, "reason", error)
-        raise RegistryUnreachable(
-            f"MLflow tracking server {_redact(tracking_uri)} is unreachable ({reason}); nothing was registered "
-            "and every local artifact is kept: start the server or unset MLFLOW_TRACKING_URI, then re-run"
-        ) from None
-
-
-def _redact(uri: str) -> str:
-    """Drop credentials from a URI before it is printed or stored."""
-    scheme, sep, rest = uri.partition("://")
-    return f"{scheme}{sep}{rest.split('@')[-1]}" if sep else uri
-
-
-def tampered(pinned: dict[str, str], current: dict[str, str]) -> list[str]:
-    return sorted(name for name, digest in pinned.items() if current.get(name) != digest)
+def checked_decision(ws: Workspace, params):
+    """The verdict re-derived from the files, after every check that gate.json follows from them."""
+    key = configured_signing_key(ws.root, params)
+    record, problems = read_record(gate_record_path(ws))
+    if record is None:
+        raise IntegrityMismatch(f"refusing to register: {problems[0]}")
+    problems = file_problems(ws, record, public_key_of(key), signature_required=key is not None)
+    decision = None if problems else decide(ws)
+    problems = problems or verdict_problems(record, decision)
+    if problems:
+        more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+        raise IntegrityMismatch(f"refusing to register: {problems[0]}{more}; re-run dvc repro")
+    return record, decision
 
 
 def main(ws: Workspace) -> int:
     params = ws.params()
-    gate = read_json(ws.metrics("gate"))
-    changed = tampered(gate["artifacts"], hash_artifacts(ws))
-    if changed:
-        raise IntegrityMismatch(f"refusing to register: changed since the gate ran: {', '.join(changed)}; re-run dvc repro")
+    gate, decision = checked_decision(ws, params)
     tracking_uri = os.environ.get("MLFLOW_TRACKING_URI") or default_tracking_uri(ws.root)
     local_store = tracking_uri.startswith("sqlite:")
     check_reachable(tracking_uri)
-    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
-    metrics = collect_metrics(ws, ("prepare", "train", "attack", "certify", "smooth", "export", "gate"))
+    metrics = {**{k: v for k, v in decision.metrics.items() if k != "trace"},
+               "gate": {"passed": decision.passed, "trace": decision.metrics["trace"]}}
     onnx_sha = sha256_file(ws.onnx)
     x_example = np.load(ws.prepared, allow_pickle=False)["x_test"][:2]
     tags = {
         "onnx_sha256": onnx_sha,
-        "evidence_sha256": sha256_file(ws.metrics("gate")),
-        "git_commit": gate.get("git_commit", ws.git_commit()),
-        "dataset_fingerprint": metrics["prepare"]["fingerprint"],
-        "policy": gate["policy"],
-        "verdict": "passed" if gate["passed"] else "failed",
+        "evidence_sha256": sha256_file(gate_record_path(ws)),
+        "git_commit": str(gate.get("git_commit", ws.git_commit())),
+        "dataset_fingerprint": str(decision.metrics.get("prepare", {}).get("fingerprint", "?")),
+        "policy": decision.policy_file,
+        "policy_sha256": decision.policy_sha256,
+        "verdict": "passed" if decision.passed else "failed",
     }
     build = ws.report_html.parent
     evidence = [ws.report_html, build / "report.pdf", build / "evidence.json", build / "manifest.json",
-                build / "manifest.json.sig", ws.metrics("gate"), *[ws.metrics(s) for s in ("attack", "certify", "export")]]
+                build / "manifest.json.sig", gate_record_path(ws), gate_record_path(ws).with_name("gate.json.sig"),
+                *[ws.metrics(s) for s in ("attack", "certify", "export")]]
     try:
         result = register(
             tracking_uri, params.registry.experiment, params.registry.model_name,
             params.model_dump(mode="json", by_alias=True), metrics, ws.onnx,
-            [p for p in evidence if p.is_file()], tags, approve=bool(gate["passed"]), input_example=x_example,
+            [p for p in evidence if p.is_file()], tags, approve=decision.passed, input_example=x_example,
             artifact_root=ws.root / "mlruns" if local_store else None,
         )
+    except (IntegrityMismatch, RegistryUnreachable):
+        raise
     except Exception as error:  # MLflow raises many types for an unreachable or refusing store
         first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise RegistryUnreachable(f"MLflow at {_redact(tracking_uri)} failed: {first}; local artifacts are untouched") from None
+        raise RegistryUnreachable(f"MLflow at {redact(tracking_uri)} failed: {first}; local artifacts are untouched") from None
     write_json(ws.metrics("register"), {
         "schema_version": SCHEMA_VERSION,
         "model_name": result.model_name,
@@ -87,8 +77,9 @@ def main(ws: Workspace) -> int:
         "run_id": result.run_id,
         "approved": result.approved,
         "previous_approved": result.previous_approved,
-        "tracking_uri": _redact(tracking_uri),
+        "tracking_uri": redact(tracking_uri),
         "onnx_sha256": onnx_sha,
+        "registered_onnx_sha256": result.registered_onnx_sha256,
     })
     aliases = "candidate, approved" if result.approved else "candidate (approved unchanged)"
     print(f"register: {result.model_name} version {result.version} -> {aliases}; run {result.run_id}")

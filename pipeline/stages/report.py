@@ -15,7 +15,6 @@ import platform
 import subprocess
 import sys
 from importlib import metadata
-from pathlib import Path
 
 import numpy as np
 
@@ -54,18 +53,19 @@ def source_date_epoch(ws: Workspace) -> int:
 
 
 def previous_approved(ws: Workspace, model_name: str) -> dict | None:
-    """Headline metrics of the currently approved model in the registry, when there is one."""
-    from pipeline.registry import approved_metrics, default_tracking_uri
+    """Headline metrics of the currently approved model in the registry; None only when no
+    registry is configured or a registry that answered has no approved version. An unreachable
+    or failing registry raises RegistryUnreachable: the report never says "no previous model"
+    because it could not ask."""
+    from pipeline.registry import approved_metrics, default_tracking_uri, registry_errors
 
     uri = os.environ.get("MLFLOW_TRACKING_URI")
     if not uri:
         if not (ws.root / "mlflow.db").is_file():
             return None
         uri = default_tracking_uri(ws.root)
-    try:
+    with registry_errors(uri, "reading the approved model for the report"):
         found = approved_metrics(uri, model_name)
-    except Exception as error:  # the registry is context here, not evidence: say it could not be read
-        return {"error": f"registry not readable: {str(error).splitlines()[0][:200]}"}
     if found is None:
         return None
     return {**found, "headline": {k: found["metrics"].get(k) for k in HEADLINE}}
@@ -171,18 +171,18 @@ def build_context(ws: Workspace) -> dict:
 
 
 def signing_key(ws: Workspace, params) -> bytes | None:
-    env = os.environ.get("ROBUSTGATE_SIGNING_KEY")
-    if env:
-        return Path(env).read_bytes()
-    if params.report.signing_key:
-        return confine(params.report.signing_key, ws.root, "report.signing_key").read_bytes()
-    return None
+    """The validated Ed25519 key (ROBUSTGATE_SIGNING_KEY, else report.signing_key), or None; a bad
+    key is a UsageError, so call this before writing anything."""
+    from pipeline.manifest import configured_signing_key
+
+    return configured_signing_key(ws.root, params)
 
 
 def main(ws: Workspace) -> int:
     from pipeline.report import render_html, render_pdf
 
     params = ws.params()
+    key = signing_key(ws, params)  # a bad key stops the stage before any report file is replaced
     context = build_context(ws)
     html = render_html(ws.templates, context, params.report.profile)
     build = ws.report_html.parent
@@ -207,10 +207,10 @@ def main(ws: Workspace) -> int:
         "dataset_fingerprint": context["metrics"]["prepare"]["fingerprint"],
         "git_commit": context["git_commit"],
         "generator": context["generator"],
+        "signed": key is not None,  # verify fails when the signature is later deleted
     })
     manifest_bytes = canonical_bytes(manifest)
     atomic_write(build / "manifest.json", lambda tmp: tmp.write_bytes(manifest_bytes))
-    key = signing_key(ws, params)
     signature_path = build / "manifest.json.sig"
     if key is not None:
         write_json(signature_path, sign(manifest_bytes, key))

@@ -51,7 +51,7 @@ def main(ws: Workspace) -> int:
         return 0
     data, _, data_fingerprint = load_data(ws, params)
     model_sha = sha256_file(ws.checkpoint)
-    model, meta = load_model_for(ws, data_fingerprint)
+    model, meta = load_model_for(ws, params, data, data_fingerprint)
     generator = seed_everything(params.seed)
     x, y = tensors(data, "test", cfg.max_samples)
     smooth = Smooth(model, data.num_classes, cfg.sigma, generator, cfg.batch_size)

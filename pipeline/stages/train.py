@@ -12,7 +12,7 @@ from tqdm import tqdm
 from pipeline.attacks.pgd import PGD
 from pipeline.errors import UsageError
 from pipeline.io import atomic_write, confine, sha256_file, write_json
-from pipeline.models import build_model, save_checkpoint
+from pipeline.models import build_model, load_weights, save_checkpoint
 from pipeline.stages.common import load_data, seed_everything, tensors
 from pipeline.threat import check_epsilon
 from pipeline import results
@@ -55,7 +55,7 @@ def start_from_checkpoint(model, params, root) -> None:
     if t.init_checkpoint is None:
         return
     directory = confine(t.init_checkpoint, root, "train.init_checkpoint")
-    state = torch.load(directory / "model.pt", map_location="cpu", weights_only=True)
+    state = load_weights(directory / "model.pt")  # plain tensors only; a pickle is refused in one line
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as error:
