@@ -305,6 +305,51 @@ class TraceResult(_Record):
     git_clean: float
 
 
+# --- gate and register (records of decisions, not metrics a policy may name) ------------------
+
+class GateRow(_Record):
+    id: str
+    title: str
+    metric: str
+    bound: str
+    measured: Any
+    compared: Optional[float]
+    comparator: str
+    threshold: float
+    severity: str
+    clause: str
+    passed: bool
+    reason: str
+
+
+class GateResult(_Record):
+    schema_version: Literal[2] = SCHEMA_VERSION
+    passed: bool
+    policy: str
+    policy_name: str
+    policy_sha256: str
+    rows: list[GateRow]
+    blocking_failures: list[str]
+    trace: TraceResult
+    artifacts: dict[str, str]
+    git_commit: str
+    signed: bool
+
+
+class RegisterResult(_Record):
+    schema_version: Literal[2] = SCHEMA_VERSION
+    model_name: str
+    version: str
+    run_id: str
+    approved: bool
+    previous_approved: Optional[str]
+    tracking_uri: str
+    onnx_sha256: str
+    registered_onnx_sha256: str
+
+
+RECORD_RESULTS: dict[str, type[BaseModel]] = {"gate": GateResult, "register": RegisterResult}
+
 STAGE_RESULTS: dict[str, type[BaseModel]] = {
     "prepare": PrepareResult,
     "train": TrainResult,
@@ -324,7 +369,7 @@ def dump(result: BaseModel) -> dict:
 def parse(stage: str, raw: Any, source: str) -> dict:
     """Validate one metrics file against its model; a truncated or hand-edited file is refused."""
     try:
-        return dump(STAGE_RESULTS[stage].model_validate(raw))
+        return dump({**STAGE_RESULTS, **RECORD_RESULTS}[stage].model_validate(raw))
     except ValidationError as error:
         first = error.errors()[0]
         where = ".".join(str(p) for p in first["loc"]) or "<root>"
@@ -338,7 +383,7 @@ def load(stage: str, path: Path) -> dict:
         raw = json.loads(path.read_text(encoding="utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as error:
         raise UsageError(f"{path}: not valid JSON ({error}); re-run the stage") from None
-    return parse(stage, raw, str(path)) if stage in STAGE_RESULTS else raw
+    return parse(stage, raw, str(path)) if stage in STAGE_RESULTS or stage in RECORD_RESULTS else raw
 
 
 # --- metric paths, for policies --------------------------------------------------------------

@@ -9,11 +9,12 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Optional
 
+from pipeline import results
 from pipeline.evidence import collect_metrics, hash_artifacts, traceability
 from pipeline.io import confine, sha256_file
 from pipeline.manifest import check_file_signature, read_json_bytes
 from pipeline.policy import Policy, Verdict, evaluate, load_policy
-from pipeline.workspace import SCHEMA_VERSION, Workspace
+from pipeline.workspace import Workspace
 
 
 @dataclass(frozen=True)
@@ -34,20 +35,12 @@ class Decision:
         return [row.id for row in self.verdict.blocking_failures]
 
     def record(self, git_commit: str, signed: bool) -> dict:
-        """What `metrics/gate.json` holds."""
-        return {
-            "schema_version": SCHEMA_VERSION,
-            "passed": self.passed,
-            "policy": self.policy_file,
-            "policy_name": self.policy.name,
-            "policy_sha256": self.policy_sha256,
-            "rows": [asdict(row) for row in self.verdict.rows],
-            "blocking_failures": self.blocking_failures,
-            "trace": self.metrics["trace"],
-            "artifacts": self.artifacts,
-            "git_commit": git_commit,
-            "signed": signed,
-        }
+        """What `metrics/gate.json` holds (validated by the results schema's GateResult)."""
+        return results.dump(results.GateResult(
+            passed=self.passed, policy=self.policy_file, policy_name=self.policy.name,
+            policy_sha256=self.policy_sha256, rows=[asdict(row) for row in self.verdict.rows],
+            blocking_failures=self.blocking_failures, trace=self.metrics["trace"], artifacts=self.artifacts,
+            git_commit=git_commit, signed=signed))
 
 
 def decide(ws: Workspace) -> Decision:

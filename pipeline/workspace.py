@@ -7,7 +7,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pipeline.config import Params, load_params
-from pipeline.results import SCHEMA_VERSION  # noqa: F401 (re-exported for the stages)
 
 
 @dataclass(frozen=True)

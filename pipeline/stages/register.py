@@ -12,12 +12,13 @@ import os
 
 import numpy as np
 
+from pipeline import results
 from pipeline.errors import IntegrityMismatch, RegistryUnreachable
 from pipeline.io import sha256_file, write_json
 from pipeline.manifest import configured_signing_key
 from pipeline.registry import check_reachable, default_tracking_uri, redact, register
 from pipeline.verdict import decide, file_problems, gate_record_path, public_key_of, read_record, verdict_problems
-from pipeline.workspace import SCHEMA_VERSION, Workspace
+from pipeline.workspace import Workspace
 
 
 def checked_decision(ws: Workspace, params):
@@ -70,17 +71,10 @@ def main(ws: Workspace) -> int:
     except Exception as error:  # MLflow raises many types for an unreachable or refusing store
         first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise RegistryUnreachable(f"MLflow at {redact(tracking_uri)} failed: {first}; local artifacts are untouched") from None
-    write_json(ws.metrics("register"), {
-        "schema_version": SCHEMA_VERSION,
-        "model_name": result.model_name,
-        "version": result.version,
-        "run_id": result.run_id,
-        "approved": result.approved,
-        "previous_approved": result.previous_approved,
-        "tracking_uri": redact(tracking_uri),
-        "onnx_sha256": onnx_sha,
-        "registered_onnx_sha256": result.registered_onnx_sha256,
-    })
+    write_json(ws.metrics("register"), results.dump(results.RegisterResult(
+        model_name=result.model_name, version=result.version, run_id=result.run_id, approved=result.approved,
+        previous_approved=result.previous_approved, tracking_uri=redact(tracking_uri), onnx_sha256=onnx_sha,
+        registered_onnx_sha256=result.registered_onnx_sha256)))
     aliases = "candidate, approved" if result.approved else "candidate (approved unchanged)"
     print(f"register: {result.model_name} version {result.version} -> {aliases}; run {result.run_id}")
     return 0
