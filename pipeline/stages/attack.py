@@ -11,20 +11,18 @@ from tqdm import tqdm
 
 from pipeline.attacks import FGSM, PGD, Attack
 from pipeline.attacks.apgd import APGD, APGDTargeted
-from pipeline.attacks.losses import MIN_CLASSES
 from pipeline.attacks.masking import run_checks
 from pipeline.attacks.square import Square
 from pipeline.attacks.suite import robust_mask, run_suite
 from pipeline.errors import UsageError
+from pipeline.feasibility import resolve_attacks
 from pipeline.io import atomic_write, write_json, write_text
 from pipeline.stages.common import load_data, load_model_for, seed_everything, tensors
 from pipeline.stats import proportion
 from pipeline.workspace import SCHEMA_VERSION, Workspace
 
-NEEDS_CLASSES = {"apgd_dlr": MIN_CLASSES["dlr"], "apgd_t": MIN_CLASSES["dlr_targeted"]}
 
-
-def build_attacks(cfg, epsilon: float) -> list[Attack]:
+def build_attacks(cfg, epsilon: float, names=None) -> list[Attack]:
     p = cfg.pgd
     factories = {
         "fgsm": lambda: FGSM(),
@@ -35,7 +33,7 @@ def build_attacks(cfg, epsilon: float) -> list[Attack]:
         "apgd_t": lambda: APGDTargeted(cfg.apgd.steps, cfg.apgd.restarts, cfg.apgd.targets),
         "square": lambda: Square(cfg.square.queries, cfg.square.p_init, cfg.square.restarts),
     }
-    return [factories[name]() for name in cfg.attacks]  # names validated by the config
+    return [factories[name]() for name in (cfg.attacks if names is None else names)]  # validated by the config
 
 
 def check_model_outputs(model, x: torch.Tensor, num_classes: int) -> None:
@@ -71,11 +69,9 @@ def main(ws: Workspace) -> int:
     model, _ = load_model_for(ws, data_fingerprint)
     generator = seed_everything(params.seed)
     x, y = tensors(data, "test", cfg.max_samples)
-    for name, needed in NEEDS_CLASSES.items():
-        if name in cfg.attacks and data.num_classes < needed:
-            raise UsageError(f"attack.attacks: {name} needs at least {needed} classes; the data has {data.num_classes}")
+    names, _notes = resolve_attacks(cfg, data.num_classes)  # _notes: for the report (integrator)
     check_model_outputs(model, x, data.num_classes)
-    attacks = build_attacks(cfg, threat.epsilon)
+    attacks = build_attacks(cfg, threat.epsilon, names)
 
     bar = tqdm(total=len(x) * len(attacks), desc="attack", unit="img", file=sys.stderr, mininterval=1.0)
     result = run_suite(model, attacks, x, y, threat.epsilon, threat.norm, domain, cfg.batch_size, generator,
