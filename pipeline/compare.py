@@ -29,8 +29,10 @@ from pipeline.workspace import Workspace
 
 
 def study_key(params) -> str:
-    """SHA-256 of every params section a row depends on except `train.method`, the one the study varies."""
-    return params.section_hash("seed", "data", "model", "threat", "train", "attack", exclude={"train": {"method"}})
+    """SHA-256 of every params section a row depends on except `train.method`, the one the study varies,
+    and `threat.rationale` (report prose; studies/dvc.yaml lists threat.norm and threat.epsilon only)."""
+    return params.section_hash("seed", "data", "model", "threat", "train", "attack",
+                               exclude={"train": {"method"}, "threat": {"rationale"}})
 
 
 def evaluate_method(method: str, params, data, domain, samples: int) -> dict:

@@ -30,21 +30,26 @@ def ran(output: str) -> list[str]:
     return [line.split("'")[1] for line in output.splitlines() if line.startswith("Running stage '")]
 
 
-@pytest.fixture(scope="module")
-def repo_copy(tmp_path_factory):
-    root = tmp_path_factory.mktemp("repo")
+def copy_repository(root: Path, params: dict, prepare=lambda root: None) -> Path:
+    """The tracked files of the repository in `root` with `params`, a git repo with DVC."""
     tracked = subprocess.run(["git", "ls-files"], cwd=REPO, capture_output=True, text=True, check=True).stdout
     for name in tracked.splitlines():
         if (REPO / name).is_file():
             (root / name).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(REPO / name, root / name)
-    (root / "params.yaml").write_text(yaml.safe_dump({**TINY_PARAMS, **DVC_INPUTS}))
+    (root / "params.yaml").write_text(yaml.safe_dump(params))
     (root / "policies" / "tiny.yaml").write_text(yaml.safe_dump(TINY_POLICY))
+    prepare(root)
     sh(["git", "init", "-q"], root)
     sh(["git", "-c", "user.email=ci@example.com", "-c", "user.name=ci", "commit", "-qm", "copy", "--allow-empty"], root)
     if not (root / ".dvc").is_dir():
         sh(["dvc", "init", "-q"], root)
     return root
+
+
+@pytest.fixture(scope="module")
+def repo_copy(tmp_path_factory):
+    return copy_repository(tmp_path_factory.mktemp("repo"), {**TINY_PARAMS, **DVC_INPUTS})
 
 
 def approved_version(root: Path) -> str:
@@ -106,8 +111,8 @@ def git_commit_all(root: Path, message: str) -> None:
     sh(["git", "-c", "user.email=ci@example.com", "-c", "user.name=ci", "commit", "-qm", message], root)
 
 
-def changed_stages(root: Path) -> set[str]:
-    return set(json.loads(sh(["dvc", "status", "--json"], root).stdout or "{}"))
+def changed_stages(root: Path, *targets: str) -> set[str]:
+    return set(json.loads(sh(["dvc", "status", "--json", *targets], root).stdout or "{}"))
 
 
 def test_report_prose_reruns_report_and_register_only(repo_copy):
@@ -165,48 +170,40 @@ MY_MODEL = (
 def test_user_data_and_model_module_are_deps_and_in_the_manifest(tmp_path_factory):
     """Before: dvc.yaml did not list data.path or the user's model module, and the manifest did not
     hash them: after a byte of either changed, `dvc status` was clean and `robustgate verify` OK."""
+    import numpy as np
     from sklearn.datasets import load_digits
 
-    root = tmp_path_factory.mktemp("userfiles")
-    tracked = subprocess.run(["git", "ls-files"], cwd=REPO, capture_output=True, text=True, check=True).stdout
-    for name in tracked.splitlines():
-        if (REPO / name).is_file():
-            (root / name).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(REPO / name, root / name)
-    digits = load_digits()
-    (root / "data/raw").mkdir(parents=True)
-    import numpy as np
+    def user_files(root):
+        digits = load_digits()
+        (root / "data/raw").mkdir(parents=True)
+        np.savez(root / "data/raw/digits.npz", x=(digits.images / 16.0).astype(np.float32).reshape(-1, 1, 8, 8),
+                 y=digits.target.astype(np.int64))
+        (root / "my_models.py").write_text(MY_MODEL)
 
-    np.savez(root / "data/raw/digits.npz", x=(digits.images / 16.0).astype(np.float32).reshape(-1, 1, 8, 8),
-             y=digits.target.astype(np.int64))
-    (root / "my_models.py").write_text(MY_MODEL)
     params = {**TINY_PARAMS, "data": {"dataset": "npz", "path": "data/raw/digits.npz", "max_samples": 400},
               "model": {"name": "my_models:build", "options": {"width": 16}},
+              "train": {**TINY_PARAMS["train"], "method": "standard", "epochs": 15, "lr": 0.01},
               "inputs": {"data": "data/raw/digits.npz", "model": "my_models.py"}}
-    (root / "params.yaml").write_text(yaml.safe_dump(params))
-    (root / "policies" / "tiny.yaml").write_text(yaml.safe_dump(TINY_POLICY))
-    sh(["git", "init", "-q"], root)
-    git_commit_all(root, "copy")
-    sh(["dvc", "init", "-q"], root)
+    root = copy_repository(tmp_path_factory.mktemp("userfiles"), params, user_files)
     sh(["dvc", "repro"], root)
     manifest = json.loads((root / "reports/build/manifest.json").read_text())["artifacts"]
     assert {"data/raw/digits.npz", "my_models.py", "policies/tiny.yaml"} <= set(manifest)
-    assert changed_stages(root) == set()
+    assert changed_stages(root, "dvc.yaml") == set()
     sh(["robustgate", "verify"], root)
 
     module = root / "my_models.py"
     module.write_text(module.read_text().replace("nn.ReLU()", "nn.LeakyReLU()"))
-    assert changed_stages(root) >= {"train", "attack", "certify", "smooth", "export", "report", "gate"}
-    assert "prepare" not in changed_stages(root)
+    assert changed_stages(root, "dvc.yaml") >= {"train", "attack", "certify", "smooth", "export", "report", "gate"}
+    assert "prepare" not in changed_stages(root, "dvc.yaml")
     assert sh(["robustgate", "verify"], root, check=False).returncode == 1
     module.write_text(MY_MODEL)
-    assert changed_stages(root) == set()
+    assert changed_stages(root, "dvc.yaml") == set()
 
     data = root / "data/raw/digits.npz"
     raw = bytearray(data.read_bytes())
     raw[-200] ^= 1  # one byte of the arrays
     data.write_bytes(bytes(raw))
-    assert {"prepare", "report", "gate"} <= changed_stages(root)
+    assert {"prepare", "report", "gate"} <= changed_stages(root, "dvc.yaml")
     failed = sh(["robustgate", "verify"], root, check=False)
     assert failed.returncode == 1 and "data/raw/digits.npz" in failed.stdout
 
