@@ -14,6 +14,7 @@ from pipeline.data.datasets import load_dataset
 from pipeline.data.split import SPLITS, fingerprint, prepare
 from pipeline.data.store import save_prepared
 from pipeline.errors import UsageError
+from pipeline.estimate import describe, estimate
 from pipeline.feasibility import check_runnable
 from pipeline.io import atomic_write, confine, write_json
 from pipeline.threat import Domain, check_epsilon
@@ -62,4 +63,8 @@ def main(ws: Workspace) -> int:
           f"fingerprint {digest[:12]}")
     for note in notes:
         print(f"prepare: note: {note}")
+    times = estimate(params, metrics["samples"], input_shape)
+    if times is not None:
+        print(f"prepare: rough times on 2 CPU cores (bench/results/stage_times.md; ±50%, slower hardware more): "
+              f"{describe(times)}")
     return 0
