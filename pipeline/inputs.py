@@ -16,6 +16,7 @@ from pipeline.errors import UsageError
 
 BUILTIN_DATA_SOURCE = "pipeline/data/datasets.py"
 BUILTIN_MODEL_SOURCE = "pipeline/models.py"
+PREPARED = "data/prepared"
 
 
 def model_module_file(model_name: str, root: Path) -> Optional[Path]:
@@ -64,6 +65,9 @@ def check_dvc_inputs(params, root: Path, source: str = "params.yaml") -> None:
     if params.inputs is None:
         return
     data_expected = params.data.path or BUILTIN_DATA_SOURCE
+    if _same_or_inside(params.inputs.data, root / PREPARED, root):
+        raise UsageError(f"{source}: inputs.data = {params.inputs.data!r} contains {PREPARED!r}, prepare's own output; "
+                         "keep your data in a folder of its own, e.g. data/raw/")
     if not _same_or_inside(params.inputs.data, root / data_expected, root):
         raise UsageError(f"{source}: inputs.data = {params.inputs.data!r} must be {data_expected!r} "
                          f"(data.dataset {params.data.dataset!r}) so that DVC re-runs prepare when the data changes")

@@ -56,3 +56,30 @@ def test_model_that_cannot_take_the_data_is_refused_at_prepare(tmp_path, capsys)
     assert run_stage("prepare", root) == 2
     assert "needs image inputs" in capsys.readouterr().err
     assert not (root / "data").exists()
+
+
+def test_inputs_section_is_checked_against_the_params(tmp_path):
+    """inputs.* must name the files data.path and model.name use (else DVC misses their changes),
+    and may not contain prepare's own output folder (DVC would refuse the overlap)."""
+    from pipeline.config import load_params
+
+    root = make_workspace(tmp_path / "ws", {**TINY_PARAMS, "data": {"dataset": "npz", "path": "data/d.npz"}})
+    (root / "data").mkdir()
+    (root / "data/d.npz").write_bytes(b"")
+    (root / "my_models.py").write_text("")
+    import yaml
+
+    def params_with(inputs, model="mlp"):
+        raw = yaml.safe_load((root / "params.yaml").read_text())
+        raw["inputs"], raw["model"] = inputs, {"name": model}
+        (root / "params.yaml").write_text(yaml.safe_dump(raw))
+        return load_params(root / "params.yaml", root)
+
+    assert params_with({"data": "data/d.npz", "model": "pipeline/models.py"}).inputs.data == "data/d.npz"
+    assert params_with({"data": "data/d.npz", "model": "my_models.py"}, "my_models:build")
+    with pytest.raises(UsageError, match="inputs.data = 'pipeline/data/datasets.py' must be 'data/d.npz'"):
+        params_with({"data": "pipeline/data/datasets.py", "model": "pipeline/models.py"})
+    with pytest.raises(UsageError, match="inputs.model = 'pipeline/models.py' must be 'my_models.py'"):
+        params_with({"data": "data/d.npz", "model": "pipeline/models.py"}, "my_models:build")
+    with pytest.raises(UsageError, match="contains 'data/prepared'"):
+        params_with({"data": "data", "model": "pipeline/models.py"})
