@@ -208,8 +208,8 @@ def test_user_data_and_model_module_are_deps_and_in_the_manifest(tmp_path_factor
     assert failed.returncode == 1 and "data/raw/digits.npz" in failed.stdout
 
 
-def test_inputs_section_must_name_the_files_the_params_use(tmp_path):
-    """A stale inputs section would hide a changed data file from DVC: refused with one line."""
+def test_inputs_section_must_name_the_files_the_params_use(tmp_path, capsys):
+    """A stale inputs section would hide a changed model module from DVC: refused with one line."""
     from tests.conftest import make_workspace, run_stage
 
     params = {**TINY_PARAMS, "model": {"name": "my_models:build"},
@@ -217,4 +217,5 @@ def test_inputs_section_must_name_the_files_the_params_use(tmp_path):
     root = make_workspace(tmp_path / "ws", params)
     (root / "my_models.py").write_text(MY_MODEL)
     assert run_stage("prepare", root) == 2
+    assert "inputs.model = 'pipeline/models.py' must be 'my_models.py'" in capsys.readouterr().err
     assert not (root / "data").exists()
