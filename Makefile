@@ -26,13 +26,16 @@ system-deps:
 	  else echo "system-deps: missing Debian packages, run: sudo apt-get install $$missing"; exit 1; fi; \
 	fi
 
-# Re-install only when the project's dependencies change.
+# Re-install only when the project's dependencies change. The first install downloads torch,
+# MLflow and friends (5-12 minutes): pip prints each package as it goes, so it is not silent.
 $(STAMP): pyproject.toml
+	@echo "setup: creating $(VENV) and installing robustgate with its dependencies (first time: 5-12 minutes)"
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[dev]'
-	# auto-LiRPA 0.3 pins torch<1.13; pipeline/lirpa_compat.py bridges it to torch 2.x, so skip its deps.
-	$(BIN)/python -m pip install --quiet --disable-pip-version-check --no-deps auto-LiRPA==0.3
+	$(BIN)/python -m pip install --disable-pip-version-check --progress-bar on -e '.[dev]'
+	@echo "setup: auto-LiRPA 0.3 without its dependencies (it pins torch<1.13; pipeline/lirpa_compat.py bridges it)"
+	$(BIN)/python -m pip install --disable-pip-version-check --no-deps auto-LiRPA==0.3
 	touch $(STAMP)
+	@echo "setup: done"
 
 .dvc/config:
 	$(BIN)/dvc init --quiet

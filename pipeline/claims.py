@@ -71,6 +71,7 @@ def attack_scope(attack: dict) -> list[str]:
     ran = listing([attack_label(a) for a in names])
     notes = [f"Robust accuracy is an upper bound: it holds only against the attacks that ran ({ran}, "
              f"{attack.get('mode')} mode). Stronger or adaptive attacks may lower it."]
+    notes += attack.get("task_notes", [])
     ref = attack.get("reference_suite")
     if ref:
         ran_ref = [attack_label(a) for a in ref["run"]]

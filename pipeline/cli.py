@@ -32,6 +32,8 @@ TOOLS = {
     "rollback": ("pipeline.registry_cli", "move alias 'approved' back to the previously approved version"),
     "compare": ("pipeline.compare", "train and evaluate several training methods side by side (table and plot)"),
     "verify": ("pipeline.verify_cli", "re-hash every artifact in the manifest and check its signature; exit 1 on any mismatch"),
+    "summary": ("pipeline.summary", "the headline figures of the last run in about ten lines"),
+    "plots": ("pipeline.plots_page", "draw plots/*.json into one self-contained HTML page (works offline)"),
 }
 
 
@@ -64,6 +66,8 @@ def build_parser() -> argparse.ArgumentParser:
             mode.add_argument("--rows-only", action="store_true", help="write the methods' rows, no table")
             mode.add_argument("--collect", action="store_true",
                               help="build the table and plot from the rows already in OUT/rows (no training)")
+        if name == "plots":
+            command.add_argument("--out", default="reports/build/plots.html", help="the HTML page to write")
         if name == "gate":
             command.add_argument("--explain", action="store_true", help="say why each requirement passed or failed")
     return parser

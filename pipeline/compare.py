@@ -32,9 +32,10 @@ from pipeline.workspace import Workspace
 
 
 def study_key(params) -> str:
-    """SHA-256 of every params section a row depends on except `train.method`, the one the study varies."""
+    """SHA-256 of every params section a row depends on except `train.method`, the one the study varies,
+    and `threat.rationale` (report prose; studies/dvc.yaml lists threat.norm and threat.epsilon only)."""
     return params.section_hash("seed", "data", "model", "threat", "train", "attack", "certify",
-                               exclude={"train": {"method"}})
+                               exclude={"train": {"method"}, "threat": {"rationale"}})
 
 
 def weights_sha256(model) -> str:

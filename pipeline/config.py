@@ -31,6 +31,10 @@ class _Section(BaseModel):
 class DataConfig(_Section):
     dataset: Literal["digits", "breast_cancer", "idx", "npz"] = "digits"
     path: Optional[str] = Field(None, description="IDX directory or NPZ file, inside the workspace")
+    name: Optional[str] = Field(None, min_length=1, description="what the report and registry call the data; "
+                                "default: the built-in dataset's name, else the file or folder name of data.path")
+    class_names: Optional[list[str]] = Field(None, description="one name per class label 0..K-1; default: "
+                                             "the built-in dataset's names, else the label indices")
     val_fraction: float = Field(0.15, gt=0.0, lt=0.5)
     test_fraction: float = Field(0.25, gt=0.0, lt=0.5)
     max_samples: Optional[int] = Field(None, ge=20, description="stratified subsample before splitting")
@@ -39,7 +43,18 @@ class DataConfig(_Section):
     def _path_matches_dataset(self) -> "DataConfig":
         if self.dataset in ("idx", "npz") and not self.path:
             raise ValueError(f"dataset {self.dataset!r} needs data.path")
+        if self.class_names is not None and (len(set(self.class_names)) != len(self.class_names)
+                                             or not all(self.class_names)):
+            raise ValueError("class_names must be distinct, non-empty names")
         return self
+
+    def display_name(self) -> str:
+        """`name`, else the built-in dataset, else the stem of data.path (`data/raw/mnist` -> `mnist`)."""
+        if self.name:
+            return self.name
+        if self.path:
+            return Path(self.path.rstrip("/")).stem or self.dataset
+        return self.dataset
 
 
 def model_options(name: str) -> tuple[str, ...]:
@@ -394,12 +409,18 @@ class ReportConfig(_Section):
     out_of_scope_use: Optional[str] = None
 
 
+class InputsConfig(_Section):
+    data: str = Field(description="data.path, or pipeline/data/datasets.py for a built-in dataset")
+    model: str = Field(description="the module file of a module:callable model, or pipeline/models.py")
+
+
 class GateConfig(_Section):
     policy: str = "policies/default.yaml"
 
 
 class RegisterConfig(_Section):
-    model_name: str = Field("robustgate-model", min_length=1, pattern=r"^[\w.\-]+$")
+    model_name: str = Field("robustgate-model", min_length=1, pattern=r"^[\w.\-]+$",
+                            description="default: robustgate-<data name> (see Params._default_model_name)")
     experiment: str = Field("robustgate", min_length=1)
 
 
@@ -417,6 +438,23 @@ class Params(_Section):
     gate: GateConfig = GateConfig()
     # `register` would shadow ABCMeta.register on the model class, hence the alias.
     registry: RegisterConfig = Field(RegisterConfig(), alias="register")
+    # The user's files as DVC deps (dvc.yaml templates them); checked against data.path and model.name.
+    inputs: Optional[InputsConfig] = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _default_model_name(cls, raw: object) -> object:
+        """register.model_name defaults to robustgate-<data name>, so a registry holds one name per dataset."""
+        if not isinstance(raw, dict) or not isinstance(raw.get("register", {}), dict):
+            return raw
+        if raw.get("register", {}).get("model_name") is not None:
+            return raw
+        try:
+            data = DataConfig.model_validate(raw.get("data") or {})
+        except ValidationError:
+            return raw  # reported by the field's own validation
+        name = re.sub(r"[^\w.\-]+", "-", data.display_name()).strip("-") or "model"
+        return {**raw, "register": {**raw.get("register", {}), "model_name": f"robustgate-{name}"}}
 
     def section_hash(self, *sections: str, exclude: dict | None = None) -> str:
         """SHA-256 of the named sections (all when none), for traceability; `exclude` drops fields
@@ -557,4 +595,7 @@ def load_params(path: Path, root: Path) -> Params:
     policy = confine(params.gate.policy, root, "gate.policy")
     if not policy.is_file():
         raise UsageError(f"{path.name}: gate.policy = {params.gate.policy!r}: no such file")
+    from pipeline.inputs import check_dvc_inputs
+
+    check_dvc_inputs(params, root, path.name)
     return params

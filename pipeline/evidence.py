@@ -24,7 +24,13 @@ def model_hashes(metrics: dict[str, dict]) -> dict[str, str]:
 
 
 def artifact_paths(ws: Workspace, include_report: bool) -> dict[str, Path]:
+    """Every file the evidence speaks of, by workspace-relative path: the pipeline's outputs and
+    the user's inputs that shaped them (data under data.path, the model factory's module, the
+    policy), so that `robustgate verify` fails when any of them changes."""
+    from pipeline.inputs import user_inputs
+
     paths = {
+        **user_inputs(ws.params(), ws.root),
         "data/prepared/data.npz": ws.prepared,
         "models/model.pt": ws.model_dir / "model.pt",
         "models/model.json": ws.model_dir / "model.json",

@@ -92,6 +92,8 @@ class DomainRecord(_Record):
 class PrepareResult(_Record):
     schema_version: Literal[2] = SCHEMA_VERSION
     dataset: str
+    dataset_name: str
+    class_names: list[str]
     fingerprint: str
     seed: int
     input_shape: list[int]
@@ -187,6 +189,7 @@ class AttackResult(_ModelResult):
     masking_all_passed: float
     masking_failed: list[str]
     reference_suite: ReferenceCoverage
+    task_notes: list[str] = Field(default_factory=list, description="how task-dependent defaults adapted")
 
 
 # --- certify ---------------------------------------------------------------------------------

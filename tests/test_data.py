@@ -95,3 +95,109 @@ def test_npz_dataset_and_its_errors(tmp_path):
     np.savez(tmp_path / "pickled.npz", x=np.array([object()], dtype=object), y=y)
     with pytest.raises(UsageError, match="without pickles"):
         load_dataset("npz", tmp_path / "pickled.npz")
+
+
+# Data errors from issue 13: each is one line (UsageError, exit 2) and prepare writes nothing.
+
+def _npz_workspace(tmp_path, **arrays):
+    """A workspace whose data is data/raw/d.npz holding `arrays`, with prepared outputs from an
+    earlier run in place (so the test sees whether prepare replaced them)."""
+    import yaml
+
+    from tests.conftest import TINY_PARAMS, make_workspace
+
+    params = {**TINY_PARAMS, "data": {"dataset": "npz", "path": "data/raw/d.npz"}, "model": {"name": "mlp"},
+              "attack": {**TINY_PARAMS["attack"]}}
+    root = make_workspace(tmp_path / "ws", params)
+    (root / "data" / "raw").mkdir(parents=True)
+    np.savez(root / "data" / "raw" / "d.npz", **arrays)
+    for name in ("data/prepared/data.npz", "metrics/prepare.json"):
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / name).write_text("earlier run")
+    assert yaml.safe_load((root / "params.yaml").read_text())["data"]["dataset"] == "npz"
+    return root
+
+
+def _prepare_refuses(root, capsys, message):
+    from tests.conftest import run_stage
+
+    assert run_stage("prepare", root) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and message in err, err
+    assert (root / "data/prepared/data.npz").read_text() == "earlier run"
+    assert (root / "metrics/prepare.json").read_text() == "earlier run"
+
+
+def _tabular(n=60):
+    rng = np.random.default_rng(0)
+    return rng.random((n, 5)).astype(np.float32), np.tile(np.arange(3), n // 3)
+
+
+def test_nan_domain_bound_is_a_data_error_and_nothing_is_written(tmp_path, capsys):
+    """Before: prepare replaced data.npz, then crashed in write_json on the NaN bound (traceback)."""
+    x, y = _tabular()
+    lower, upper = np.zeros(5, np.float32), np.ones(5, np.float32)
+    lower[2] = np.nan
+    _prepare_refuses(_npz_workspace(tmp_path, x=x, y=y, lower=lower, upper=upper), capsys, "NaN or inf")
+
+
+def test_inverted_domain_bounds_are_a_data_error(tmp_path, capsys):
+    """Before: lower > upper was not checked; the samples were reported outside the bounds instead."""
+    x, y = _tabular()
+    x[:] = 0.5
+    lower, upper = np.full(5, 0.6, np.float32), np.full(5, 0.4, np.float32)
+    with pytest.raises(UsageError, match="inverted"):
+        from pipeline.data.datasets import RawDataset, validate
+
+        validate(RawDataset(x, y, False, lower, upper), "npz")
+    _prepare_refuses(_npz_workspace(tmp_path, x=x, y=y, lower=lower, upper=upper), capsys, "bounds")
+
+
+def test_empty_arrays_are_one_line(tmp_path, capsys):
+    """Before: x.min() on a zero-size array raised a ValueError traceback."""
+    _prepare_refuses(_npz_workspace(tmp_path, x=np.zeros((0, 5), np.float32), y=np.zeros(0, np.int64)),
+                     capsys, "empty arrays")
+
+
+def test_idx_symlink_out_of_the_workspace_is_refused(tmp_path):
+    """Before: only data.path itself was confined; a file in it could point anywhere."""
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    write_idx(outside / "a-images-idx3-ubyte", np.zeros((10, 4, 4), np.uint8))
+    root = tmp_path / "ws"
+    (root / "data").mkdir(parents=True)
+    write_idx(root / "data" / "a-labels-idx1-ubyte", np.arange(10) % 2)
+    (root / "data" / "a-images-idx3-ubyte").symlink_to(outside / "a-images-idx3-ubyte")
+    with pytest.raises(UsageError, match="outside the workspace"):
+        load_dataset("idx", root / "data", root)
+    assert load_dataset("idx", root / "data").x.shape == (10, 1, 4, 4)  # without a root: no confinement asked
+
+
+def test_prepare_names_the_dataset_and_its_classes(tmp_path):
+    """Before: metrics/prepare.json had neither; every registry name was robustgate-digits."""
+    import json
+
+    from pipeline.workspace import Workspace
+    from tests.conftest import TINY_PARAMS, make_workspace, run_stage
+
+    params = {**TINY_PARAMS, "model": {"name": "mlp", "hidden": [8]}, "register": {}}
+    root = make_workspace(tmp_path / "d", params)
+    assert run_stage("prepare", root) == 0
+    metrics = json.loads((root / "metrics/prepare.json").read_text())
+    assert metrics["dataset_name"] == "digits" and metrics["class_names"] == [str(k) for k in range(10)]
+    assert Workspace.at(root).params().registry.model_name == "robustgate-digits"
+
+    params = {**TINY_PARAMS, "data": {"dataset": "breast_cancer"}, "model": {"name": "mlp", "hidden": [8]},
+              "register": {}}
+    root = make_workspace(tmp_path / "b", params)
+    assert run_stage("prepare", root) == 0
+    metrics = json.loads((root / "metrics/prepare.json").read_text())
+    assert metrics["dataset_name"] == "breast_cancer" and metrics["class_names"] == ["malignant", "benign"]
+    assert Workspace.at(root).params().registry.model_name == "robustgate-breast_cancer"
+
+    params["data"] = {"dataset": "breast_cancer", "name": "wdbc biopsies", "class_names": ["M", "B"]}
+    make_workspace(root, params)
+    assert run_stage("prepare", root) == 0
+    metrics = json.loads((root / "metrics/prepare.json").read_text())
+    assert metrics["dataset_name"] == "wdbc biopsies" and metrics["class_names"] == ["M", "B"]
+    assert Workspace.at(root).params().registry.model_name == "robustgate-wdbc-biopsies"

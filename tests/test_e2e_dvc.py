@@ -13,6 +13,8 @@ from tests.conftest import REPO, TINY_PARAMS, TINY_POLICY
 
 pytestmark = pytest.mark.slow
 BIN = Path(sys.executable).parent
+# The inputs section names the files DVC tracks for data.path and model.name (built-ins here).
+DVC_INPUTS = {"inputs": {"data": "pipeline/data/datasets.py", "model": "pipeline/models.py"}}
 
 
 def sh(args, cwd, check=True):
@@ -28,21 +30,26 @@ def ran(output: str) -> list[str]:
     return [line.split("'")[1] for line in output.splitlines() if line.startswith("Running stage '")]
 
 
-@pytest.fixture(scope="module")
-def repo_copy(tmp_path_factory):
-    root = tmp_path_factory.mktemp("repo")
+def copy_repository(root: Path, params: dict, prepare=lambda root: None) -> Path:
+    """The tracked files of the repository in `root` with `params`, a git repo with DVC."""
     tracked = subprocess.run(["git", "ls-files"], cwd=REPO, capture_output=True, text=True, check=True).stdout
     for name in tracked.splitlines():
         if (REPO / name).is_file():
             (root / name).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(REPO / name, root / name)
-    (root / "params.yaml").write_text(yaml.safe_dump(TINY_PARAMS))
+    (root / "params.yaml").write_text(yaml.safe_dump(params))
     (root / "policies" / "tiny.yaml").write_text(yaml.safe_dump(TINY_POLICY))
+    prepare(root)
     sh(["git", "init", "-q"], root)
     sh(["git", "-c", "user.email=ci@example.com", "-c", "user.name=ci", "commit", "-qm", "copy", "--allow-empty"], root)
     if not (root / ".dvc").is_dir():
         sh(["dvc", "init", "-q"], root)
     return root
+
+
+@pytest.fixture(scope="module")
+def repo_copy(tmp_path_factory):
+    return copy_repository(tmp_path_factory.mktemp("repo"), {**TINY_PARAMS, **DVC_INPUTS})
 
 
 def approved_version(root: Path) -> str:
@@ -97,3 +104,118 @@ def test_method_study_is_a_foreach_pipeline_outside_the_default_repro(repo_copy)
     assert ran(sh(["dvc", "repro", "studies/dvc.yaml"], root).stdout) == []
     default = sh(["dvc", "stage", "list", "--name-only"], root).stdout.split()  # what a plain `dvc repro` runs
     assert "register" in default and not any("method" in name or "table" in name for name in default)
+
+
+def git_commit_all(root: Path, message: str) -> None:
+    sh(["git", "add", "-A"], root)
+    sh(["git", "-c", "user.email=ci@example.com", "-c", "user.name=ci", "commit", "-qm", message], root)
+
+
+def changed_stages(root: Path, *targets: str) -> set[str]:
+    return set(json.loads(sh(["dvc", "status", "--json", *targets], root).stdout or "{}"))
+
+
+def test_report_prose_reruns_report_and_register_only(repo_copy):
+    """Before: params were listed by section (`threat`), so editing threat.rationale re-ran
+    prepare, train, attack, certify and smooth."""
+    root = repo_copy
+    (root / "policies/tiny.yaml").write_text(yaml.safe_dump(TINY_POLICY))
+    sh(["dvc", "repro"], root)
+    assert changed_stages(root) == set()
+    params = yaml.safe_load((root / "params.yaml").read_text())
+    params["threat"]["rationale"] = "sensor noise measured on the bench"
+    params.setdefault("report", {})["intended_purpose"] = "a test"
+    (root / "params.yaml").write_text(yaml.safe_dump(params))
+    assert changed_stages(root) == {"report", "register"}
+    assert set(ran(sh(["dvc", "repro"], root).stdout)) <= {"report", "gate", "register"}
+
+
+def test_metrics_are_committed_and_diffed_across_commits(repo_copy):
+    """Before: metrics/ was git-ignored, so `dvc metrics diff` had nothing to compare."""
+    root = repo_copy
+    assert sh(["git", "check-ignore", "-q", "metrics/attack.json"], root, check=False).returncode == 1
+    git_commit_all(root, "evidence at 12 PGD steps")
+    before = json.loads((root / "metrics/attack.json").read_text())
+    params = yaml.safe_load((root / "params.yaml").read_text())
+    params["attack"]["pgd"]["steps"] = 2
+    params["attack"]["pgd"]["step_size"] = 0.002
+    (root / "params.yaml").write_text(yaml.safe_dump(params))
+    sh(["dvc", "repro", "attack"], root)
+    after = json.loads((root / "metrics/attack.json").read_text())
+    diff = json.loads(sh(["dvc", "metrics", "diff", "HEAD", "--json"], root).stdout)
+    assert "metrics/attack.json" in diff
+    changed = diff["metrics/attack.json"]
+    assert changed and all(entry["old"] != entry["new"] for entry in changed.values())
+    flat_before, flat_after = _flatten(before), _flatten(after)
+    for key, entry in changed.items():
+        assert flat_before.get(key) == entry["old"] and flat_after.get(key) == entry["new"], key
+
+
+def _flatten(value, prefix=""):
+    if isinstance(value, dict):
+        out = {}
+        for k, v in value.items():
+            out.update(_flatten(v, f"{prefix}.{k}" if prefix else str(k)))
+        return out
+    return {prefix: value}
+
+
+MY_MODEL = (
+    "from torch import nn\n\n\n"
+    "def build(input_shape, num_classes, width=16):\n"
+    "    return nn.Sequential(nn.Flatten(), nn.Linear(64, width), nn.ReLU(), nn.Linear(width, num_classes))\n"
+)
+
+
+def test_user_data_and_model_module_are_deps_and_in_the_manifest(tmp_path_factory):
+    """Before: dvc.yaml did not list data.path or the user's model module, and the manifest did not
+    hash them: after a byte of either changed, `dvc status` was clean and `robustgate verify` OK."""
+    import numpy as np
+    from sklearn.datasets import load_digits
+
+    def user_files(root):
+        digits = load_digits()
+        (root / "data/raw").mkdir(parents=True)
+        np.savez(root / "data/raw/digits.npz", x=(digits.images / 16.0).astype(np.float32).reshape(-1, 1, 8, 8),
+                 y=digits.target.astype(np.int64))
+        (root / "my_models.py").write_text(MY_MODEL)
+
+    params = {**TINY_PARAMS, "data": {"dataset": "npz", "path": "data/raw/digits.npz", "max_samples": 400},
+              "model": {"name": "my_models:build", "options": {"width": 16}},
+              "train": {**TINY_PARAMS["train"], "method": "standard", "epochs": 15, "lr": 0.01},
+              "inputs": {"data": "data/raw/digits.npz", "model": "my_models.py"}}
+    root = copy_repository(tmp_path_factory.mktemp("userfiles"), params, user_files)
+    sh(["dvc", "repro"], root)
+    manifest = json.loads((root / "reports/build/manifest.json").read_text())["artifacts"]
+    assert {"data/raw/digits.npz", "my_models.py", "policies/tiny.yaml"} <= set(manifest)
+    assert changed_stages(root, "dvc.yaml") == set()
+    sh(["robustgate", "verify"], root)
+
+    module = root / "my_models.py"
+    module.write_text(module.read_text().replace("nn.ReLU()", "nn.LeakyReLU()"))
+    assert changed_stages(root, "dvc.yaml") >= {"train", "attack", "certify", "smooth", "export", "report", "gate"}
+    assert "prepare" not in changed_stages(root, "dvc.yaml")
+    assert sh(["robustgate", "verify"], root, check=False).returncode == 1
+    module.write_text(MY_MODEL)
+    assert changed_stages(root, "dvc.yaml") == set()
+
+    data = root / "data/raw/digits.npz"
+    raw = bytearray(data.read_bytes())
+    raw[-200] ^= 1  # one byte of the arrays
+    data.write_bytes(bytes(raw))
+    assert {"prepare", "report", "gate"} <= changed_stages(root, "dvc.yaml")
+    failed = sh(["robustgate", "verify"], root, check=False)
+    assert failed.returncode == 1 and "data/raw/digits.npz" in failed.stdout
+
+
+def test_inputs_section_must_name_the_files_the_params_use(tmp_path, capsys):
+    """A stale inputs section would hide a changed model module from DVC: refused with one line."""
+    from tests.conftest import make_workspace, run_stage
+
+    params = {**TINY_PARAMS, "model": {"name": "my_models:build"},
+              "inputs": {"data": "pipeline/data/datasets.py", "model": "pipeline/models.py"}}
+    root = make_workspace(tmp_path / "ws", params)
+    (root / "my_models.py").write_text(MY_MODEL)
+    assert run_stage("prepare", root) == 2
+    assert "inputs.model = 'pipeline/models.py' must be 'my_models.py'" in capsys.readouterr().err
+    assert not (root / "data").exists()

@@ -23,30 +23,33 @@ class RawDataset:
     standardize: bool  # tabular: z-score with train statistics, box from the data
     lower: Optional[np.ndarray] = None  # domain box for images, broadcastable to one input
     upper: Optional[np.ndarray] = None
+    class_names: Optional[tuple[str, ...]] = None  # what the loader knows; else params or indices
 
 
-def _digits(_: Optional[Path]) -> RawDataset:
+def _digits(_: Optional[Path], __: Optional[Path] = None) -> RawDataset:
     from sklearn.datasets import load_digits
 
     bunch = load_digits()
     x = (bunch.images / 16.0).astype(np.float32)[:, None, :, :]
-    return RawDataset(x, bunch.target.astype(np.int64), False, np.zeros(1, np.float32), np.ones(1, np.float32))
+    return RawDataset(x, bunch.target.astype(np.int64), False, np.zeros(1, np.float32), np.ones(1, np.float32),
+                      tuple(str(c) for c in bunch.target_names))
 
 
-def _breast_cancer(_: Optional[Path]) -> RawDataset:
+def _breast_cancer(_: Optional[Path], __: Optional[Path] = None) -> RawDataset:
     from sklearn.datasets import load_breast_cancer
 
     bunch = load_breast_cancer()
-    return RawDataset(bunch.data.astype(np.float32), bunch.target.astype(np.int64), True)
+    return RawDataset(bunch.data.astype(np.float32), bunch.target.astype(np.int64), True,
+                      class_names=tuple(str(c) for c in bunch.target_names))
 
 
-def _idx(path: Optional[Path]) -> RawDataset:
-    images, labels = load_idx_directory(path)
+def _idx(path: Optional[Path], root: Optional[Path] = None) -> RawDataset:
+    images, labels = load_idx_directory(path, root)
     x = (images.astype(np.float32) / 255.0)[:, None, :, :]
     return RawDataset(x, labels.astype(np.int64), False, np.zeros(1, np.float32), np.ones(1, np.float32))
 
 
-def _npz(path: Optional[Path]) -> RawDataset:
+def _npz(path: Optional[Path], _: Optional[Path] = None) -> RawDataset:
     try:
         with np.load(path, allow_pickle=False) as archive:
             arrays = {k: archive[k] for k in archive.files}
@@ -56,6 +59,8 @@ def _npz(path: Optional[Path]) -> RawDataset:
     if missing:
         raise UsageError(f"{path}: missing array(s) {sorted(missing)}; an npz dataset needs 'x' and 'y'")
     x, y = arrays["x"], arrays["y"]
+    if x.size == 0 or y.size == 0:
+        raise UsageError(f"{path}: empty arrays (x has shape {x.shape}, y has shape {y.shape}); need N > 0 samples")
     if x.dtype == np.uint8:
         x = x.astype(np.float32) / 255.0
     if not (np.issubdtype(x.dtype, np.floating) or np.issubdtype(x.dtype, np.integer)):
@@ -69,11 +74,14 @@ def _npz(path: Optional[Path]) -> RawDataset:
     if lower is None and np.isfinite(x).all() and x.min() >= 0.0 and x.max() <= 1.0:
         lower, upper = np.zeros(1, np.float32), np.ones(1, np.float32)
     if lower is not None:
+        if not (np.issubdtype(lower.dtype, np.number) and np.issubdtype(upper.dtype, np.number)):
+            raise UsageError(f"{path}: 'lower' and 'upper' must be numeric arrays")
         lower, upper = lower.astype(np.float32), upper.astype(np.float32)
     return RawDataset(x, y.astype(np.int64), False, lower, upper)
 
 
-DATASETS: dict[str, Callable[[Optional[Path]], RawDataset]] = {
+# Each loader takes (path, workspace root); the root confines files a directory holds.
+DATASETS: dict[str, Callable[[Optional[Path], Optional[Path]], RawDataset]] = {
     "digits": _digits,
     "breast_cancer": _breast_cancer,
     "idx": _idx,
@@ -81,10 +89,10 @@ DATASETS: dict[str, Callable[[Optional[Path]], RawDataset]] = {
 }
 
 
-def load_dataset(name: str, path: Optional[Path] = None) -> RawDataset:
+def load_dataset(name: str, path: Optional[Path] = None, root: Optional[Path] = None) -> RawDataset:
     if name not in DATASETS:
         raise UsageError(f"unknown dataset {name!r}; allowed: {', '.join(DATASETS)}")
-    dataset = DATASETS[name](path)
+    dataset = DATASETS[name](path, root)
     validate(dataset, name)
     return dataset
 
@@ -92,8 +100,8 @@ def load_dataset(name: str, path: Optional[Path] = None) -> RawDataset:
 def validate(dataset: RawDataset, name: str) -> None:
     """Refuse data that would make every later figure meaningless."""
     x, y = dataset.x, dataset.y
-    if x.ndim < 2 or len(x) == 0:
-        raise UsageError(f"{name}: x must have shape (N, features...) with N > 0, got {x.shape}")
+    if x.ndim < 2 or x.size == 0:
+        raise UsageError(f"{name}: x must have shape (N, features...) with N > 0 and features > 0, got {x.shape}")
     if y.shape != (len(x),):
         raise UsageError(f"{name}: {len(x)} samples but labels of shape {y.shape}")
     if not np.isfinite(x).all():
@@ -112,5 +120,10 @@ def validate(dataset: RawDataset, name: str) -> None:
         upper = np.broadcast_to(dataset.upper, x.shape[1:]) if dataset.upper.size == 1 else dataset.upper
         if lower.shape != x.shape[1:] or upper.shape != x.shape[1:]:
             raise UsageError(f"{name}: domain bounds of shape {lower.shape} do not match inputs {x.shape[1:]}")
+        if not (np.isfinite(lower).all() and np.isfinite(upper).all()):
+            raise UsageError(f"{name}: domain bounds 'lower'/'upper' contain NaN or inf")
+        if (lower > upper).any():
+            bad = int((lower > upper).sum())
+            raise UsageError(f"{name}: domain bounds inverted: lower > upper in {bad} feature(s)")
         if (x < lower).any() or (x > upper).any():
             raise UsageError(f"{name}: samples lie outside the declared domain bounds")

@@ -37,11 +37,21 @@ def read_idx(path: Path) -> np.ndarray:
     return np.frombuffer(raw, dtype=np.uint8, offset=header).reshape(shape)
 
 
-def load_idx_directory(directory: Path) -> tuple[np.ndarray, np.ndarray]:
-    """Load every `<prefix>-images-idx3-ubyte[.gz]` with its `<prefix>-labels-idx1-ubyte[.gz]`."""
+def _inside(path: Path, root: Path | None) -> Path:
+    """Refuse a file (typically a symlink) that resolves outside the workspace, as data.path is."""
+    if root is not None and not path.resolve().is_relative_to(root.resolve()):
+        raise UsageError(f"{path}: resolves to {path.resolve()}, outside the workspace {root}; copy the file in")
+    return path
+
+
+def load_idx_directory(directory: Path, root: Path | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Load every `<prefix>-images-idx3-ubyte[.gz]` with its `<prefix>-labels-idx1-ubyte[.gz]`.
+    With `root`, every file must resolve inside it (no symlinks out of the workspace)."""
     if not directory.is_dir():
         raise UsageError(f"data.path = {str(directory)!r}: the idx dataset needs a directory")
     image_files = sorted(directory.glob("*-images-idx3-ubyte*"))
+    for file in image_files + sorted(directory.glob("*-labels-idx1-ubyte*")):
+        _inside(file, root)
     if not image_files:
         raise UsageError(f"{directory}: no '*-images-idx3-ubyte[.gz]' file found")
     images, labels = [], []

@@ -10,11 +10,11 @@ from tqdm import tqdm
 
 from pipeline.attacks import FGSM, PGD, Attack
 from pipeline.attacks.apgd import APGD, APGDTargeted
-from pipeline.attacks.losses import MIN_CLASSES
 from pipeline.attacks.masking import run_checks
 from pipeline.attacks.square import Square
 from pipeline.attacks.suite import SuiteResult, robust_mask, run_suite
 from pipeline.errors import UsageError
+from pipeline.feasibility import apgd_targets, resolve_attacks
 from pipeline.io import atomic_write, confine, sha256_file, write_json, write_text
 from pipeline.policy import load_policy
 from pipeline.results import (Accuracy, AttackRecord, AttackResult, AttackSweep, ClassRecord, NotApplicable,
@@ -23,21 +23,20 @@ from pipeline.stages.common import check_model_outputs, load_data, load_model_fo
 from pipeline.stats import proportion
 from pipeline.workspace import Workspace
 
-NEEDS_CLASSES = {"apgd_dlr": MIN_CLASSES["dlr"], "apgd_t": MIN_CLASSES["dlr_targeted"]}
 
-
-def build_attacks(cfg, epsilon: float) -> list[Attack]:
+def build_attacks(cfg, epsilon: float, names=None, num_classes: int | None = None) -> list[Attack]:
     p = cfg.pgd
+    targets = cfg.apgd.targets if num_classes is None else apgd_targets(cfg, num_classes)
     factories = {
         "fgsm": lambda: FGSM(),
         "pgd": lambda: PGD(p.steps, p.step_size, p.restarts, schedule=p.schedule),
         "pgd_cw": lambda: PGD(p.steps, p.step_size, p.restarts, loss="cw", schedule=p.schedule),
         "apgd_ce": lambda: APGD(cfg.apgd.steps, cfg.apgd.restarts, "ce"),
         "apgd_dlr": lambda: APGD(cfg.apgd.steps, cfg.apgd.restarts, "dlr"),
-        "apgd_t": lambda: APGDTargeted(cfg.apgd.steps, cfg.apgd.restarts, cfg.apgd.targets),
+        "apgd_t": lambda: APGDTargeted(cfg.apgd.steps, cfg.apgd.restarts, targets),
         "square": lambda: Square(cfg.square.queries, cfg.square.p_init, cfg.square.restarts),
     }
-    return [factories[name]() for name in cfg.attacks]  # names validated by the config
+    return [factories[name]() for name in (cfg.attacks if names is None else names)]  # validated by the config
 
 
 def epsilon_sweep(model, cfg, x, y, epsilon, norm, domain, generator) -> list[dict]:
@@ -70,7 +69,8 @@ def evaluate(model, params, x, y, domain, num_classes: int, generator, *, model_
     """The attack evaluation of one model on (x, y): worst case over the configured attacks, the ε
     sweep and the masking checks. Pure: the stage and `robustgate compare` both call it."""
     cfg, threat = params.attack, params.threat
-    attacks = build_attacks(cfg, threat.epsilon)
+    names, task_notes = resolve_attacks(cfg, num_classes)
+    attacks = build_attacks(cfg, threat.epsilon, names, num_classes)
     result = run_suite(model, attacks, x, y, threat.epsilon, threat.norm, domain, cfg.batch_size, generator,
                        progress=progress, sequential=cfg.mode == "sequential")
     n = len(y)
@@ -120,6 +120,7 @@ def evaluate(model, params, x, y, domain, num_classes: int, generator, *, model_
         masking_all_passed=float(bool(ran) and all(c.passed for c in ran) and len(ran) == len(masking)),
         masking_failed=[c.name for c in ran if not c.passed],
         reference_suite=reference_coverage(names),
+        task_notes=task_notes,
     )
     return metrics, result
 
@@ -140,11 +141,8 @@ def main(ws: Workspace) -> int:
     model, _ = load_model_for(ws, params, data, data_fingerprint)
     generator = seed_everything(params.seed)
     x, y = tensors(data, "test", cfg.max_samples)
-    for name, needed in NEEDS_CLASSES.items():
-        if name in cfg.attacks and data.num_classes < needed:
-            raise UsageError(f"attack.attacks: {name} needs at least {needed} classes; the data has {data.num_classes}")
     check_model_outputs(model, x, data.num_classes)
-    bar = tqdm(total=len(x) * len(cfg.attacks), desc="attack", unit="img", file=sys.stderr, mininterval=1.0)
+    bar = tqdm(total=len(x) * len(resolve_attacks(cfg, data.num_classes)[0]), desc="attack", unit="img", file=sys.stderr, mininterval=1.0)
     metrics, result = evaluate(
         model, params, x, y, domain, data.num_classes, generator, model_sha256=model_sha,
         data_fingerprint=data_fingerprint,

@@ -37,7 +37,8 @@ def main(ws: Workspace) -> int:
         "robustgate.version": __version__,
         "robustgate.git_commit": ws.git_commit(),
         "robustgate.dataset_fingerprint": data_fingerprint,
-        "robustgate.params_sha256": params.section_hash(),
+        "robustgate.params_sha256": params.section_hash(  # what the model depends on, not report prose
+            "seed", "data", "model", "train", "threat", exclude={"threat": {"rationale"}}),
         "robustgate.epsilon": str(threat.epsilon),
         "robustgate.norm": threat.norm,
         "robustgate.training_method": meta["method"],

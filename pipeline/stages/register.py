@@ -36,6 +36,13 @@ def checked_decision(ws: Workspace, params):
     return record, decision
 
 
+def shown_uri(tracking_uri: str, ws: Workspace) -> str:
+    """The tracking URI as the committed record shows it: no credentials, no machine-specific path."""
+    if tracking_uri == default_tracking_uri(ws.root):
+        return "sqlite:///mlflow.db (in the workspace)"
+    return redact(tracking_uri)
+
+
 def main(ws: Workspace) -> int:
     params = ws.params()
     gate, decision = checked_decision(ws, params)
@@ -73,7 +80,7 @@ def main(ws: Workspace) -> int:
         raise RegistryUnreachable(f"MLflow at {redact(tracking_uri)} failed: {first}; local artifacts are untouched") from None
     write_json(ws.metrics("register"), results.dump(results.RegisterResult(
         model_name=result.model_name, version=result.version, run_id=result.run_id, approved=result.approved,
-        previous_approved=result.previous_approved, tracking_uri=redact(tracking_uri), onnx_sha256=onnx_sha,
+        previous_approved=result.previous_approved, tracking_uri=shown_uri(tracking_uri, ws), onnx_sha256=onnx_sha,
         registered_onnx_sha256=result.registered_onnx_sha256)))
     aliases = "candidate, approved" if result.approved else "candidate (approved unchanged)"
     print(f"register: {result.model_name} version {result.version} -> {aliases}; run {result.run_id}")

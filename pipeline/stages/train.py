@@ -11,6 +11,7 @@ from tqdm import tqdm
 
 from pipeline.attacks.pgd import PGD
 from pipeline.errors import UsageError
+from pipeline.feasibility import check_runnable
 from pipeline.io import atomic_write, confine, sha256_file, write_json
 from pipeline.models import build_model, load_weights, save_checkpoint
 from pipeline.stages.common import load_data, seed_everything, tensors
@@ -76,12 +77,15 @@ def main(ws: Workspace, resume: bool = False) -> int:
         check_epsilon(params.threat.norm, params.train.epsilon, domain, key="train.epsilon")
     generator = seed_everything(params.seed)
     input_shape = list(data.x["train"].shape[1:])
+    check_runnable(params, data.num_classes, input_shape)  # before training, not at the attack stage
     options = params.model.factory_options()
     model = build_model(params.model.name, input_shape, data.num_classes, options)
     start_from_checkpoint(model, params, ws.root)
     cfg = fit_config(params)
     state_file = ws.model_dir / "train_state.pt"
-    fingerprint_now = params.section_hash("seed", "data", "model", "threat", "train")
+    # threat.rationale is report prose: editing it must not invalidate the model (nor a resume)
+    fingerprint_now = params.section_hash("seed", "data", "model", "threat", "train",
+                                          exclude={"threat": {"rationale"}})
     previous = None
     if resume:
         previous = load_state(state_file, fingerprint_now)

@@ -1,0 +1,78 @@
+"""The user's files that shape the evidence: data under `data.path`, the module of a
+`module:callable` model, the release policy.
+
+Two consumers: the manifest and the gate hash them (`pipeline.evidence.artifact_paths`), so
+`robustgate verify` fails when one byte of them changes; and DVC tracks them as deps through the
+`inputs` section of params.yaml (dvc.yaml templates `${inputs.data}` and `${inputs.model}`,
+since DVC cannot template a null `data.path`). `check_dvc_inputs` keeps that section honest: it
+must name data.path (or the built-in loader) and the model's module file (or the built-in models).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+from pipeline.errors import UsageError
+
+BUILTIN_DATA_SOURCE = "pipeline/data/datasets.py"
+BUILTIN_MODEL_SOURCE = "pipeline/models.py"
+PREPARED = "data/prepared"
+
+
+def model_module_file(model_name: str, root: Path) -> Optional[Path]:
+    """The file of a `module:callable` factory's module in the workspace (module.py or
+    module/__init__.py), found without importing it; None for built-in or installed models."""
+    if ":" not in model_name:
+        return None
+    base = root.joinpath(*model_name.split(":", 1)[0].split("."))
+    for candidate in (base.with_suffix(".py"), base / "__init__.py"):
+        if candidate.is_file() and candidate.resolve().is_relative_to(root.resolve()):
+            return candidate
+    return None
+
+
+def data_files(data_path: Optional[str], root: Path) -> list[Path]:
+    """Every regular file at or below data.path (all of them: DVC hashes a directory dep whole)."""
+    if not data_path:
+        return []
+    path = root / data_path
+    if path.is_file():
+        return [path]
+    if path.is_dir():
+        return sorted(p for p in path.rglob("*") if p.is_file() and not p.name.startswith("."))
+    return []
+
+
+def user_inputs(params, root: Path) -> dict[str, Path]:
+    """The user's input files by workspace-relative path (for the manifest and the gate)."""
+    files = data_files(params.data.path, root)
+    module = model_module_file(params.model.name, root)
+    if module is not None:
+        files.append(module)
+    files.append(root / params.gate.policy)
+    return {p.resolve().relative_to(root.resolve()).as_posix(): p for p in files if p.is_file()}
+
+
+def _same_or_inside(given: str, expected: Path, root: Path) -> bool:
+    given_path = (root / given).resolve()
+    target = expected.resolve()
+    return target == given_path or given_path in target.parents
+
+
+def check_dvc_inputs(params, root: Path, source: str = "params.yaml") -> None:
+    """Refuse an `inputs` section that does not name the files data.path and model.name use,
+    so DVC cannot miss a changed data file or model module. Absent section: nothing to check."""
+    if params.inputs is None:
+        return
+    data_expected = params.data.path or BUILTIN_DATA_SOURCE
+    if _same_or_inside(params.inputs.data, root / PREPARED, root):
+        raise UsageError(f"{source}: inputs.data = {params.inputs.data!r} contains {PREPARED!r}, prepare's own output; "
+                         "keep your data in a folder of its own, e.g. data/raw/")
+    if not _same_or_inside(params.inputs.data, root / data_expected, root):
+        raise UsageError(f"{source}: inputs.data = {params.inputs.data!r} must be {data_expected!r} "
+                         f"(data.dataset {params.data.dataset!r}) so that DVC re-runs prepare when the data changes")
+    module = model_module_file(params.model.name, root)
+    model_expected = module.relative_to(root).as_posix() if module is not None else BUILTIN_MODEL_SOURCE
+    if not _same_or_inside(params.inputs.model, root / model_expected, root):
+        raise UsageError(f"{source}: inputs.model = {params.inputs.model!r} must be {model_expected!r} "
+                         f"(model.name {params.model.name!r}) so that DVC re-runs train when the model code changes")
