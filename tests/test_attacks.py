@@ -136,7 +136,7 @@ def masking_checks(model, x, y, domain, epsilon: float, mode: str) -> dict:
                        pgd=PGDConfig(steps=20, step_size=epsilon / 5, restarts=1), apgd={"steps": 20},
                        square=SquareConfig(queries=300), sweep=SweepConfig(points=5))
     gen = torch.Generator().manual_seed(0)
-    attacks = build_attacks(cfg, epsilon)
+    attacks = build_attacks(cfg, epsilon, list(cfg.attacks), num_classes=10)
     suite = run_suite(model, attacks, x, y, epsilon, "linf", domain, 128, gen, sequential=mode == "sequential")
     sweep = epsilon_sweep(model, cfg, x, y, epsilon, "linf", domain, gen)
     checks = run_checks(model, suite, attacks, sweep, x, y, epsilon, "linf", domain, gen, 128, 0.02,

@@ -24,9 +24,10 @@ from pipeline.stats import proportion
 from pipeline.workspace import Workspace
 
 
-def build_attacks(cfg, epsilon: float, names=None, num_classes: int | None = None) -> list[Attack]:
+def build_attacks(cfg, epsilon: float, names: list[str], num_classes: int) -> list[Attack]:
+    """The attacks `names` (from `resolve_attacks`), APGD-T's targets clamped to the task's classes."""
     p = cfg.pgd
-    targets = cfg.apgd.targets if num_classes is None else apgd_targets(cfg, num_classes)
+    targets = apgd_targets(cfg, num_classes)
     factories = {
         "fgsm": lambda: FGSM(),
         "pgd": lambda: PGD(p.steps, p.step_size, p.restarts, schedule=p.schedule),
@@ -36,7 +37,7 @@ def build_attacks(cfg, epsilon: float, names=None, num_classes: int | None = Non
         "apgd_t": lambda: APGDTargeted(cfg.apgd.steps, cfg.apgd.restarts, targets),
         "square": lambda: Square(cfg.square.queries, cfg.square.p_init, cfg.square.restarts),
     }
-    return [factories[name]() for name in (cfg.attacks if names is None else names)]  # validated by the config
+    return [factories[name]() for name in names]  # validated by the config
 
 
 def epsilon_sweep(model, cfg, x, y, epsilon, norm, domain, generator) -> list[dict]:
