@@ -182,7 +182,8 @@ def test_user_data_and_model_module_are_deps_and_in_the_manifest(tmp_path_factor
 
     params = {**TINY_PARAMS, "data": {"dataset": "npz", "path": "data/raw/digits.npz", "max_samples": 400},
               "model": {"name": "my_models:build", "options": {"width": 16}},
-              "train": {**TINY_PARAMS["train"], "method": "standard", "epochs": 15, "lr": 0.01},
+              "train": {**{k: v for k, v in TINY_PARAMS["train"].items() if k != "pgd"}, "method": "standard",
+                        "epochs": 15, "lr": 0.01},
               "inputs": {"data": "data/raw/digits.npz", "model": "my_models.py"}}
     root = copy_repository(tmp_path_factory.mktemp("userfiles"), params, user_files)
     sh(["dvc", "repro"], root)
