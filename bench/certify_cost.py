@@ -13,7 +13,7 @@ from pipeline import lirpa_compat
 from pipeline.certify.bounds import BoundComputer, specification
 from pipeline.certify.smoothing import Smooth
 from pipeline.models import cnn_small
-from pipeline.threat import Domain
+from pipeline.threat import Domain, LpBall
 
 
 def timed(fn) -> float:
@@ -54,7 +54,7 @@ def bounds(model, x, y) -> None:
     bare_module = lirpa.BoundedModule(model, torch.zeros(1, 1, 8, 8), device="cpu")
     for method, name in (("ibp", "IBP"), ("crown", "CROWN")):
         def ours():
-            computer.certify(x, y, 0.1, "linf", method, 10, 128, 1e-4)
+            computer.certify(x, y, LpBall("linf", 0.1), method, 10, 128, 1e-4)
 
         def bare():
             for start in range(0, len(x), 128):

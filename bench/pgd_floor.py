@@ -13,7 +13,7 @@ from torch import nn
 
 from pipeline.attacks import PGD
 from pipeline.models import cnn_small
-from pipeline.threat import Domain
+from pipeline.threat import Domain, LpBall
 
 
 def plain_loop(model: nn.Module, x: torch.Tensor, y: torch.Tensor, steps: int) -> torch.Tensor:
@@ -47,7 +47,7 @@ def main() -> None:
         ours = floor = float("inf")
         for _ in range(3):  # interleave
             floor = min(floor, best_of(lambda: plain_loop(model, x, y, steps), 2))
-            ours = min(ours, best_of(lambda: attack.perturb(model, x, y, 0.1, "linf", domain, gen), 2))
+            ours = min(ours, best_of(lambda: attack.perturb(model, x, y, LpBall("linf", 0.1), domain, gen), 2))
         print(f"input {shape} batch {batch} PGD-{steps}: floor {floor * 1e3:.1f} ms, ours {ours * 1e3:.1f} ms, "
               f"floor/ours {floor / ours:.3f} (goal >= 0.95), {batch / ours:.0f} images/s")
 
@@ -77,7 +77,7 @@ def sequential_speedup() -> None:
     timings, verdicts = {}, {}
     for sequential in (False, True, False, True):
         start = time.perf_counter()
-        result = run_suite(model, attacks, x, y, 0.1, "linf", domain, 512, torch.Generator().manual_seed(0),
+        result = run_suite(model, attacks, x, y, LpBall("linf", 0.1), domain, 512, torch.Generator().manual_seed(0),
                            sequential=sequential)
         elapsed = time.perf_counter() - start
         timings[sequential] = min(timings.get(sequential, float("inf")), elapsed)

@@ -11,7 +11,7 @@ from pipeline.attacks.pgd import PGD
 from pipeline.data.datasets import load_dataset
 from pipeline.data.split import prepare
 from pipeline.models import cnn_small
-from pipeline.threat import Domain
+from pipeline.threat import Domain, LpBall
 from pipeline.training.loop import FitConfig, fit
 from pipeline.training.methods import METHODS
 
@@ -22,7 +22,7 @@ GOALS = {"pgd_at": 1.1 * (K + 1), "fast_at": 2.5, "trades": 1.1 * (K + 2)}
 def epoch_seconds(method: str, x, y, xv, yv, domain) -> float:
     torch.manual_seed(0)
     model = cnn_small((1, 8, 8), 10)
-    cfg = FitConfig(method, 1, 64, "adam", 1e-3, 0.9, 0.0, 0.1, "linf", 0, PGD(K, 0.025), PGD(1, 0.1))
+    cfg = FitConfig(method, 1, 64, "adam", 1e-3, 0.9, 0.0, LpBall("linf", 0.1), 0, PGD(K, 0.025), PGD(1, 0.1))
     start = time.perf_counter()
     fit(model, x, y, xv[:1], yv[:1], domain, cfg, torch.Generator().manual_seed(0), num_classes=10)
     return time.perf_counter() - start

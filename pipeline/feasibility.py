@@ -18,6 +18,8 @@ from __future__ import annotations
 
 from typing import Sequence
 
+import torch
+
 from pipeline.attacks.losses import MIN_CLASSES
 from pipeline.errors import UsageError
 
@@ -69,5 +71,6 @@ def check_runnable(params, num_classes: int, input_shape: Sequence[int]) -> list
     from pipeline.models import build_model
 
     _, notes = resolve_attacks(params.attack, num_classes)
-    build_model(params.model.name, list(input_shape), num_classes, params.model.factory_options())
+    with torch.random.fork_rng(devices=[]):  # a trial build must not move the caller's seeded initialisation
+        build_model(params.model.name, list(input_shape), num_classes, params.model.factory_options())
     return notes

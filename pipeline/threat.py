@@ -1,7 +1,19 @@
-"""The threat model in tensors: the ε-ball intersected with the data domain box."""
+"""The threat model as an object: what an adversary (or the world) may do to an input.
+
+A :class:`Threat` owns its parameter set, how to sample it, how to project onto it and
+what can be certified about it. Attacks, certificates and training take a threat, never an
+`(epsilon, norm)` pair, so a new kind of input variation is one new class. :class:`LpBall`
+is the ε-ball around an input intersected with the data domain box; parametric input
+variations (brightness, rotation, ...) live in `pipeline/conditions/`.
+
+Every tensor a threat creates is made on the device of the input it perturbs; random draws
+come from the caller's generator (on its own device) and are moved there, so CPU results do
+not depend on where a model would run.
+"""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from typing import Optional
 
 import numpy as np
 import torch
@@ -9,6 +21,7 @@ import torch
 from pipeline.errors import UsageError
 
 NORMS = ("linf", "l2")
+NORM_LABELS = {"linf": "L∞", "l2": "L2"}
 
 
 @dataclass(frozen=True)
@@ -22,26 +35,125 @@ class Domain:
     def from_arrays(cls, lower: np.ndarray, upper: np.ndarray) -> "Domain":
         return cls(torch.as_tensor(lower, dtype=torch.float32), torch.as_tensor(upper, dtype=torch.float32))
 
+    def to(self, device) -> "Domain":
+        return Domain(self.lower.to(device), self.upper.to(device))
+
     def clamp(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.maximum(torch.minimum(x, self.upper), self.lower)
+        return torch.maximum(torch.minimum(x, self.upper.to(x.device)), self.lower.to(x.device))
 
     def contains(self, x: torch.Tensor, tol: float = 0.0) -> bool:
-        return bool(((x >= self.lower - tol) & (x <= self.upper + tol)).all())
+        return bool(((x >= self.lower.to(x.device) - tol) & (x <= self.upper.to(x.device) + tol)).all())
 
     def diameter(self, norm: str) -> float:
         width = (self.upper - self.lower).flatten()
         return float(width.max() if norm == "linf" else width.norm(p=2))
 
 
-def check_epsilon(norm: str, epsilon: float, domain: Domain, key: str = "threat.epsilon") -> None:
-    """ε beyond the data range is a meaningless threat model: refuse it."""
-    if norm not in NORMS:
-        raise UsageError(f"threat.norm = {norm!r}: allowed: {', '.join(NORMS)}")
-    if epsilon < 0:
-        raise UsageError(f"{key} = {epsilon}: must be >= 0")
-    limit = domain.diameter(norm)
-    if epsilon > limit:
-        raise UsageError(f"{key} = {epsilon}: beyond the data range ({norm} diameter of the domain is {limit:.4g})")
+def _per_sample(values: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """Reshape (N,) to broadcast over one sample's dimensions."""
+    return values.view(-1, *([1] * (like.dim() - 1)))
+
+
+def _draw(shape, generator: torch.Generator, like: torch.Tensor, kind: str) -> torch.Tensor:
+    draw = torch.rand if kind == "uniform" else torch.randn
+    return draw(shape, generator=generator, device=generator.device).to(like.device)
+
+
+class Threat:
+    """What every threat tells the rest of the pipeline about itself."""
+
+    name: str
+    kind: str
+    rationale: Optional[str]
+
+    def record(self) -> dict:
+        """The threat as the metrics state it."""
+        raise NotImplementedError
+
+    def describe(self) -> str:
+        """One line for reports and logs."""
+        raise NotImplementedError
+
+
+@dataclass(frozen=True)
+class LpBall(Threat):
+    """{x' : ‖x' − x‖_p ≤ ε} ∩ domain, for p ∈ {∞, 2}."""
+
+    norm: str
+    epsilon: float
+    name: str = "lp"
+    rationale: Optional[str] = None
+    kind: str = "lp_ball"
+
+    def __post_init__(self):
+        if self.norm not in NORMS:
+            raise UsageError(f"threat.norm = {self.norm!r}: allowed: {', '.join(NORMS)}")
+        if not self.epsilon >= 0:
+            raise UsageError(f"threat.epsilon = {self.epsilon}: must be >= 0")
+
+    def record(self) -> dict:
+        return {"norm": self.norm, "epsilon": self.epsilon}
+
+    def describe(self) -> str:
+        return f"{NORM_LABELS[self.norm]} ball of radius ε = {self.epsilon:g}"
+
+    def with_epsilon(self, epsilon: float) -> "LpBall":
+        """The same kind of ball at another radius (sweeps, sanity checks, training ramps)."""
+        return replace(self, epsilon=float(epsilon))
+
+    def check(self, domain: Domain, key: str = "threat.epsilon") -> None:
+        """ε beyond the data range is a meaningless threat model: refuse it."""
+        limit = domain.diameter(self.norm)
+        if self.epsilon > limit:
+            raise UsageError(f"{key} = {self.epsilon}: beyond the data range ({self.norm} diameter of the domain "
+                             f"is {limit:.4g})")
+
+    def distance(self, delta: torch.Tensor) -> torch.Tensor:
+        """‖δ‖_p per sample."""
+        return lp_norm(delta, self.norm)
+
+    def box(self, x: torch.Tensor, domain: Domain) -> tuple[torch.Tensor, torch.Tensor]:
+        """L∞ only: the ε-box met with the domain box is one box."""
+        return domain.clamp(x - self.epsilon), domain.clamp(x + self.epsilon)
+
+    def project(self, x_adv: torch.Tensor, x: torch.Tensor, domain: Domain) -> torch.Tensor:
+        """Nearest point (L∞) / radial projection (L2) into the ε-ball, then into the domain."""
+        delta = x_adv - x
+        if self.norm == "linf":
+            delta = delta.clamp(-self.epsilon, self.epsilon)
+        else:
+            norms = lp_norm(delta, "l2").clamp_min(1e-12)
+            delta = delta * _per_sample((self.epsilon / norms).clamp(max=1.0), delta)
+        return domain.clamp(x + delta)
+
+    def random_start(self, x: torch.Tensor, domain: Domain, generator: torch.Generator) -> torch.Tensor:
+        """Uniform point in the ε-ball (L∞ cube or L2 ball), clipped to the domain."""
+        if self.norm == "linf":
+            delta = (_draw(x.shape, generator, x, "uniform") * 2 - 1) * self.epsilon
+        else:
+            direction = _draw(x.shape, generator, x, "normal")
+            direction = direction / _per_sample(lp_norm(direction, "l2").clamp_min(1e-12), x)
+            radius = _draw((len(x),), generator, x, "uniform") ** (1.0 / x[0].numel()) * self.epsilon
+            delta = direction * _per_sample(radius, x)
+        return domain.clamp(x + delta)
+
+    def ascent_step(self, x_adv: torch.Tensor, grad: torch.Tensor, step_size) -> torch.Tensor:
+        """Steepest ascent for the norm: sign of the gradient (L∞) or its direction (L2). `step_size`
+        is a float or a per-sample tensor."""
+        step = _per_sample(step_size, x_adv) if isinstance(step_size, torch.Tensor) else step_size
+        if self.norm == "linf":
+            return x_adv + step * grad.sign()
+        return x_adv + step * grad / _per_sample(lp_norm(grad, "l2").clamp_min(1e-12), grad)
+
+    def perturbation(self, x: torch.Tensor, domain: Domain):
+        """The auto_LiRPA perturbation for certification. L2: the domain box is not used, which only
+        loosens (never breaks) the bound."""
+        from auto_LiRPA.perturbations import PerturbationLpNorm
+
+        if self.norm == "linf":
+            low, high = self.box(x, domain)
+            return PerturbationLpNorm(norm=float("inf"), eps=self.epsilon, x_L=low, x_U=high)
+        return PerturbationLpNorm(norm=2.0, eps=self.epsilon)
 
 
 def lp_norm(delta: torch.Tensor, norm: str) -> torch.Tensor:
@@ -49,34 +161,6 @@ def lp_norm(delta: torch.Tensor, norm: str) -> torch.Tensor:
     return flat.abs().amax(dim=1) if norm == "linf" else flat.norm(p=2, dim=1)
 
 
-def project(x_adv: torch.Tensor, x: torch.Tensor, epsilon: float, norm: str, domain: Domain) -> torch.Tensor:
-    """Nearest point (L∞) / radial projection (L2) into the ε-ball, then into the domain."""
-    delta = x_adv - x
-    if norm == "linf":
-        delta = delta.clamp(-epsilon, epsilon)
-    else:
-        norms = lp_norm(delta, "l2").clamp_min(1e-12)
-        factor = (epsilon / norms).clamp(max=1.0).view(-1, *([1] * (delta.dim() - 1)))
-        delta = delta * factor
-    return domain.clamp(x + delta)
-
-
-def random_start(x: torch.Tensor, epsilon: float, norm: str, domain: Domain, generator: torch.Generator) -> torch.Tensor:
-    """Uniform point in the ε-ball (L∞ cube or L2 ball), clipped to the domain."""
-    if norm == "linf":
-        delta = (torch.rand(x.shape, generator=generator) * 2 - 1) * epsilon
-    else:
-        direction = torch.randn(x.shape, generator=generator)
-        direction = direction / lp_norm(direction, "l2").clamp_min(1e-12).view(-1, *([1] * (x.dim() - 1)))
-        dims = x[0].numel()
-        radius = torch.rand(len(x), generator=generator) ** (1.0 / dims) * epsilon
-        delta = direction * radius.view(-1, *([1] * (x.dim() - 1)))
-    return domain.clamp(x + delta)
-
-
-def ascent_step(x_adv: torch.Tensor, grad: torch.Tensor, step_size: float, norm: str) -> torch.Tensor:
-    """Steepest ascent for the norm: sign of the gradient (L∞) or its direction (L2)."""
-    if norm == "linf":
-        return x_adv + step_size * grad.sign()
-    scale = lp_norm(grad, "l2").clamp_min(1e-12).view(-1, *([1] * (grad.dim() - 1)))
-    return x_adv + step_size * grad / scale
+def from_params(params) -> LpBall:
+    """The Lp threat `params.yaml` names."""
+    return LpBall(params.threat.norm, params.threat.epsilon, rationale=params.threat.rationale)

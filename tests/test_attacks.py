@@ -4,7 +4,7 @@ import torch
 
 from pipeline.attacks import FGSM, PGD
 from pipeline.attacks.suite import predict, run_suite
-from pipeline.threat import lp_norm, project, random_start
+from pipeline.threat import LpBall, lp_norm
 
 
 @pytest.mark.parametrize("norm,eps", [("linf", 0.1), ("l2", 0.5)])
@@ -12,7 +12,7 @@ from pipeline.threat import lp_norm, project, random_start
 def test_outputs_stay_in_ball_and_domain(digits_model, attack, norm, eps):
     model, x, y, domain = digits_model
     gen = torch.Generator().manual_seed(0)
-    x_adv = attack(model, x, y, eps, norm, domain, gen)
+    x_adv = attack(model, x, y, LpBall(norm, eps), domain, gen)
     assert x_adv.shape == x.shape
     assert (lp_norm(x_adv - x, norm) <= eps + 1e-5).all()
     assert domain.contains(x_adv)
@@ -22,7 +22,7 @@ def test_outputs_stay_in_ball_and_domain(digits_model, attack, norm, eps):
 def test_model_mode_is_restored(digits_model):
     model, x, y, domain = digits_model
     model.train()
-    FGSM()(model, x[:4], y[:4], 0.1, "linf", domain, torch.Generator().manual_seed(0))
+    FGSM()(model, x[:4], y[:4], LpBall("linf", 0.1), domain, torch.Generator().manual_seed(0))
     assert model.training
     model.eval()
 
@@ -30,7 +30,7 @@ def test_model_mode_is_restored(digits_model):
 def test_suite_worst_case_is_below_each_attack_and_clean(digits_model):
     model, x, y, domain = digits_model
     attacks = [FGSM(), PGD(steps=20, step_size=0.02, restarts=2)]
-    result = run_suite(model, attacks, x, y, 0.1, "linf", domain, 64, torch.Generator().manual_seed(0))
+    result = run_suite(model, attacks, x, y, LpBall("linf", 0.1), domain, 64, torch.Generator().manual_seed(0))
     robust = result.robust.float().mean()
     assert robust <= result.clean_correct.float().mean()
     for hit in result.broken.values():
@@ -46,7 +46,7 @@ def test_suite_worst_case_is_below_each_attack_and_clean(digits_model):
 
 def test_zero_epsilon_changes_nothing(digits_model):
     model, x, y, domain = digits_model
-    result = run_suite(model, [PGD(5, 0.01)], x, y, 0.0, "linf", domain, 64, torch.Generator().manual_seed(0))
+    result = run_suite(model, [PGD(5, 0.01)], x, y, LpBall("linf", 0.0), domain, 64, torch.Generator().manual_seed(0))
     assert torch.equal(result.robust, result.clean_correct)
 
 
@@ -54,10 +54,10 @@ def test_zero_epsilon_changes_nothing(digits_model):
 def test_projection_and_random_start(digits_model, norm):
     _, x, _, domain = digits_model
     gen = torch.Generator().manual_seed(0)
-    start = random_start(x, 0.3, norm, domain, gen)
+    start = LpBall(norm, 0.3).random_start(x, domain, gen)
     assert (lp_norm(start - x, norm) <= 0.3 + 1e-5).all() and domain.contains(start)
     far = x + 5.0
-    projected = project(far, x, 0.3, norm, domain)
+    projected = LpBall(norm, 0.3).project(far, x, domain)
     assert (lp_norm(projected - x, norm) <= 0.3 + 1e-5).all() and domain.contains(projected)
 
 
@@ -81,7 +81,7 @@ STRONG = [PGD(10, 0.02, 1, loss="cw"), APGD(20, 1, "ce"), APGD(20, 1, "dlr"), AP
 @pytest.mark.parametrize("attack", STRONG, ids=[a.name for a in STRONG])
 def test_every_attack_respects_the_threat_model(digits_model, attack, norm, eps):
     model, x, y, domain = digits_model
-    x_adv = attack(model, x[:64], y[:64], eps, norm, domain, torch.Generator().manual_seed(0))
+    x_adv = attack(model, x[:64], y[:64], LpBall(norm, eps), domain, torch.Generator().manual_seed(0))
     assert (lp_norm(x_adv - x[:64], norm) <= eps + 1e-5).all()
     assert domain.contains(x_adv)
     assert (predict(model, x_adv, 64) != y[:64]).sum() > 0  # each attack breaks something at this ε
@@ -101,15 +101,15 @@ def test_square_schedule_halves():
 def test_apgd_is_at_least_as_strong_as_fgsm(digits_model):
     model, x, y, domain = digits_model
     gen = torch.Generator().manual_seed(0)
-    suite = run_suite(model, [FGSM(), APGD(50, 1, "ce")], x, y, 0.05, "linf", domain, 128, gen)
+    suite = run_suite(model, [FGSM(), APGD(50, 1, "ce")], x, y, LpBall("linf", 0.05), domain, 128, gen)
     assert suite.broken["apgd_ce"].sum() >= suite.broken["fgsm"].sum()
 
 
 def test_sequential_mode_gives_the_independent_verdict(digits_model):
     model, x, y, domain = digits_model
     attacks = [FGSM(), PGD(10, 0.01, 1, random_init=False)]  # deterministic, so verdicts are comparable
-    independent = run_suite(model, attacks, x, y, 0.05, "linf", domain, 64, torch.Generator().manual_seed(0))
-    sequential = run_suite(model, attacks, x, y, 0.05, "linf", domain, 64, torch.Generator().manual_seed(0),
+    independent = run_suite(model, attacks, x, y, LpBall("linf", 0.05), domain, 64, torch.Generator().manual_seed(0))
+    sequential = run_suite(model, attacks, x, y, LpBall("linf", 0.05), domain, 64, torch.Generator().manual_seed(0),
                            sequential=True)
     assert torch.equal(independent.robust, sequential.robust)
     assert independent.broken_by == sequential.broken_by
@@ -136,10 +136,10 @@ def masking_checks(model, x, y, domain, epsilon: float, mode: str) -> dict:
                        pgd=PGDConfig(steps=20, step_size=epsilon / 5, restarts=1), apgd={"steps": 20},
                        square=SquareConfig(queries=300), sweep=SweepConfig(points=5))
     gen = torch.Generator().manual_seed(0)
-    attacks = build_attacks(cfg, epsilon, list(cfg.attacks), num_classes=10)
-    suite = run_suite(model, attacks, x, y, epsilon, "linf", domain, 128, gen, sequential=mode == "sequential")
-    sweep = epsilon_sweep(model, cfg, x, y, epsilon, "linf", domain, gen)
-    checks = run_checks(model, suite, attacks, sweep, x, y, epsilon, "linf", domain, gen, 128, 0.02,
+    attacks = build_attacks(cfg, list(cfg.attacks), num_classes=10)
+    suite = run_suite(model, attacks, x, y, LpBall("linf", epsilon), domain, 128, gen, sequential=mode == "sequential")
+    sweep = epsilon_sweep(model, cfg, x, y, LpBall("linf", epsilon), domain, gen)
+    checks = run_checks(model, suite, attacks, sweep, x, y, LpBall("linf", epsilon), domain, gen, 128, 0.02,
                         domain.diameter("linf"), 0.1, attacks[1])
     return {c.name: c for c in checks}
 
@@ -197,7 +197,7 @@ def test_each_attack_itself_stays_in_ball_and_domain(digits_model, attack, norm,
     pixel sat at 0 or 1, and only the base class's projection repaired it.)"""
     model, x, y, domain = digits_model
     x, y = x[:64], y[:64]
-    raw = attack.run(model.eval(), x, y, eps, norm, domain, torch.Generator().manual_seed(0))
+    raw = attack.run(model.eval(), x, y, LpBall(norm, eps), domain, torch.Generator().manual_seed(0))
     assert raw.shape == x.shape
     assert (lp_norm(raw - x, norm) <= eps + 1e-5).all()
     assert domain.contains(raw, tol=1e-6)
@@ -214,7 +214,6 @@ def test_pgd_perturb_as_adversarial_training_calls_it(digits_model, norm, eps):
 
     from pipeline.config import parse_params
     from pipeline.stages.train import fit_config
-    from pipeline.threat import ascent_step
     from pipeline.training.methods import BatchContext, _adversarial
 
     model, x, y, domain = digits_model
@@ -222,7 +221,7 @@ def test_pgd_perturb_as_adversarial_training_calls_it(digits_model, norm, eps):
     params = parse_params({"threat": {"norm": norm, "epsilon": eps},
                            "train": {"pgd": {"steps": 4, "step_size": eps / 2, "schedule": "cosine"}}})
     pgd = fit_config(params).train_pgd
-    ctx = BatchContext(eps, norm, domain, pgd, torch.Generator().manual_seed(1), 10)
+    ctx = BatchContext(LpBall(norm, eps), domain, pgd, torch.Generator().manual_seed(1), 10)
     model.train()
     try:
         x_adv = _adversarial(model, x, y, ctx)
@@ -230,13 +229,14 @@ def test_pgd_perturb_as_adversarial_training_calls_it(digits_model, norm, eps):
     finally:
         model.eval()
     assert (lp_norm(x_adv - x, norm) <= eps + 1e-5).all() and domain.contains(x_adv, tol=1e-6)
-    expected = random_start(x, eps, norm, domain, torch.Generator().manual_seed(1))
+    expected = LpBall(norm, eps).random_start(x, domain, torch.Generator().manual_seed(1))
     for step in range(4):
         expected = expected.detach().requires_grad_(True)
         loss = torch.nn.functional.cross_entropy(model(expected), y, reduction="sum")
         (grad,) = torch.autograd.grad(loss, expected)
         size = eps / 2 * 0.5 * (1 + math.cos(math.pi * step / 4))
-        expected = project(ascent_step(expected.detach(), grad, size, norm), x, eps, norm, domain)
+        threat = LpBall(norm, eps)
+        expected = threat.project(threat.ascent_step(expected.detach(), grad, size), x, domain)
     assert torch.allclose(x_adv, expected, atol=1e-5)
     loss_adv = torch.nn.functional.cross_entropy(model(x_adv), y)
     assert loss_adv > torch.nn.functional.cross_entropy(model(x), y)  # it ascends the loss

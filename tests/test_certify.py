@@ -5,14 +5,14 @@ import torch
 from pipeline.attacks import PGD
 from pipeline.attacks.suite import run_suite
 from pipeline.certify.bounds import BoundComputer, margins_of, specification
-from pipeline.threat import random_start
+from pipeline.threat import LpBall
 
 
 def assert_bounds_contain_random_points(model, x, y, lower, upper, eps, norm, domain, draws=20):
     gen = torch.Generator().manual_seed(0)
     with torch.no_grad():
         for _ in range(draws):
-            margin = margins_of(model(random_start(x, eps, norm, domain, gen)), y)
+            margin = margins_of(model(LpBall(norm, eps).random_start(x, domain, gen)), y)
             assert (margin >= lower - 1e-4).all() and (margin <= upper + 1e-4).all()
 
 
@@ -34,8 +34,8 @@ def test_specification_rows():
 def test_certified_samples_survive_the_attack(digits_model, computer, method):
     model, x, y, domain = digits_model
     eps = 0.02
-    cert = computer.certify(x, y, eps, "linf", method, 10, 64, 1e-4)
-    suite = run_suite(model, [PGD(20, 0.005, 2)], x, y, eps, "linf", domain, 64, torch.Generator().manual_seed(0))
+    cert = computer.certify(x, y, LpBall("linf", eps), method, 10, 64, 1e-4)
+    suite = run_suite(model, [PGD(20, 0.005, 2)], x, y, LpBall("linf", eps), domain, 64, torch.Generator().manual_seed(0))
     assert cert.verified.any(), "a small ε should certify some samples"
     assert not (cert.verified & ~suite.robust).any()
 
@@ -46,13 +46,13 @@ def test_bounds_contain_random_margins(digits_model, computer, method, norm, eps
     """Random points of the ε-ball (L∞ box, or L2 ball) have margins inside the bounds."""
     model, x, y, domain = digits_model
     x, y = x[:count], y[:count]
-    lower, upper = computer.margin_bounds(x, y, epsilon, norm, method, 10)
+    lower, upper = computer.margin_bounds(x, y, LpBall(norm, epsilon), method, 10)
     assert_bounds_contain_random_points(model, x, y, lower, upper, epsilon, norm, domain)
 
 
 def test_ibp_verified_accuracy_never_rises_with_epsilon(digits_model, computer):
     _, x, y, _ = digits_model
-    verified = [computer.certify(x, y, eps, "linf", "ibp", 10, 64, 1e-4).verified for eps in (0.0, 0.01, 0.02, 0.04)]
+    verified = [computer.certify(x, y, LpBall("linf", eps), "ibp", 10, 64, 1e-4).verified for eps in (0.0, 0.01, 0.02, 0.04)]
     for smaller, larger in zip(verified, verified[1:]):
         assert not (larger & ~smaller).any()
     assert verified[0].sum() > verified[-1].sum()
@@ -60,16 +60,16 @@ def test_ibp_verified_accuracy_never_rises_with_epsilon(digits_model, computer):
 
 def test_crown_is_at_least_as_tight_as_ibp_on_average(digits_model, computer):
     _, x, y, _ = digits_model
-    ibp = computer.certify(x, y, 0.02, "linf", "ibp", 10, 64, 1e-4)
-    crown = computer.certify(x, y, 0.02, "linf", "crown", 10, 64, 1e-4)
+    ibp = computer.certify(x, y, LpBall("linf", 0.02), "ibp", 10, 64, 1e-4)
+    crown = computer.certify(x, y, LpBall("linf", 0.02), "crown", 10, 64, 1e-4)
     assert crown.margin_lower.mean() >= ibp.margin_lower.mean()
 
 
 def test_alpha_crown_is_sound_and_tighter_than_crown(digits_model, computer):
     model, x, y, domain = digits_model
     x, y = x[:40], y[:40]
-    crown = computer.certify(x, y, 0.02, "linf", "crown", 10, 64, 1e-4)
-    alpha = computer.certify(x, y, 0.02, "linf", "alpha_crown", 10, 64, 1e-4)
+    crown = computer.certify(x, y, LpBall("linf", 0.02), "crown", 10, 64, 1e-4)
+    alpha = computer.certify(x, y, LpBall("linf", 0.02), "alpha_crown", 10, 64, 1e-4)
     assert alpha.margin_lower.mean() >= crown.margin_lower.mean() - 1e-4
     assert_bounds_contain_random_points(model, x, y, alpha.lower, alpha.upper, 0.02, "linf", domain, draws=10)
 
@@ -78,7 +78,7 @@ def test_time_budget_certifies_a_prefix(digits_model, computer):
     import time
 
     _, x, y, _ = digits_model
-    cert = computer.certify(x, y, 0.02, "linf", "crown", 10, 16, 1e-4, deadline=time.monotonic() - 1)
+    cert = computer.certify(x, y, LpBall("linf", 0.02), "crown", 10, 16, 1e-4, deadline=time.monotonic() - 1)
     assert len(cert.margin_lower) == 16  # one batch, then the budget stops it
 
 
@@ -90,7 +90,7 @@ def test_unboundable_model_is_named():
     domain = Domain(torch.zeros(1, 8, 8), torch.ones(1, 8, 8))
     with pytest.raises(NotBoundable) as info:
         computer = BoundComputer(spectral_net().eval(), (1, 8, 8), domain)
-        computer.certify(torch.rand(2, 1, 8, 8), torch.tensor([0, 1]), 0.01, "linf", "crown", 10, 2, 1e-4)
+        computer.certify(torch.rand(2, 1, 8, 8), torch.tensor([0, 1]), LpBall("linf", 0.01), "crown", 10, 2, 1e-4)
     assert str(info.value)
 
 
@@ -143,5 +143,5 @@ def test_warnings_on_the_bound_path_reach_the_caller():
     domain = Domain(torch.zeros(4), torch.ones(4))
     with pytest.warns(DeprecationWarning, match="bound path"):  # tracing runs the forward once
         computer = BoundComputer(Deprecating(), (4,), domain)
-    lower, upper = computer.margin_bounds(torch.full((2, 4), 0.5), torch.tensor([0, 1]), 0.1, "linf", "crown", 3)
+    lower, upper = computer.margin_bounds(torch.full((2, 4), 0.5), torch.tensor([0, 1]), LpBall("linf", 0.1), "crown", 3)
     assert (lower <= upper).all()

@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from pipeline.certify.bounds import BoundComputer, specification
-from pipeline.threat import Domain
+from pipeline.threat import Domain, LpBall
 
 GOLDEN = Path(__file__).parent / "golden" / "bounds.json"
 REGENERATE = os.environ.get("ROBUSTGATE_REGENERATE_GOLDEN") == "1"
@@ -53,7 +53,7 @@ def computed() -> dict:
     computer = BoundComputer(fixed_network(), (1, 6, 6), DOMAIN)
     out = {}
     for norm, eps, method in CASES:
-        lower, upper = computer.margin_bounds(x, y, eps, norm, method, 4)
+        lower, upper = computer.margin_bounds(x, y, LpBall(norm, eps), method, 4)
         out[f"{norm}/{method}"] = {"epsilon": eps, "lower": lower.tolist(), "upper": upper.tolist()}
     return out
 

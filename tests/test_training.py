@@ -10,7 +10,7 @@ from pipeline.data.datasets import load_dataset
 from pipeline.data.split import prepare
 from pipeline.errors import UsageError
 from pipeline.models import build_model
-from pipeline.threat import Domain
+from pipeline.threat import Domain, LpBall
 from pipeline.training.loop import FitConfig, TrainingDiverged, epoch_epsilon, fit, learning_rate
 from pipeline.training.methods import METHODS, jensen_shannon, kl_divergence
 
@@ -22,9 +22,9 @@ def small_data():
     return tensors, Domain.from_arrays(data.lower, data.upper)
 
 
-def config(method="pgd_at", epochs=2, **overrides):
+def config(method="pgd_at", epochs=2, epsilon=0.1, norm="linf", **overrides):
     base = dict(method=method, epochs=epochs, batch_size=64, optimizer="adam", lr=0.005, momentum=0.9,
-                weight_decay=0.0, epsilon=0.1, norm="linf", epsilon_warmup_epochs=0, train_pgd=PGD(3, 0.04),
+                weight_decay=0.0, threat=LpBall(norm, epsilon), epsilon_warmup_epochs=0, train_pgd=PGD(3, 0.04),
                 val_pgd=PGD(3, 0.04))
     base.update(overrides)
     return FitConfig(**base)
@@ -279,7 +279,7 @@ def test_crown_ibp_beta_end_mixes_the_two_bounds_after_the_ramp(small_data):
     bounds = BoundComputer(model, (1, 8, 8), domain)
 
     def loss(method, beta_end):
-        ctx = BatchContext(0.05, "linf", domain, None, torch.Generator().manual_seed(0), 10, ramp=1.0,
+        ctx = BatchContext(LpBall("linf", 0.05), domain, None, torch.Generator().manual_seed(0), 10, ramp=1.0,
                            kappa_end=0.0, beta_end=beta_end, bounds=bounds)
         return float(METHODS[method](model, x, y, ctx).detach())
 
@@ -311,4 +311,4 @@ def test_fit_config_passes_every_setting_of_the_method():
         cfg = fit_config(parse_params({"train": {"method": method, **own}}))
         reached = {**cfg.context, "catastrophic_drop": cfg.catastrophic_drop, "noise_sigma": cfg.noise_sigma}
         assert own.items() <= reached.items(), method
-        BatchContext(0.1, "linf", None, cfg.train_pgd, torch.Generator(), 10, **cfg.context)  # all are its fields
+        BatchContext(LpBall("linf", 0.1), None, cfg.train_pgd, torch.Generator(), 10, **cfg.context)  # all are its fields

@@ -16,7 +16,7 @@ from torch import nn
 
 from pipeline.attacks.base import Attack
 from pipeline.attacks.losses import MIN_CLASSES, loss_and_gradient
-from pipeline.threat import Domain, lp_norm, project, random_start
+from pipeline.threat import Domain, LpBall
 
 
 def checkpoints(steps: int) -> set[int]:
@@ -26,13 +26,6 @@ def checkpoints(steps: int) -> set[int]:
         p.append(p[-1] + max(p[-1] - p[-2] - 0.03, 0.06))
     marks = {math.ceil(round(q * steps, 9)) for q in p[1:]}  # round: 0.22 + 0.19 is not exactly 0.41
     return {m for m in marks if m < steps}
-
-
-def _step(x: torch.Tensor, grad: torch.Tensor, eta: torch.Tensor, norm: str) -> torch.Tensor:
-    shape = (-1,) + (1,) * (x.dim() - 1)
-    if norm == "linf":
-        return x + eta.view(shape) * grad.sign()
-    return x + eta.view(shape) * grad / lp_norm(grad, "l2").clamp_min(1e-12).view(shape)
 
 
 class APGD(Attack):
@@ -55,31 +48,32 @@ class APGD(Attack):
         """(loss, target) pairs to try; untargeted: one run with no target."""
         return [(self.loss, None)]
 
-    def run(self, model: nn.Module, x, y, epsilon: float, norm: str, domain: Domain, generator: torch.Generator):
+    def run(self, model: nn.Module, x, y, threat: LpBall, domain: Domain, generator: torch.Generator):
         runs = [(loss, target) for loss, target in self._runs(model, x, y) for _ in range(self.restarts)]
         schedule = iter(runs)
 
         def attempt(idx):
             loss, target = next(schedule)
             t = None if target is None else target[idx]
-            return self.attack_once(model, x[idx], y[idx], epsilon, norm, domain, generator, loss, t)
+            return self.attack_once(model, x[idx], y[idx], threat, domain, generator, loss, t)
 
         return self.until_broken(x, len(runs), attempt)
 
-    def attack_once(self, model, x, y, epsilon, norm, domain, generator, loss: str, target=None):
+    def attack_once(self, model, x, y, threat: LpBall, domain, generator, loss: str, target=None):
         batch = len(x)
         marks = checkpoints(self.steps)
-        eta = torch.full((batch,), 2.0 * epsilon)
-        x_adv = random_start(x, epsilon, norm, domain, generator)
+        eta = torch.full((batch,), 2.0 * threat.epsilon, device=x.device)
+        x_adv = threat.random_start(x, domain, generator)
         values, grad, logits = loss_and_gradient(model, x_adv, y, loss, target)
         found = logits.argmax(1) != y
         x_found = x_adv.clone()
         best_loss, x_best, grad_best = values.clone(), x_adv.clone(), grad.clone()
         previous_loss = values.clone()
         x_prev = x_adv.clone()
-        increases = torch.zeros(batch)
-        best_at_mark, reduced_at_mark, last_mark = best_loss.clone(), torch.ones(batch, dtype=torch.bool), 0
-        x_next = project(_step(x_adv, grad, eta, norm), x, epsilon, norm, domain)
+        increases = torch.zeros(batch, device=x.device)
+        reduced_at_mark = torch.ones(batch, dtype=torch.bool, device=x.device)
+        best_at_mark, last_mark = best_loss.clone(), 0
+        x_next = threat.project(threat.ascent_step(x_adv, grad, eta), x, domain)
         for k in range(1, self.steps):
             x_prev, x_adv = x_adv, x_next
             values, grad, logits = loss_and_gradient(model, x_adv, y, loss, target)
@@ -98,9 +92,9 @@ class APGD(Attack):
                 x_adv[reduce], grad[reduce], x_prev[reduce] = x_best[reduce], grad_best[reduce], x_best[reduce]
                 reduced_at_mark, best_at_mark, last_mark = reduce, best_loss.clone(), k
                 increases.zero_()
-            z = project(_step(x_adv, grad, eta, norm), x, epsilon, norm, domain)
-            x_next = project(x_adv + self.momentum * (z - x_adv) + (1 - self.momentum) * (x_adv - x_prev),
-                             x, epsilon, norm, domain)
+            z = threat.project(threat.ascent_step(x_adv, grad, eta), x, domain)
+            x_next = threat.project(x_adv + self.momentum * (z - x_adv) + (1 - self.momentum) * (x_adv - x_prev),
+                                    x, domain)
         with torch.no_grad():
             last_found = (model(x_next).argmax(1) != y) & ~found
         x_found[last_found] = x_next[last_found]
@@ -124,7 +118,7 @@ class APGDTargeted(APGD):
     def _runs(self, model, x, y):
         with torch.no_grad():
             logits = model(x)
-        logits[torch.arange(len(y)), y] = float("-inf")
+        logits[torch.arange(len(y), device=y.device), y] = float("-inf")
         ranked = logits.argsort(dim=1, descending=True)
         count = min(self.targets, logits.shape[1] - 1)
         return [("dlr_targeted", ranked[:, rank]) for rank in range(count)]

@@ -11,7 +11,7 @@ from abc import ABC, abstractmethod
 import torch
 from torch import nn
 
-from pipeline.threat import Domain, project
+from pipeline.threat import Domain, LpBall
 
 
 class Attack(ABC):
@@ -22,8 +22,7 @@ class Attack(ABC):
         model: nn.Module,
         x: torch.Tensor,
         y: torch.Tensor,
-        epsilon: float,
-        norm: str,
+        threat: LpBall,
         domain: Domain,
         generator: torch.Generator,
     ) -> torch.Tensor:
@@ -32,10 +31,10 @@ class Attack(ABC):
         was_training = model.training
         model.eval()
         try:
-            x_adv = self.run(model, x, y, epsilon, norm, domain, generator)
+            x_adv = self.run(model, x, y, threat, domain, generator)
         finally:
             model.train(was_training)
-        return project(x_adv.detach(), x, epsilon, norm, domain)
+        return threat.project(x_adv.detach(), x, domain)
 
     @abstractmethod
     def run(
@@ -43,8 +42,7 @@ class Attack(ABC):
         model: nn.Module,
         x: torch.Tensor,
         y: torch.Tensor,
-        epsilon: float,
-        norm: str,
+        threat: LpBall,
         domain: Domain,
         generator: torch.Generator,
     ) -> torch.Tensor:
@@ -59,7 +57,7 @@ class Attack(ABC):
         """Run `attempt(idx) -> (candidates, broken)` up to `attempts` times on the samples not yet
         broken; a sample keeps its first breaking point, else its last candidate."""
         best = x.clone()
-        pending = torch.ones(len(x), dtype=torch.bool)
+        pending = torch.ones(len(x), dtype=torch.bool, device=x.device)
         for _ in range(attempts):
             idx = pending.nonzero().squeeze(1)
             if len(idx) == 0:

@@ -10,14 +10,14 @@ from torch import nn
 
 from pipeline.attacks.base import Attack
 from pipeline.attacks.losses import loss_and_gradient
-from pipeline.threat import Domain, ascent_step, project
+from pipeline.threat import Domain, LpBall
 
 
 class FGSM(Attack):
     name = "fgsm"
 
-    def run(self, model: nn.Module, x, y, epsilon: float, norm: str, domain: Domain, generator: torch.Generator):
+    def run(self, model: nn.Module, x, y, threat: LpBall, domain: Domain, generator: torch.Generator):
         _, grad, _ = loss_and_gradient(model, x, y, "ce")
         # A full ε step leaves the domain where a pixel is already at its bound: project it back here,
         # so FGSM itself returns a point of the threat model (the base class projects again only as a net).
-        return project(ascent_step(x, grad, epsilon, norm), x, epsilon, norm, domain)
+        return threat.project(threat.ascent_step(x, grad, threat.epsilon), x, domain)

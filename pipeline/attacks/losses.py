@@ -12,7 +12,7 @@ from torch import nn
 
 def _others_max(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     masked = logits.clone()
-    masked[torch.arange(len(y)), y] = float("-inf")
+    masked[torch.arange(len(y), device=y.device), y] = float("-inf")
     return masked.max(dim=1).values
 
 

@@ -11,7 +11,7 @@ import torch
 from pipeline.attacks.fgsm import FGSM
 from pipeline.attacks.pgd import PGD
 from pipeline.attacks.suite import SuiteResult, robust_mask
-from pipeline.threat import random_start
+from pipeline.threat import LpBall
 
 MEANING = {
     "iterative_at_least_single_step": (
@@ -54,13 +54,13 @@ class Check:
                 "detail": self.detail, "values": self.values, "meaning": MEANING[self.name]}
 
 
-def run_checks(model, suite: SuiteResult, attacks, sweep: list[dict], x, y, epsilon, norm, domain, generator,
+def run_checks(model, suite: SuiteResult, attacks, sweep: list[dict], x, y, threat: LpBall, domain, generator,
                batch_size: int, tolerance: float, large_epsilon: float, large_epsilon_max_accuracy: float,
                pgd: PGD) -> list[Check]:
     """The six checks, computable in both suite modes: where an `independent` suite already knows an
     attack's own robust accuracy it is read from there; a `sequential` suite only knows what each
     attack broke among the samples earlier attacks left, so the attack is run on its own here."""
-    own = _OwnAccuracy(model, suite, attacks, x, y, epsilon, norm, domain, batch_size, generator)
+    own = _OwnAccuracy(model, suite, attacks, x, y, threat, domain, batch_size, generator)
     worst = float(suite.robust.float().mean())
     fgsm = next((a for a in attacks if a.name == "fgsm"), FGSM())  # one gradient step: cheap to add
     iterative = [a for a in attacks if a.name not in ("fgsm", "square")]
@@ -70,10 +70,11 @@ def run_checks(model, suite: SuiteResult, attacks, sweep: list[dict], x, y, epsi
     checks = [Check("iterative_at_least_single_step", best <= own(fgsm) + tolerance,
                     f"best iterative {best:.4f} vs fgsm {own(fgsm):.4f} (tolerance {tolerance})",
                     {"fgsm_robust_accuracy": own(fgsm), "best_iterative_robust_accuracy": best})]
-    checks.append(_white_box_check(model, suite, attacks, x, y, epsilon, norm, domain, batch_size, generator,
+    checks.append(_white_box_check(model, suite, attacks, x, y, threat, domain, batch_size, generator,
                                    tolerance, pgd))
     strong = PGD(max(pgd.steps, 50), 2.5 * large_epsilon / max(pgd.steps, 50), 1)
-    large = float(robust_mask(model, strong, x, y, large_epsilon, norm, domain, batch_size, generator).float().mean())
+    large = float(robust_mask(model, strong, x, y, threat.with_epsilon(large_epsilon), domain, batch_size,
+                              generator).float().mean())
     checks.append(Check("large_epsilon_breaks_model", large <= large_epsilon_max_accuracy,
                         f"robust accuracy {large:.4f} at ε={large_epsilon:g} (allowed {large_epsilon_max_accuracy})",
                         {"epsilon": large_epsilon, "robust_accuracy": large}))
@@ -84,12 +85,12 @@ def run_checks(model, suite: SuiteResult, attacks, sweep: list[dict], x, y, epsi
                         {"rises": len(rises), "points": len(sweep)}))
     stronger = PGD(pgd.steps * 2, pgd.step_size, pgd.restarts * 2, loss=pgd.loss, schedule=pgd.schedule)
     base = own(pgd)
-    doubled = float(robust_mask(model, stronger, x, y, epsilon, norm, domain, batch_size, generator).float().mean())
+    doubled = float(robust_mask(model, stronger, x, y, threat, domain, batch_size, generator).float().mean())
     checks.append(Check("converged", base - doubled <= tolerance,
                         f"PGD {base:.4f} vs doubled steps and restarts {doubled:.4f} (tolerance {tolerance})",
                         {"robust_accuracy": base, "robust_accuracy_doubled": doubled}))
     with torch.no_grad():
-        noisy = random_start(x, epsilon, norm, domain, generator)
+        noisy = threat.random_start(x, domain, generator)
         noise_robust = float(((model(noisy).argmax(1) == y) & suite.clean_correct).float().mean())
     checks.append(Check("noise_weaker_than_attacks", noise_robust + tolerance >= worst,
                         f"accuracy under random noise {noise_robust:.4f} vs worst-case attack {worst:.4f}",
@@ -101,10 +102,10 @@ class _OwnAccuracy:
     """Robust accuracy of one attack run alone on every sample: read from an independent suite that
     ran this very attack, else computed once and remembered."""
 
-    def __init__(self, model, suite: SuiteResult, attacks, x, y, epsilon, norm, domain, batch_size, generator):
+    def __init__(self, model, suite: SuiteResult, attacks, x, y, threat, domain, batch_size, generator):
         self.model, self.suite, self.x, self.y = model, suite, x, y
         self.ran = set() if suite.sequential else {id(a) for a in attacks}
-        self.args = (epsilon, norm, domain, batch_size, generator)
+        self.args = (threat, domain, batch_size, generator)
         self.known: dict[int, float] = {}
 
     def __call__(self, attack) -> float:
@@ -113,13 +114,13 @@ class _OwnAccuracy:
                 hit = self.suite.broken[attack.name]
                 self.known[id(attack)] = float((self.suite.clean_correct & ~hit).float().mean())
             else:
-                epsilon, norm, domain, batch_size, generator = self.args
-                mask = robust_mask(self.model, attack, self.x, self.y, epsilon, norm, domain, batch_size, generator)
+                threat, domain, batch_size, generator = self.args
+                mask = robust_mask(self.model, attack, self.x, self.y, threat, domain, batch_size, generator)
                 self.known[id(attack)] = float(mask.float().mean())
         return self.known[id(attack)]
 
 
-def _white_box_check(model, suite: SuiteResult, attacks, x, y, epsilon, norm, domain, batch_size, generator,
+def _white_box_check(model, suite: SuiteResult, attacks, x, y, threat, domain, batch_size, generator,
                      tolerance: float, pgd: PGD) -> Check:
     """Samples Square broke that no white-box attack breaks. A sequential suite never showed the
     white-box attacks listed after Square what Square broke, so they get those samples here; with
@@ -128,7 +129,7 @@ def _white_box_check(model, suite: SuiteResult, attacks, x, y, epsilon, norm, do
     if "square" not in names:
         return Check("white_box_at_least_black_box", None, "needs square in attack.attacks")
     white = [a for a in attacks if a.name != "square"]
-    white_broken = torch.zeros(len(y), dtype=torch.bool)
+    white_broken = torch.zeros(len(y), dtype=torch.bool, device=y.device)
     for attack in white:
         white_broken |= suite.broken[attack.name]
     only_square = suite.broken["square"] & ~white_broken
@@ -136,7 +137,7 @@ def _white_box_check(model, suite: SuiteResult, attacks, x, y, epsilon, norm, do
     for attack in unseen or ([] if white else [pgd]):
         idx = only_square.nonzero().squeeze(1)
         if len(idx):
-            survived = robust_mask(model, attack, x[idx], y[idx], epsilon, norm, domain, batch_size, generator)
+            survived = robust_mask(model, attack, x[idx], y[idx], threat, domain, batch_size, generator)
             only_square[idx[~survived]] = False
     count = int(only_square.sum())
     return Check("white_box_at_least_black_box", count <= tolerance * len(y),

@@ -14,7 +14,7 @@ from torch import nn
 
 from pipeline.attacks.base import Attack
 from pipeline.attacks.losses import loss_and_gradient
-from pipeline.threat import Domain, ascent_step, project, random_start
+from pipeline.threat import Domain, LpBall
 
 SCHEDULES = ("constant", "cosine")
 
@@ -42,23 +42,22 @@ class PGD(Attack):
             return self.step_size * 0.5 * (1 + math.cos(math.pi * step / self.steps))
         return self.step_size
 
-    def perturb(self, model: nn.Module, x, y, epsilon: float, norm: str, domain: Domain, generator: torch.Generator):
+    def perturb(self, model: nn.Module, x, y, threat: LpBall, domain: Domain, generator: torch.Generator):
         """One restart: the raw PGD iterate (also used by adversarial training)."""
-        x_adv = random_start(x, epsilon, norm, domain, generator) if self.random_init else x.clone()
-        if norm == "linf":  # the ε-box meets the domain box in one box: one clamp per step
-            low = torch.maximum(x - epsilon, domain.lower)
-            high = torch.minimum(x + epsilon, domain.upper)
+        x_adv = threat.random_start(x, domain, generator) if self.random_init else x.clone()
+        if threat.norm == "linf":  # the ε-box meets the domain box in one box: one clamp per step
+            low, high = threat.box(x, domain)
         for step in range(self.steps):
             _, grad, _ = loss_and_gradient(model, x_adv, y, self.loss)
-            if norm == "linf":
+            if threat.norm == "linf":
                 x_adv = torch.clamp(x_adv + self.step_size_at(step) * grad.sign(), low, high)
             else:
-                x_adv = project(ascent_step(x_adv, grad, self.step_size_at(step), norm), x, epsilon, norm, domain)
+                x_adv = threat.project(threat.ascent_step(x_adv, grad, self.step_size_at(step)), x, domain)
         return x_adv
 
-    def run(self, model: nn.Module, x, y, epsilon: float, norm: str, domain: Domain, generator: torch.Generator):
+    def run(self, model: nn.Module, x, y, threat: LpBall, domain: Domain, generator: torch.Generator):
         def attempt(idx):
-            candidate = self.perturb(model, x[idx], y[idx], epsilon, norm, domain, generator)
+            candidate = self.perturb(model, x[idx], y[idx], threat, domain, generator)
             with torch.no_grad():
                 return candidate, model(candidate).argmax(1) != y[idx]
 

@@ -16,7 +16,7 @@ from torch import nn
 
 from pipeline.attacks.base import Attack
 from pipeline.attacks.losses import cw_margin
-from pipeline.threat import Domain, project
+from pipeline.threat import Domain, LpBall
 
 _HALVINGS = (10, 50, 200, 500, 1000, 2000, 4000, 6000, 8000)  # on a 10,000-query budget
 
@@ -38,26 +38,27 @@ class Square(Attack):
         return {"queries": self.queries, "p_init": self.p_init, "restarts": self.restarts, "loss": "margin",
                 "gradient_free": True}
 
-    def run(self, model: nn.Module, x, y, epsilon: float, norm: str, domain: Domain, generator: torch.Generator):
+    def run(self, model: nn.Module, x, y, threat: LpBall, domain: Domain, generator: torch.Generator):
         def attempt(idx):
-            candidate, margin = self.search(model, x[idx], y[idx], epsilon, norm, domain, generator)
+            candidate, margin = self.search(model, x[idx], y[idx], threat, domain, generator)
             return candidate, margin < 0
 
         return self.until_broken(x, self.restarts, attempt)
 
-    def search(self, model, x, y, epsilon, norm, domain, generator):
+    def search(self, model, x, y, threat: LpBall, domain, generator):
+        epsilon, norm = threat.epsilon, threat.norm
         shape = x.shape
         images = x.view(len(x), *self._grid(shape[1:]))
         _, channels, height, width = images.shape
 
         def sign(*size):
-            return torch.randint(0, 2, size, generator=generator).float() * 2 - 1
+            return (torch.randint(0, 2, size, generator=generator, device=generator.device).float() * 2 - 1).to(x.device)
 
         if norm == "linf":
             start = images + epsilon * sign(len(x), channels, 1, width)
         else:
             start = images + epsilon / math.sqrt(images[0].numel()) * sign(len(x), channels, 1, width)
-        current = project(start.view(shape), x, epsilon, norm, domain).view_as(images)
+        current = threat.project(start.view(shape), x, domain).view_as(images)
         margin = margin_of_subset(model, current, y, shape)
         for query in range(1, self.queries):
             active = (margin > 0).nonzero().squeeze(1)
@@ -75,7 +76,7 @@ class Square(Attack):
             else:
                 step = epsilon / math.sqrt(side_h * side_w * channels)
                 proposal[window] = proposal[window] + step * sign(len(active), channels, 1, 1)
-            proposal = project(proposal.view(len(active), *shape[1:]), x[active], epsilon, norm, domain)
+            proposal = threat.project(proposal.view(len(active), *shape[1:]), x[active], domain)
             proposal = proposal.view(len(active), channels, height, width)
             new_margin = margin_of_subset(model, proposal, y[active], shape)
             better = new_margin < margin[active]

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from pipeline.attacks.base import Attack
-from pipeline.threat import Domain
+from pipeline.threat import Domain, LpBall
 
 
 @dataclass(frozen=True)
@@ -41,8 +41,7 @@ def run_suite(
     attacks: list[Attack],
     x: torch.Tensor,
     y: torch.Tensor,
-    epsilon: float,
-    norm: str,
+    threat: LpBall,
     domain: Domain,
     batch_size: int,
     generator: torch.Generator,
@@ -54,16 +53,16 @@ def run_suite(
     x_adv = x.clone()
     adv_pred = predict(model, x, batch_size)
     broken: dict[str, torch.Tensor] = {}
-    broken_any = torch.zeros(len(x), dtype=torch.bool)
+    broken_any = torch.zeros(len(x), dtype=torch.bool, device=x.device)
     for attack in attacks:
-        hit = torch.zeros(len(x), dtype=torch.bool)
+        hit = torch.zeros(len(x), dtype=torch.bool, device=x.device)
         eligible = clean_correct & ~broken_any if sequential else clean_correct
         targets = eligible.nonzero().squeeze(1)
         if progress is not None:
             progress(attack.name, len(x) - len(targets))  # nothing to attack there
         for start in range(0, len(targets), batch_size):
             idx = targets[start:start + batch_size]
-            candidate = attack(model, x[idx], y[idx], epsilon, norm, domain, generator)
+            candidate = attack(model, x[idx], y[idx], threat, domain, generator)
             pred = predict(model, candidate, batch_size)
             hit[idx] = pred != y[idx]
             keep = ~broken_any[idx]  # keep the first breaking point, else the latest candidate
@@ -82,14 +81,14 @@ def run_suite(
     return SuiteResult(clean_correct, broken, clean_correct & ~broken_any, broken_by, x_adv, adv_pred, sequential)
 
 
-def robust_mask(model, attack: Attack, x, y, epsilon, norm, domain, batch_size, generator) -> torch.Tensor:
+def robust_mask(model, attack: Attack, x, y, threat: LpBall, domain, batch_size, generator) -> torch.Tensor:
     """Correct and unbroken by this one attack, per sample."""
     keep = predict(model, x, batch_size) == y
-    if epsilon == 0:
+    if threat.epsilon == 0:
         return keep
     for start in range(0, len(x), batch_size):
-        idx = torch.arange(start, min(start + batch_size, len(x)))
+        idx = torch.arange(start, min(start + batch_size, len(x)), device=x.device)
         idx = idx[keep[idx]]
         if len(idx):
-            keep[idx] = predict(model, attack(model, x[idx], y[idx], epsilon, norm, domain, generator), batch_size) == y[idx]
+            keep[idx] = predict(model, attack(model, x[idx], y[idx], threat, domain, generator), batch_size) == y[idx]
     return keep

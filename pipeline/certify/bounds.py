@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from pipeline import lirpa_compat
-from pipeline.threat import Domain
+from pipeline.threat import Domain, LpBall
 
 METHODS = {"ibp": "IBP", "crown_ibp": "CROWN-IBP", "crown": "CROWN", "alpha_crown": "alpha-CROWN"}  # ours -> auto_LiRPA's
 
@@ -36,7 +36,7 @@ class Certificate:
 
 def specification(y: torch.Tensor, num_classes: int) -> torch.Tensor:
     """C with rows e_y - e_j for every j != y: shape (N, K-1, K)."""
-    eye = torch.eye(num_classes)
+    eye = torch.eye(num_classes, device=y.device)
     rows = []
     for label in y.tolist():
         others = [j for j in range(num_classes) if j != label]
@@ -51,6 +51,7 @@ class BoundComputer:
         self.lirpa = lirpa_compat.load()
         self.domain = domain
         self.model, self.input_shape = model.eval(), input_shape
+        self.device = next(model.parameters(), torch.zeros(0)).device  # bound where the model lives
         self.bounded = self._wrap()
 
     def _wrap(self, dense_alpha: bool = False):
@@ -62,28 +63,18 @@ class BoundComputer:
             with warnings.catch_warnings():  # tracing warnings are expected; any other must reach the caller
                 warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
                 return self.lirpa.BoundedModule(
-                    self.model, torch.zeros(1, *self.input_shape), device="cpu", bound_opts=options,
+                    self.model, torch.zeros(1, *self.input_shape, device=self.device), device=str(self.device),
+                    bound_opts=options,
                 )
         except Exception as error:  # auto_LiRPA raises plain exceptions for unsupported operators
             raise NotBoundable(_name_layer(error)) from error
 
-    def margin_bounds(self, x: torch.Tensor, y: torch.Tensor, epsilon: float, norm: str, method: str, num_classes: int,
+    def margin_bounds(self, x: torch.Tensor, y: torch.Tensor, threat: LpBall, method: str, num_classes: int,
                       differentiable: bool = False, upper: bool = True):
         """Lower and upper bounds of f_y(x') - f_j(x') over the threat model, shape (N, K-1).
         `differentiable` keeps the graph to the weights, for certified training; `upper=False`
         skips the upper bound (inf), which training never uses and CROWN pays for twice."""
-        from auto_LiRPA.perturbations import PerturbationLpNorm
-
-        if norm == "linf":
-            ptb = PerturbationLpNorm(
-                norm=float("inf"),
-                eps=epsilon,
-                x_L=self.domain.clamp(x - epsilon),
-                x_U=self.domain.clamp(x + epsilon),
-            )
-        else:  # L2: the domain box is not used, which only loosens (never breaks) the bound
-            ptb = PerturbationLpNorm(norm=2.0, eps=epsilon)
-        bounded_x = self.lirpa.BoundedTensor(x, ptb)
+        bounded_x = self.lirpa.BoundedTensor(x, threat.perturbation(x, self.domain))
         # alpha-CROWN keeps per-neuron slopes shaped by the first batch it saw: give each batch a fresh wrapper
         bounded = self._wrap(dense_alpha=True) if method == "alpha_crown" else self.bounded
         try:
@@ -101,7 +92,7 @@ class BoundComputer:
             return lower, upper
         return lower.detach(), upper.detach()
 
-    def certify(self, x, y, epsilon, norm, method, num_classes, batch_size: int, tolerance: float,
+    def certify(self, x, y, threat: LpBall, method, num_classes, batch_size: int, tolerance: float,
                 deadline: float | None = None) -> Certificate:
         """Certify batches in order; with a `deadline` (time.monotonic) stop early and certify a prefix."""
         lowers, uppers = [], []
@@ -109,12 +100,12 @@ class BoundComputer:
             if deadline is not None and lowers and time.monotonic() > deadline:
                 break
             lower, upper = self.margin_bounds(
-                x[start:start + batch_size], y[start:start + batch_size], epsilon, norm, method, num_classes
+                x[start:start + batch_size], y[start:start + batch_size], threat, method, num_classes
             )
             lowers.append(lower)
             uppers.append(upper)
-        lower = torch.cat(lowers) if lowers else torch.zeros(0, num_classes - 1)
-        upper = torch.cat(uppers) if uppers else torch.zeros(0, num_classes - 1)
+        lower = torch.cat(lowers) if lowers else torch.zeros(0, num_classes - 1, device=x.device)
+        upper = torch.cat(uppers) if uppers else torch.zeros(0, num_classes - 1, device=x.device)
         margin = lower.min(dim=1).values
         return Certificate(method, margin, margin > tolerance, lower, upper)
 

@@ -21,10 +21,11 @@ from pipeline.results import (Accuracy, AttackRecord, AttackResult, AttackSweep,
                               ReferenceCoverage, ThreatRecord, dump)
 from pipeline.stages.common import check_model_outputs, load_data, load_model_for, seed_everything, tensors
 from pipeline.stats import proportion
+from pipeline.threat import LpBall, from_params
 from pipeline.workspace import Workspace
 
 
-def build_attacks(cfg, epsilon: float, names: list[str], num_classes: int) -> list[Attack]:
+def build_attacks(cfg, names: list[str], num_classes: int) -> list[Attack]:
     """The attacks `names` (from `resolve_attacks`), APGD-T's targets clamped to the task's classes."""
     p = cfg.pgd
     targets = apgd_targets(cfg, num_classes)
@@ -40,15 +41,16 @@ def build_attacks(cfg, epsilon: float, names: list[str], num_classes: int) -> li
     return [factories[name]() for name in names]  # validated by the config
 
 
-def epsilon_sweep(model, cfg, x, y, epsilon, norm, domain, generator) -> list[dict]:
+def epsilon_sweep(model, cfg, x, y, threat: LpBall, domain, generator) -> list[dict]:
     """Robust accuracy against PGD (step size scaled with ε) from 0 to max_factor·ε."""
-    limit = domain.diameter(norm)
+    limit = domain.diameter(threat.norm)
+    epsilon = threat.epsilon
     grid = sorted({min(limit, float(f) * epsilon) for f in np.linspace(0.0, cfg.sweep.max_factor, cfg.sweep.points)})
     rows = []
     for eps in grid:
         scale = eps / epsilon if epsilon > 0 else 0.0
         pgd = PGD(cfg.pgd.steps, max(cfg.pgd.step_size * scale, 1e-12), cfg.pgd.restarts, schedule=cfg.pgd.schedule)
-        mask = robust_mask(model, pgd, x, y, eps, norm, domain, cfg.batch_size, generator)
+        mask = robust_mask(model, pgd, x, y, threat.with_epsilon(eps), domain, cfg.batch_size, generator)
         stats = proportion(int(mask.sum()), len(y))
         rows.append({"epsilon": eps, "robust_accuracy": stats["value"], "ci_low": stats["ci"][0],
                      "ci_high": stats["ci"][1], "n": stats["n"]})
@@ -69,18 +71,18 @@ def evaluate(model, params, x, y, domain, num_classes: int, generator, *, model_
              progress=None) -> tuple[AttackResult, SuiteResult]:
     """The attack evaluation of one model on (x, y): worst case over the configured attacks, the ε
     sweep and the masking checks. Pure: the stage and `robustgate compare` both call it."""
-    cfg, threat = params.attack, params.threat
+    cfg, threat = params.attack, from_params(params)
     names, task_notes = resolve_attacks(cfg, num_classes)
-    attacks = build_attacks(cfg, threat.epsilon, names, num_classes)
-    result = run_suite(model, attacks, x, y, threat.epsilon, threat.norm, domain, cfg.batch_size, generator,
+    attacks = build_attacks(cfg, names, num_classes)
+    result = run_suite(model, attacks, x, y, threat, domain, cfg.batch_size, generator,
                        progress=progress, sequential=cfg.mode == "sequential")
     n = len(y)
     sweep_n = min(cfg.sweep.max_samples or n, n)
-    sweep = epsilon_sweep(model, cfg, x[:sweep_n], y[:sweep_n], threat.epsilon, threat.norm, domain, generator)
+    sweep = epsilon_sweep(model, cfg, x[:sweep_n], y[:sweep_n], threat, domain, generator)
     masking = []
     if cfg.masking.enabled:
         reference = next((a for a in attacks if isinstance(a, PGD)), PGD(cfg.pgd.steps, cfg.pgd.step_size, 1))
-        masking = run_checks(model, result, attacks, sweep, x, y, threat.epsilon, threat.norm, domain, generator,
+        masking = run_checks(model, result, attacks, sweep, x, y, threat, domain, generator,
                              cfg.batch_size, cfg.masking.tolerance, domain.diameter(threat.norm),
                              cfg.masking.large_epsilon_max_accuracy, reference)
     names = [a.name for a in attacks]
@@ -109,7 +111,7 @@ def evaluate(model, params, x, y, domain, num_classes: int, generator, *, model_
     ran = [c for c in masking if c.passed is not None]
     metrics = AttackResult(
         seed=params.seed, dataset_fingerprint=data_fingerprint, model_sha256=model_sha256, n=n,
-        threat=ThreatRecord(norm=threat.norm, epsilon=threat.epsilon), mode=cfg.mode,
+        threat=ThreatRecord(**threat.record()), mode=cfg.mode,
         clean_accuracy=Accuracy.of(int(result.clean_correct.sum()), n, "point", "clean inputs"),
         robust_accuracy=Accuracy.of(int(result.robust.sum()), n, "upper_bound", worst_case),
         attacks=per_attack,
@@ -135,7 +137,7 @@ def refuse_clean_only(ws: Workspace, params) -> None:
 
 def main(ws: Workspace) -> int:
     params = ws.params()
-    cfg, threat = params.attack, params.threat
+    cfg, threat = params.attack, from_params(params)
     refuse_clean_only(ws, params)
     data, domain, data_fingerprint = load_data(ws, params)
     model_sha = sha256_file(ws.checkpoint)

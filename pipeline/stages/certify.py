@@ -22,26 +22,26 @@ from pipeline.results import (Accuracy, CertifyMethodRecord, CertifyResult, Cert
                               NotApplicable, Soundness, ThreatRecord)
 from pipeline.stages.common import load_data, load_model_for, seed_everything, tensors
 from pipeline.stats import proportion
-from pipeline.threat import random_start
+from pipeline.threat import LpBall, from_params
 from pipeline.workspace import Workspace
 
 
-def _attack_evidence(ws: Workspace, n: int, epsilon: float, norm: str):
+def _attack_evidence(ws: Workspace, n: int, threat: LpBall):
     if not ws.adversarial.is_file():
         raise UsageError(f"missing {ws.adversarial}: run `robustgate attack` first (the soundness check needs it)")
     with np.load(ws.adversarial, allow_pickle=False) as archive:
-        if float(archive["epsilon"]) != np.float32(epsilon) or str(archive["norm"]) != norm:
+        if float(archive["epsilon"]) != np.float32(threat.epsilon) or str(archive["norm"]) != threat.norm:
             raise UsageError(f"{ws.adversarial} is for {archive['norm']} ε={float(archive['epsilon'])}; re-run attack")
         m = min(n, len(archive["y"]))
         return torch.as_tensor(archive["x_adv"][:m]), torch.as_tensor(archive["robust"][:m]), m
 
 
-def containment_violations(cert, model, x, y, x_adv, epsilon, norm, domain, generator, random_points: int,
+def containment_violations(cert, model, x, y, x_adv, threat: LpBall, domain, generator, random_points: int,
                            tolerance: float) -> tuple[int, int]:
     """Points whose true margins fall outside the certified bounds (must be zero)."""
     lower, upper = cert.lower[: len(x)], cert.upper[: len(x)]
     probes = [x_adv] if x_adv is not None else []
-    probes += [random_start(x, epsilon, norm, domain, generator) for _ in range(random_points)]
+    probes += [threat.random_start(x, domain, generator) for _ in range(random_points)]
     violations = checked = 0
     with torch.no_grad():
         for probe in probes:
@@ -52,14 +52,15 @@ def containment_violations(cert, model, x, y, x_adv, epsilon, norm, domain, gene
     return violations, checked
 
 
-def certified_sweep(computer, x, y, sweep: list[dict], norm: str, num_classes: int, batch_size: int,
+def certified_sweep(computer, x, y, sweep: list[dict], threat: LpBall, num_classes: int, batch_size: int,
                     tolerance: float, method: str) -> list[dict]:
     """Verified accuracy at the attack stage's ε grid, each checked against the attack's robust count."""
     rows = []
     n = len(y)
     for point in sweep:
         with torch.no_grad():
-            verified = computer.certify(x, y, point["epsilon"], norm, method, num_classes, batch_size, tolerance).verified
+            verified = computer.certify(x, y, threat.with_epsilon(point["epsilon"]), method, num_classes, batch_size,
+                                        tolerance).verified
         count = int(verified.sum())
         robust_count = round(point["robust_accuracy"] * point["n"])
         if count > robust_count:
@@ -77,7 +78,7 @@ def combined(verified: dict[str, torch.Tensor], n: int) -> tuple[int, CombinedRe
     """Samples verified by at least one method. Each method is sound on its own, so their union is
     a sound lower bound too, and the strongest claim the evidence supports (IBP can be tighter
     than CROWN on IBP-trained networks, and the other way round on adversarially trained ones)."""
-    union = torch.zeros(n, dtype=torch.bool)
+    union = torch.zeros(n, dtype=torch.bool, device=next(iter(verified.values())).device)
     for mask in verified.values():
         union |= mask
     only = {m: int((mask & ~torch.stack([v for k, v in verified.items() if k != m]).any(0)).sum())
@@ -90,7 +91,7 @@ def certify_model(model, params, x, y, domain, num_classes: int, generator, atta
     """Verified accuracy of one model on (x, y) by every configured method, each cross-checked against
     the attack's evidence `(x_adv, attack_robust, m)`. Pure: the stage and `robustgate compare` call it.
     Returns the result and the per-sample rows."""
-    cfg, threat = params.certify, params.threat
+    cfg, threat = params.certify, from_params(params)
     x_adv, attack_robust, m = attack_evidence
     with torch.no_grad():
         clean_correct = model(x).argmax(1) == y
@@ -107,10 +108,10 @@ def certify_model(model, params, x, y, domain, num_classes: int, generator, atta
             report(f"certify: {method}: bounding {n} samples at {threat.norm} ε={threat.epsilon:g} ...")
             started = time.perf_counter()
             deadline = time.monotonic() + cfg.time_budget_s if cfg.time_budget_s else None
-            cert = computer.certify(x, y, threat.epsilon, threat.norm, method, num_classes,
+            cert = computer.certify(x, y, threat, method, num_classes,
                                     cfg.batch_size, cfg.tolerance, deadline)
             done = len(cert.margin_lower)  # fewer than n when the time budget ran out
-            verified = torch.zeros(n, dtype=torch.bool)
+            verified = torch.zeros(n, dtype=torch.bool, device=y.device)
             verified[:done] = cert.verified & clean_correct[:done]
             conflicts = int((verified[:m] & ~attack_robust).sum())
             if conflicts:
@@ -120,7 +121,7 @@ def certify_model(model, params, x, y, domain, num_classes: int, generator, atta
                 )
             k = min(m, done)
             violations, checked = containment_violations(
-                cert, model, x[:k], y[:k], x_adv[:k], threat.epsilon, threat.norm, domain, generator,
+                cert, model, x[:k], y[:k], x_adv[:k], threat, domain, generator,
                 cfg.random_points, cfg.tolerance)
             if violations:
                 raise SoundnessViolation(f"{violations} of {checked} points have margins outside the {method} bounds")
@@ -145,7 +146,7 @@ def certify_model(model, params, x, y, domain, num_classes: int, generator, atta
             fast = next((mth for mth in ("crown", "crown_ibp", "ibp") if mth in cfg.methods), cfg.methods[0])
             count = attack_sweep["n"]
             report(f"certify: {fast} at {len(attack_sweep['points'])} ε values of the sweep on {count} samples ...")
-            rows = certified_sweep(computer, x[:count], y[:count], attack_sweep["points"], threat.norm, num_classes,
+            rows = certified_sweep(computer, x[:count], y[:count], attack_sweep["points"], threat, num_classes,
                                    cfg.batch_size, cfg.tolerance, fast)
             extra["sweep"] = CertifySweep(method=fast, n=count, points=rows)
     except NotBoundable as error:
@@ -155,7 +156,7 @@ def certify_model(model, params, x, y, domain, num_classes: int, generator, atta
         report(f"certify: not applicable: {error}")
     result = CertifyResult(
         seed=params.seed, dataset_fingerprint=data_fingerprint, model_sha256=model_sha256, status=status,
-        reason=reason, n=n, threat=ThreatRecord(norm=threat.norm, epsilon=threat.epsilon),
+        reason=reason, n=n, threat=ThreatRecord(**threat.record()),
         requested_methods=list(cfg.methods), verified_accuracy=verified_accuracy, methods=methods,
         tolerance=cfg.tolerance, **extra)
     return result, per_sample
@@ -163,7 +164,7 @@ def certify_model(model, params, x, y, domain, num_classes: int, generator, atta
 
 def main(ws: Workspace) -> int:
     params = ws.params()
-    cfg, threat = params.certify, params.threat
+    cfg = params.certify
     data, domain, data_fingerprint = load_data(ws, params)
     model_sha = sha256_file(ws.checkpoint)
     model, _ = load_model_for(ws, params, data, data_fingerprint)
@@ -173,7 +174,7 @@ def main(ws: Workspace) -> int:
     if attack["model_sha256"] != model_sha:
         raise IntegrityMismatch(f"metrics/attack.json speaks of checkpoint {attack['model_sha256'][:12]}, "
                                 f"{ws.checkpoint.name} is {model_sha[:12]}: re-run attack (dvc repro)")
-    evidence = _attack_evidence(ws, len(x), threat.epsilon, threat.norm)
+    evidence = _attack_evidence(ws, len(x), from_params(params))
     result, per_sample = certify_model(model, params, x, y, domain, data.num_classes, generator, evidence,
                                        model_sha256=model_sha, data_fingerprint=data_fingerprint,
                                        attack_sweep=attack.get("sweep"))

@@ -10,7 +10,7 @@ from pipeline.data.split import PreparedData, fingerprint
 from pipeline.data.store import load_prepared
 from pipeline.errors import UsageError
 from pipeline.models import load_checkpoint
-from pipeline.threat import Domain, check_epsilon
+from pipeline.threat import Domain, from_params
 from pipeline.workspace import Workspace
 
 
@@ -26,7 +26,7 @@ def seed_everything(seed: int) -> torch.Generator:
 def load_data(ws: Workspace, params) -> tuple[PreparedData, Domain, str]:
     data = load_prepared(ws.prepared)
     domain = Domain.from_arrays(data.lower, data.upper)
-    check_epsilon(params.threat.norm, params.threat.epsilon, domain)
+    from_params(params).check(domain)
     return data, domain, fingerprint(data)
 
 

@@ -18,7 +18,7 @@ from pipeline.errors import UsageError
 from pipeline.estimate import describe, estimate
 from pipeline.feasibility import check_runnable
 from pipeline.io import atomic_write, confine, write_json
-from pipeline.threat import Domain, check_epsilon
+from pipeline.threat import Domain, from_params
 from pipeline.workspace import Workspace
 
 
@@ -36,7 +36,7 @@ def main(ws: Workspace) -> int:
     path = confine(cfg.path, ws.root, "data.path") if cfg.path else None
     raw = load_dataset(cfg.dataset, path, ws.root)
     data = prepare(raw, cfg.val_fraction, cfg.test_fraction, params.seed, cfg.max_samples)
-    check_epsilon(params.threat.norm, params.threat.epsilon, Domain.from_arrays(data.lower, data.upper))
+    from_params(params).check(Domain.from_arrays(data.lower, data.upper))
     input_shape = list(data.x["train"].shape[1:])
     notes = check_runnable(params, data.num_classes, input_shape)
     digest = fingerprint(data)

@@ -9,15 +9,15 @@ import torch
 
 from tqdm import tqdm
 
+from pipeline import results
 from pipeline.attacks.pgd import PGD
 from pipeline.errors import UsageError
 from pipeline.feasibility import check_runnable
 from pipeline.io import atomic_write, confine, sha256_file, write_json
 from pipeline.models import build_model, load_weights, save_checkpoint
-from pipeline.stages.common import load_data, seed_everything, tensors
-from pipeline.threat import check_epsilon
-from pipeline import results
 from pipeline.results import TrainResult, dump
+from pipeline.stages.common import load_data, seed_everything, tensors
+from pipeline.threat import from_params
 from pipeline.training.loop import FitConfig, TrainingDiverged, TrainState, fit, selection_metric
 from pipeline.workspace import Workspace
 
@@ -37,8 +37,7 @@ def fit_config(params) -> FitConfig:
         lr=t.lr,
         momentum=t.momentum,
         weight_decay=t.weight_decay,
-        epsilon=params.threat.epsilon,
-        norm=params.threat.norm,
+        threat=from_params(params),
         epsilon_warmup_epochs=own.pop("epsilon_warmup_epochs", 0),
         train_epsilon=own.pop("epsilon", None),
         train_pgd=None if pgd is None else PGD(pgd.steps, pgd.step_size, pgd.restarts, schedule=pgd.schedule),
@@ -74,7 +73,7 @@ def main(ws: Workspace, resume: bool = False) -> int:
     params = ws.params()
     data, domain, data_fingerprint = load_data(ws, params)
     if params.train.epsilon is not None:
-        check_epsilon(params.threat.norm, params.train.epsilon, domain, key="train.epsilon")
+        from_params(params).with_epsilon(params.train.epsilon).check(domain, key="train.epsilon")
     generator = seed_everything(params.seed)
     input_shape = list(data.x["train"].shape[1:])
     check_runnable(params, data.num_classes, input_shape)  # before training, not at the attack stage
@@ -136,9 +135,9 @@ def main(ws: Workspace, resume: bool = False) -> int:
         "input_shape": input_shape,
         "num_classes": data.num_classes,
         "method": cfg.method,
-        "epsilon": cfg.epsilon,
+        "epsilon": cfg.threat.epsilon,
         "train_epsilon": cfg.target_epsilon,
-        "norm": cfg.norm,
+        "norm": cfg.threat.norm,
         "noise_sigma": cfg.noise_sigma if cfg.method == "gaussian" else None,
         "best_epoch": result.best_epoch,
         "seed": params.seed,

@@ -19,7 +19,7 @@ from torch import nn
 
 from pipeline.attacks.pgd import PGD
 from pipeline.attacks.suite import predict
-from pipeline.threat import Domain
+from pipeline.threat import Domain, LpBall
 from pipeline.training.methods import CERTIFIED, METHODS, BatchContext
 
 CLEAN_SELECTED = ("standard", "gaussian")
@@ -45,8 +45,7 @@ class FitConfig:
     lr: float
     momentum: float
     weight_decay: float
-    epsilon: float  # the threat model's ε: validation attacks and certifies at this radius
-    norm: str
+    threat: LpBall  # the threat model: validation attacks and certifies at its radius
     epsilon_warmup_epochs: int
     train_pgd: Optional[PGD]  # the inner maximisation; None for methods that do not run PGD
     val_pgd: PGD
@@ -60,7 +59,7 @@ class FitConfig:
     @property
     def target_epsilon(self) -> float:
         """The radius training ramps up to (certified training often trains above the threat's ε)."""
-        return self.epsilon if self.train_epsilon is None else self.train_epsilon
+        return self.threat.epsilon if self.train_epsilon is None else self.train_epsilon
 
 
 @dataclass
@@ -99,23 +98,23 @@ def epoch_epsilon(cfg: FitConfig, epoch: int) -> float:
     return cfg.target_epsilon * warmup_progress(cfg, epoch)
 
 
-def robust_accuracy(model, pgd: PGD, x, y, epsilon, norm, domain, generator, batch_size: int = 512) -> float:
+def robust_accuracy(model, pgd: PGD, x, y, threat: LpBall, domain, generator, batch_size: int = 512) -> float:
     robust = 0
     for start in range(0, len(x), batch_size):
         xb, yb = x[start:start + batch_size], y[start:start + batch_size]
-        x_adv = pgd(model, xb, yb, epsilon, norm, domain, generator)
+        x_adv = pgd(model, xb, yb, threat, domain, generator)
         robust += int((predict(model, x_adv, batch_size) == yb).sum())
     return robust / len(x)
 
 
-def verified_accuracy(bounds, x, y, epsilon, norm, num_classes, batch_size: int = 256) -> float:
+def verified_accuracy(bounds, x, y, threat: LpBall, num_classes, batch_size: int = 256) -> float:
     """Fraction certified by IBP or CROWN-IBP (each sound, so either suffices): the selection
     score of certified training, whose goal is verified, not empirical, robustness. Full CROWN
     is left to the certify stage: on a conv net it costs 10-50x more, every epoch."""
     with torch.no_grad():
-        verified = torch.zeros(len(y), dtype=torch.bool)
+        verified = torch.zeros(len(y), dtype=torch.bool, device=y.device)
         for method in ("ibp", "crown_ibp"):
-            verified |= bounds.certify(x, y, epsilon, norm, method, num_classes, batch_size, 0.0).verified
+            verified |= bounds.certify(x, y, threat, method, num_classes, batch_size, 0.0).verified
     return int(verified.sum()) / len(y)
 
 
@@ -179,7 +178,7 @@ def fit(
         started = time.perf_counter()
         epsilon = epoch_epsilon(cfg, epoch)
         ramp = warmup_progress(cfg, epoch)
-        ctx = BatchContext(epsilon, cfg.norm, domain, cfg.train_pgd, generator, num_classes,
+        ctx = BatchContext(cfg.threat.with_epsilon(epsilon), domain, cfg.train_pgd, generator, num_classes,
                            noise_sigma=cfg.noise_sigma, ramp=ramp, bounds=bounds, **cfg.context)
         order = torch.randperm(len(x_train), generator=generator)
         loss_sum, seen = 0.0, 0
@@ -203,7 +202,7 @@ def fit(
         model.eval()
         train_clean = float((predict(model, x_train, 512) == y_train).float().mean())
         val_clean = float((predict(model, x_val, 512) == y_val).float().mean())
-        val_robust = robust_accuracy(model, cfg.val_pgd, x_val, y_val, cfg.epsilon, cfg.norm, domain, generator)
+        val_robust = robust_accuracy(model, cfg.val_pgd, x_val, y_val, cfg.threat, domain, generator)
         row = {
             "epoch": epoch + 1,
             "epsilon": epsilon,
@@ -214,7 +213,7 @@ def fit(
             "val_robust_accuracy": val_robust,
         }
         if bounds is not None:
-            row["val_verified_accuracy"] = verified_accuracy(bounds, x_val, y_val, cfg.epsilon, cfg.norm, num_classes)
+            row["val_verified_accuracy"] = verified_accuracy(bounds, x_val, y_val, cfg.threat, num_classes)
         row["seconds"] = time.perf_counter() - started
         result.history.append(row)
         if cfg.method == "fast_at" and best_score >= 0 and val_robust < best_score - cfg.catastrophic_drop:

@@ -17,13 +17,12 @@ from torch import nn
 
 from pipeline.attacks.losses import loss_and_gradient
 from pipeline.attacks.pgd import PGD
-from pipeline.threat import Domain, ascent_step, project, random_start
+from pipeline.threat import Domain, LpBall
 
 
 @dataclass
 class BatchContext:
-    epsilon: float  # this epoch's ε (after warm-up)
-    norm: str
+    threat: LpBall  # at this epoch's ε (after warm-up)
     domain: Domain
     pgd: Optional[PGD]  # the inner maximisation of the PGD-based methods
     generator: torch.Generator
@@ -45,7 +44,7 @@ class BatchContext:
 def _adversarial(model: nn.Module, x, y, ctx: BatchContext) -> torch.Tensor:
     model.eval()
     try:
-        return ctx.pgd.perturb(model, x, y, ctx.epsilon, ctx.norm, ctx.domain, ctx.generator).detach()
+        return ctx.pgd.perturb(model, x, y, ctx.threat, ctx.domain, ctx.generator).detach()
     finally:
         model.train()
 
@@ -57,7 +56,7 @@ def standard(model: nn.Module, x, y, ctx: BatchContext) -> torch.Tensor:
 
 def pgd_at(model: nn.Module, x, y, ctx: BatchContext) -> torch.Tensor:
     """Madry et al. 2018: cross-entropy on PGD points from a random start in the ε-ball."""
-    if ctx.epsilon == 0:
+    if ctx.threat.epsilon == 0:
         return standard(model, x, y, ctx)
     return F.cross_entropy(model(_adversarial(model, x, y, ctx)), y)
 
@@ -68,13 +67,14 @@ def _trades_point(model: nn.Module, x, ctx: BatchContext) -> torch.Tensor:
     try:
         with torch.no_grad():
             clean = F.softmax(model(x), dim=1)
-        x_adv = ctx.domain.clamp(x + 0.001 * torch.randn(x.shape, generator=ctx.generator))
+        noise = torch.randn(x.shape, generator=ctx.generator, device=ctx.generator.device).to(x.device)
+        x_adv = ctx.domain.clamp(x + 0.001 * noise)
         for step in range(ctx.pgd.steps):
             x_adv = x_adv.detach().requires_grad_(True)
             kl = F.kl_div(F.log_softmax(model(x_adv), dim=1), clean, reduction="sum")
             (grad,) = torch.autograd.grad(kl, x_adv)
-            x_adv = project(ascent_step(x_adv.detach(), grad, ctx.pgd.step_size_at(step), ctx.norm),
-                            x, ctx.epsilon, ctx.norm, ctx.domain)
+            x_adv = ctx.threat.project(ctx.threat.ascent_step(x_adv.detach(), grad, ctx.pgd.step_size_at(step)),
+                                       x, ctx.domain)
         return x_adv.detach()
     finally:
         model.train()
@@ -82,7 +82,7 @@ def _trades_point(model: nn.Module, x, ctx: BatchContext) -> torch.Tensor:
 
 def trades(model: nn.Module, x, y, ctx: BatchContext) -> torch.Tensor:
     """Zhang et al. 2019: CE on clean inputs + β·KL(f(x) ‖ f(x')), x' maximising the KL."""
-    if ctx.epsilon == 0:
+    if ctx.threat.epsilon == 0:
         return standard(model, x, y, ctx)
     x_adv = _trades_point(model, x, ctx)
     logits = model(x)
@@ -91,13 +91,13 @@ def trades(model: nn.Module, x, y, ctx: BatchContext) -> torch.Tensor:
 
 def mart(model: nn.Module, x, y, ctx: BatchContext) -> torch.Tensor:
     """Wang et al. 2020: boosted CE on x' + β·KL(f(x) ‖ f(x')) weighted by 1 − p_y(x)."""
-    if ctx.epsilon == 0:
+    if ctx.threat.epsilon == 0:
         return standard(model, x, y, ctx)
     x_adv = _adversarial(model, x, y, ctx)
     adv_logits, clean_logits = model(x_adv), model(x)
     adv_prob = F.softmax(adv_logits, dim=1)
     others = adv_prob.clone()
-    others[torch.arange(len(y)), y] = 0.0
+    others[torch.arange(len(y), device=y.device), y] = 0.0
     boosted = F.cross_entropy(adv_logits, y) - torch.log(1.0001 - others.max(dim=1).values).mean()
     clean_prob = F.softmax(clean_logits, dim=1)
     kl = (clean_prob * (torch.log(clean_prob + 1e-12) - torch.log(adv_prob + 1e-12))).sum(dim=1)
@@ -107,14 +107,14 @@ def mart(model: nn.Module, x, y, ctx: BatchContext) -> torch.Tensor:
 
 def fast_at(model: nn.Module, x, y, ctx: BatchContext) -> torch.Tensor:
     """Wong et al. 2020: one FGSM step of size 1.25ε from a uniform random start."""
-    if ctx.epsilon == 0:
+    if ctx.threat.epsilon == 0:
         return standard(model, x, y, ctx)
     model.eval()
     try:
-        start = random_start(x, ctx.epsilon, ctx.norm, ctx.domain, ctx.generator)
+        start = ctx.threat.random_start(x, ctx.domain, ctx.generator)
         _, grad, _ = loss_and_gradient(model, start, y, "ce")
-        x_adv = project(ascent_step(start, grad, ctx.fast_at_step_factor * ctx.epsilon, ctx.norm),
-                        x, ctx.epsilon, ctx.norm, ctx.domain).detach()
+        step = ctx.fast_at_step_factor * ctx.threat.epsilon
+        x_adv = ctx.threat.project(ctx.threat.ascent_step(start, grad, step), x, ctx.domain).detach()
     finally:
         model.train()
     return F.cross_entropy(model(x_adv), y)
@@ -125,7 +125,7 @@ def awp(model: nn.Module, x, y, ctx: BatchContext) -> torch.Tensor:
     ascent direction of the adversarial loss, take the gradient there, and restore the weights
     before the optimiser step."""
     base = METHODS[ctx.awp_base]
-    if ctx.epsilon == 0:
+    if ctx.threat.epsilon == 0:
         return base(model, x, y, ctx)
     x_adv = _adversarial(model, x, y, ctx) if ctx.awp_base == "pgd_at" else _trades_point(model, x, ctx)
     weights = [p for p in model.parameters() if p.requires_grad and p.dim() > 1]
@@ -161,7 +161,7 @@ def _shift(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
 def consistency(model: nn.Module, x, y, ctx: BatchContext) -> torch.Tensor:
     """Tack et al. 2022 style: adversarial examples of two views, CE on both, plus a
     temperature-scaled Jensen-Shannon consistency between their predictions."""
-    if ctx.epsilon == 0:
+    if ctx.threat.epsilon == 0:
         return standard(model, x, y, ctx)
     views = [x, _shift(x, ctx.generator)]
     adversarial = [_adversarial(model, view, y, ctx) for view in views]
@@ -194,19 +194,19 @@ def _certified(model: nn.Module, x, y, ctx: BatchContext, method: str) -> torch.
     logits from the margin lower bounds). κ falls from 1 to κ_end and CROWN-IBP's β from 1 to
     β_end along the ε ramp."""
     clean = F.cross_entropy(model(x), y)
-    if ctx.epsilon == 0:
+    if ctx.threat.epsilon == 0:
         return clean
     kappa = 1.0 - (1.0 - ctx.kappa_end) * ctx.ramp
-    lower_ibp, _ = ctx.bounds.margin_bounds(x, y, ctx.epsilon, ctx.norm, "ibp", ctx.num_classes, True, upper=False)
+    lower_ibp, _ = ctx.bounds.margin_bounds(x, y, ctx.threat, "ibp", ctx.num_classes, True, upper=False)
     lower = lower_ibp
     if method == "crown_ibp":
         beta = 1.0 - (1.0 - ctx.beta_end) * ctx.ramp
         if beta > 0:
-            lower_crown, _ = ctx.bounds.margin_bounds(x, y, ctx.epsilon, ctx.norm, "crown_ibp", ctx.num_classes, True,
+            lower_crown, _ = ctx.bounds.margin_bounds(x, y, ctx.threat, "crown_ibp", ctx.num_classes, True,
                                                       upper=False)
             lower = beta * lower_crown + (1.0 - beta) * lower_ibp
-    worst = torch.cat([torch.zeros(len(y), 1), -lower], dim=1)  # class 0 stands for the true class
-    robust = F.cross_entropy(worst, torch.zeros(len(y), dtype=torch.long))
+    worst = torch.cat([torch.zeros(len(y), 1, device=lower.device), -lower], dim=1)  # class 0: the true class
+    robust = F.cross_entropy(worst, torch.zeros(len(y), dtype=torch.long, device=y.device))
     return kappa * clean + (1.0 - kappa) * robust
 
 
