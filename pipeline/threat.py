@@ -75,27 +75,39 @@ class Threat:
         raise NotImplementedError
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class LpBall(Threat):
-    """{x' : ‖x' − x‖_p ≤ ε} ∩ domain, for p ∈ {∞, 2}."""
+    """{x' : ‖(x' − x) / s‖_p ≤ ε} ∩ domain, for p ∈ {∞, 2}.
+
+    `scale` (L∞ only; one input's shape) gives each feature its own radius ε·s_i, e.g. a
+    measurement uncertainty in the feature's own units, with s_i = 0 for a feature that cannot
+    change. Without it the ball is the usual one."""
 
     norm: str
     epsilon: float
     name: str = "lp"
     rationale: Optional[str] = None
     kind: str = "lp_ball"
+    scale: Optional[torch.Tensor] = None
 
     def __post_init__(self):
         if self.norm not in NORMS:
             raise UsageError(f"threat.norm = {self.norm!r}: allowed: {', '.join(NORMS)}")
         if not self.epsilon >= 0:
             raise UsageError(f"threat.epsilon = {self.epsilon}: must be >= 0")
+        if self.scale is not None and (self.norm != "linf" or bool((self.scale < 0).any())):
+            raise UsageError("a per-feature scale needs the L∞ norm and non-negative entries")
 
     def record(self) -> dict:
         return {"norm": self.norm, "epsilon": self.epsilon}
 
     def describe(self) -> str:
-        return f"{NORM_LABELS[self.norm]} ball of radius ε = {self.epsilon:g}"
+        per_feature = " per feature (scaled)" if self.scale is not None else ""
+        return f"{NORM_LABELS[self.norm]} ball of radius ε = {self.epsilon:g}{per_feature}"
+
+    def radius(self, like: torch.Tensor):
+        """ε, or the per-feature radii ε·s on `like`'s device (L∞)."""
+        return self.epsilon if self.scale is None else self.epsilon * self.scale.to(like.device)
 
     def with_epsilon(self, epsilon: float) -> "LpBall":
         """The same kind of ball at another radius (sweeps, sanity checks, training ramps)."""
@@ -114,13 +126,17 @@ class LpBall(Threat):
 
     def box(self, x: torch.Tensor, domain: Domain) -> tuple[torch.Tensor, torch.Tensor]:
         """L∞ only: the ε-box met with the domain box is one box."""
-        return domain.clamp(x - self.epsilon), domain.clamp(x + self.epsilon)
+        r = self.radius(x)
+        return domain.clamp(x - r), domain.clamp(x + r)
 
     def project(self, x_adv: torch.Tensor, x: torch.Tensor, domain: Domain) -> torch.Tensor:
         """Nearest point (L∞) / radial projection (L2) into the ε-ball, then into the domain."""
         delta = x_adv - x
-        if self.norm == "linf":
+        if self.norm == "linf" and self.scale is None:
             delta = delta.clamp(-self.epsilon, self.epsilon)
+        elif self.norm == "linf":
+            r = self.radius(x)
+            delta = torch.maximum(torch.minimum(delta, r), -r)
         else:
             norms = lp_norm(delta, "l2").clamp_min(1e-12)
             delta = delta * _per_sample((self.epsilon / norms).clamp(max=1.0), delta)
@@ -129,7 +145,7 @@ class LpBall(Threat):
     def random_start(self, x: torch.Tensor, domain: Domain, generator: torch.Generator) -> torch.Tensor:
         """Uniform point in the ε-ball (L∞ cube or L2 ball), clipped to the domain."""
         if self.norm == "linf":
-            delta = (_draw(x.shape, generator, x, "uniform") * 2 - 1) * self.epsilon
+            delta = (_draw(x.shape, generator, x, "uniform") * 2 - 1) * self.radius(x)
         else:
             direction = _draw(x.shape, generator, x, "normal")
             direction = direction / _per_sample(lp_norm(direction, "l2").clamp_min(1e-12), x)
@@ -141,6 +157,8 @@ class LpBall(Threat):
         """Steepest ascent for the norm: sign of the gradient (L∞) or its direction (L2). `step_size`
         is a float or a per-sample tensor."""
         step = _per_sample(step_size, x_adv) if isinstance(step_size, torch.Tensor) else step_size
+        if self.norm == "linf" and self.scale is not None:
+            return x_adv + step * grad.sign() * self.scale.to(x_adv.device)
         if self.norm == "linf":
             return x_adv + step * grad.sign()
         return x_adv + step * grad / _per_sample(lp_norm(grad, "l2").clamp_min(1e-12), grad)

@@ -50,7 +50,7 @@ class PGD(Attack):
         for step in range(self.steps):
             _, grad, _ = loss_and_gradient(model, x_adv, y, self.loss)
             if threat.norm == "linf":
-                x_adv = torch.clamp(x_adv + self.step_size_at(step) * grad.sign(), low, high)
+                x_adv = torch.clamp(threat.ascent_step(x_adv, grad, self.step_size_at(step)), low, high)
             else:
                 x_adv = threat.project(threat.ascent_step(x_adv, grad, self.step_size_at(step)), x, domain)
         return x_adv

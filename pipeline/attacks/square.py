@@ -54,8 +54,9 @@ class Square(Attack):
         def sign(*size):
             return (torch.randint(0, 2, size, generator=generator, device=generator.device).float() * 2 - 1).to(x.device)
 
+        radius = torch.as_tensor(threat.radius(x), dtype=x.dtype, device=x.device).expand(shape).reshape(images.shape)
         if norm == "linf":
-            start = images + epsilon * sign(len(x), channels, 1, width)
+            start = images + radius * sign(len(x), channels, 1, width)
         else:
             start = images + epsilon / math.sqrt(images[0].numel()) * sign(len(x), channels, 1, width)
         current = threat.project(start.view(shape), x, domain).view_as(images)
@@ -72,7 +73,7 @@ class Square(Attack):
             proposal = current[active].clone()
             window = (slice(None), slice(None), slice(top, top + side_h), slice(left, left + side_w))
             if norm == "linf":
-                proposal[window] = images[active][window] + epsilon * sign(len(active), channels, 1, 1)
+                proposal[window] = images[active][window] + radius[active][window] * sign(len(active), channels, 1, 1)
             else:
                 step = epsilon / math.sqrt(side_h * side_w * channels)
                 proposal[window] = proposal[window] + step * sign(len(active), channels, 1, 1)
