@@ -76,7 +76,7 @@ def attack_scope(attack: dict) -> list[str]:
     if ref:
         ran_ref = [attack_label(a) for a in ref["run"]]
         missing = [attack_label(a) for a in ref["not_run"]]
-        sentence = f"Of the {ref['reference']} suite ({listing([attack_label(a) for a in ref['attacks']])}), "
+        sentence = f"Of {ref['reference']} ({listing([attack_label(a) for a in ref['attacks']])}), "
         sentence += f"{listing(ran_ref)} ran" if ran_ref else "none ran"
         sentence += f"; {listing(missing)} did not." if missing else "; every one ran."
         notes.append(sentence)

@@ -62,7 +62,7 @@ AUTOATTACK_STANDARD = ("apgd_ce", "apgd_t", "fab_t", "square")
 
 
 def reference_coverage(names: list[str]) -> ReferenceCoverage:
-    return ReferenceCoverage(reference="AutoAttack standard (Croce & Hein 2020)", attacks=list(AUTOATTACK_STANDARD),
+    return ReferenceCoverage(reference="AutoAttack's standard suite (Croce & Hein 2020)", attacks=list(AUTOATTACK_STANDARD),
                              run=[a for a in AUTOATTACK_STANDARD if a in names],
                              not_run=[a for a in AUTOATTACK_STANDARD if a not in names])
 
