@@ -12,7 +12,7 @@ from pipeline.attacks import FGSM, PGD, Attack
 from pipeline.attacks.apgd import APGD, APGDTargeted
 from pipeline.attacks.masking import run_checks
 from pipeline.attacks.square import Square
-from pipeline.attacks.suite import SuiteResult, robust_mask, run_suite
+from pipeline.attacks.suite import SuiteResult, robust_mask, run_suite, share
 from pipeline.errors import UsageError
 from pipeline.feasibility import apgd_targets, resolve_attacks
 from pipeline.io import atomic_write, confine, sha256_file, write_json, write_text
@@ -104,8 +104,8 @@ def evaluate(model, params, x, y, domain, num_classes: int, generator, *, model_
         if int(members.sum()):
             per_class[str(label)] = ClassRecord(
                 n=int(members.sum()),
-                clean_accuracy=float(result.clean_correct[members].float().mean()),
-                robust_accuracy=float(result.robust[members].float().mean()))
+                clean_accuracy=share(result.clean_correct[members]),
+                robust_accuracy=share(result.robust[members]))
     confusion = np.zeros((num_classes, num_classes), dtype=int)
     np.add.at(confusion, (y.numpy(), result.adv_pred.numpy()), 1)
     ran = [c for c in masking if c.passed is not None]
