@@ -72,18 +72,39 @@ def _md5(path: Path) -> str:
     return digest.hexdigest()
 
 
+def uncached_outputs(root: Path) -> set[str]:
+    """Outputs dvc.yaml marks `cache: false` (metrics/, plots/): they travel in git, not the remote."""
+    from pipeline.config import read_yaml
+
+    spec = read_yaml(root / "dvc.yaml") if (root / "dvc.yaml").is_file() else {}
+    found = set()
+    for stage in ((spec or {}).get("stages") or {}).values():
+        for kind in ("outs", "metrics", "plots"):
+            for entry in (stage.get(kind) or []) if isinstance(stage, dict) else []:
+                if isinstance(entry, dict):
+                    found |= {path for path, flags in entry.items()
+                              if isinstance(flags, dict) and flags.get("cache") is False}
+    return found
+
+
 def lock_problems(root: Path) -> tuple[list[str], int]:
-    """Every cached output dvc.lock names must be in the workspace with the recorded content."""
+    """Every cached output dvc.lock names must be in the workspace with the recorded content; an
+    uncached one (committed to git) must match the lock when the commit holds it."""
     from pipeline.config import read_yaml
 
     lock = root / "dvc.lock"
     if not lock.is_file():
         return ["dvc.lock: absent at this commit, so no pipeline run is recorded"], 0
     stages = (read_yaml(lock) or {}).get("stages") or {}
+    uncached = uncached_outputs(root)
     problems, checked = [], 0
     for stage in stages.values():
         for out in stage.get("outs") or []:
             path, digest = root / out["path"], str(out.get("md5", ""))
+            if out["path"] in uncached:
+                if path.is_file() and digest and _md5(path) != digest:
+                    problems.append(f"{out['path']}: the committed file differs from the content dvc.lock records")
+                continue
             if digest.endswith(".dir"):
                 if not path.is_dir():
                     problems.append(f"{out['path']}/: named by dvc.lock but not pulled (missing from the DVC remote)")
