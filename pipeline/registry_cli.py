@@ -31,6 +31,7 @@ def status(ws: Workspace) -> int:
     if not rows:
         print(f"status: no registered versions of {name!r}")
         return 0
+    print_log(log)  # history first: the table of where the aliases are now ends the output
     print(f"status: {name} ({len(rows)} version{'s' if len(rows) > 1 else ''})")
     header = ("version", "aliases", "verdict", "onnx sha256", "dataset", "git commit", "registry bytes")
     table = [header] + [
@@ -41,7 +42,6 @@ def status(ws: Workspace) -> int:
     widths = [max(len(row[i]) for row in table) for i in range(len(header))]
     for row in table:
         print("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip())
-    print_log(log)
     different = [r["version"] for r in rows if r.get("bytes") == "DIFFERENT"]
     if different:
         raise IntegrityMismatch(f"the registry serves an ONNX file whose SHA-256 differs from the evaluated one for "
