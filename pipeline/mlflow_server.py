@@ -15,6 +15,7 @@ import glob
 import os
 import pwd
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -142,6 +143,14 @@ def prepare_directory(root: Path, user: Optional[str]) -> None:
     (root / "artifacts").mkdir(exist_ok=True)
     if user:
         root.chmod(0o755)
+        closed = [str(parent) for parent in root.parents if not parent.stat().st_mode & 0o001]
+        if closed:
+            raise UsageError(f"PostgreSQL runs as {user!r}, who cannot enter {closed[0]}: "
+                             f"chmod o+x it, or choose a --dir under /tmp")
+
+
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt
 
 
 def main(argv: Optional[list[str]] = None) -> int:
@@ -155,10 +164,18 @@ def main(argv: Optional[list[str]] = None) -> int:
     if pg_bin is None:
         print("mlflow-server: PostgreSQL not found (initdb, pg_ctl): apt-get install postgresql", file=sys.stderr)
         return 2
+    signal.signal(signal.SIGTERM, _interrupt)  # `kill` or a service manager stops both servers too
     root = args.dir.resolve()
-    prepare_directory(root, args.pg_user)
-    postgres = Postgres(pg_bin, root / "pgdata", args.pg_port, args.pg_user)
-    postgres.start()
+    try:
+        prepare_directory(root, args.pg_user)
+        postgres = Postgres(pg_bin, root / "pgdata", args.pg_port, args.pg_user)
+        postgres.start()
+    except UsageError as error:
+        print(f"mlflow-server: error: {error}", file=sys.stderr)
+        return 2
+    except RuntimeError as error:
+        print(f"mlflow-server: {error}", file=sys.stderr)
+        return 1
     try:
         process, uri = start_mlflow(postgres.uri, root / "artifacts", args.port, root / "mlflow.log")
         print(f"mlflow-server: backend {postgres.uri}, artifacts {root / 'artifacts'}\n"

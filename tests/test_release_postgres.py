@@ -150,7 +150,7 @@ def test_racing_registrations_keep_a_complete_ordered_log(pipeline_workspace, tm
 
 def test_database_down_fails_fast_and_keeps_local_files(pipeline_workspace, tmp_path, pg_server, monkeypatch, capsys):
     """PostgreSQL stops under a running MLflow server: register and status fail with one
-    REGISTRY UNREACHABLE line within a minute, and no local file changes."""
+    REGISTRY UNREACHABLE line within seconds (under 30 s), and no local file changes."""
     postgres, uri = pg_server
     root = workspace(pipeline_workspace, tmp_path / "ws")
     before = {p: sha256_file(p) for p in root.rglob("*") if p.is_file()}
@@ -160,7 +160,7 @@ def test_database_down_fails_fast_and_keeps_local_files(pipeline_workspace, tmp_
         for stage in ("register", "status"):
             started = time.monotonic()
             assert run_stage(stage, root) == 1
-            assert time.monotonic() - started < 60, stage
+            assert time.monotonic() - started < 30, stage
             err = capsys.readouterr().err
             assert f"robustgate {stage}: REGISTRY UNREACHABLE:" in err, err
     finally:
