@@ -47,7 +47,7 @@ if [ "$BRANCH" != "$RELEASE_BRANCH" ]; then
   echo "ci-gate: gate passed; not the release branch, so nothing registered or pushed"
   exit 0
 fi
-"$DVC" repro || { echo "ci-gate: FAILED: register refused the release"; exit 1; }
+"$DVC" repro || { echo "ci-gate: FAILED: dvc repro (register) did not complete: see its line above"; exit 1; }
 if ! has_remote; then
   echo "ci-gate: FAILED: release branch without a DVC remote (dvc remote add -d, or DVC_REMOTE_URL)"
   exit 1
