@@ -269,12 +269,6 @@ def _register(tracking_uri, experiment, model_name, params, metrics, onnx_path, 
     return Registration(run.info.run_id, model_name, version, approve, previous, served)
 
 
-def promote(client, model_name: str, version: str) -> Optional[str]:
-    """Move `approved` to `version` under the promotion lock; returns the version it replaced."""
-    with promotion_lock(client, model_name):
-        return _move_approved(client, model_name, version)
-
-
 def _move_approved(client, model_name: str, version: str) -> Optional[str]:
     """Move `approved` to `version`, recording the version it replaces, and log the move. Caller holds
     the lock; re-read after the write: if another writer got in anyway (a lock broken as stale), fail."""

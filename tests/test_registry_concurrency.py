@@ -31,7 +31,7 @@ def test_concurrent_approvals_keep_the_rollback_chain(pipeline_workspace, tmp_pa
     """Two `robustgate register` processes approve at once; rollback then walks back through both.
     Each pauses 3 s between reading `approved` and moving it (ROBUSTGATE_PROMOTION_PAUSE_S), so
     without the promotion lock both read the same previous version and the first rollback skips one
-    (checked by removing the lock from `pipeline.registry.promote`: the test then fails)."""
+    (checked by removing the lock from `pipeline.registry._register`: the test then fails)."""
     from mlflow import MlflowClient
 
     model = "tiny-model"
