@@ -34,6 +34,7 @@ TOOLS = {
     "verify": ("pipeline.verify_cli", "re-hash every artifact in the manifest and check its signature; exit 1 on any mismatch"),
     "summary": ("pipeline.summary", "the headline figures of the last run in about ten lines"),
     "plots": ("pipeline.plots_page", "draw plots/*.json into one self-contained HTML page (works offline)"),
+    "audit": ("pipeline.audit", "clone a commit, dvc pull its evidence and verify it without re-running; one-page summary"),
 }
 
 
@@ -52,6 +53,15 @@ def build_parser() -> argparse.ArgumentParser:
             command.add_argument("--public-key", type=Path, help="trusted Ed25519 public key (PEM)")
             command.add_argument("--registry", metavar="TRACKING_URI",
                                  help="also check that this MLflow registry serves the report's model.onnx byte for byte")
+            continue
+        if name == "audit":
+            command.add_argument("rev", help="the git commit, tag or branch to audit")
+            command.add_argument("--repo", required=True, help="git repository (path or URL) holding REV")
+            command.add_argument("--remote", help="DVC remote to pull from (default: the repository's default remote)")
+            command.add_argument("--registry", metavar="TRACKING_URI",
+                                 help="also check that this MLflow registry serves the report's model.onnx byte for byte")
+            command.add_argument("--public-key", type=Path, help="trusted Ed25519 public key (PEM)")
+            command.add_argument("--keep", type=Path, help="clone into this new directory and keep it")
             continue
         command.add_argument("--workspace", type=Path, default=Path("."), help="project root (default: .)")
         command.add_argument("--params", default="params.yaml", help="params file inside the workspace")
@@ -79,6 +89,11 @@ def main(argv: list[str] | None = None) -> int:
         from pipeline.verify_cli import verify
 
         return _run(args.command, lambda: verify(args.directory, args.public_key, args.registry))
+    if args.command == "audit":
+        from pipeline.audit import audit
+
+        return _run(args.command, lambda: audit(args.rev, args.repo, args.remote, args.registry, args.public_key,
+                                                args.keep))
     options = {k: v for k, v in vars(args).items() if k not in ("command", "workspace", "params")}
     return _run(args.command, lambda: _dispatch(args.command, args.workspace, args.params, options))
 
