@@ -261,7 +261,8 @@ def _register(tracking_uri, experiment, model_name, params, metrics, onnx_path, 
                                 f"evaluated {tags['onnx_sha256'][:16]}...); no alias was moved")
     verdict = tags.get("verdict", "?")
     with promotion_lock(client, model_name):
-        client.set_registered_model_alias(model_name, CANDIDATE, version)
+        if verdict == "passed":  # no alias ever points at a version that failed its gate
+            client.set_registered_model_alias(model_name, CANDIDATE, version)
         approved_before = alias_holder(client, model_name, APPROVED)
         append_log(client, model_name, "registered", version, verdict=verdict, approved=approved_before,
                    git_commit=tags.get("git_commit", "?"), onnx_sha256=tags.get("onnx_sha256", "?"))
