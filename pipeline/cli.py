@@ -34,6 +34,7 @@ TOOLS = {
     "verify": ("pipeline.verify_cli", "re-hash every artifact in the manifest and check its signature; exit 1 on any mismatch"),
     "summary": ("pipeline.summary", "the headline figures of the last run in about ten lines"),
     "plots": ("pipeline.plots_page", "draw plots/*.json into one self-contained HTML page (works offline)"),
+    "prove": ("pipeline.prove_cli", "decide a VNNLIB property on an ONNX file: sat (with counterexample), unsat, unknown, timeout"),
 }
 
 
@@ -52,6 +53,12 @@ def build_parser() -> argparse.ArgumentParser:
             command.add_argument("--public-key", type=Path, help="trusted Ed25519 public key (PEM)")
             command.add_argument("--registry", metavar="TRACKING_URI",
                                  help="also check that this MLflow registry serves the report's model.onnx byte for byte")
+            continue
+        if name == "prove":
+            command.add_argument("model", type=Path, help="the ONNX file")
+            command.add_argument("property", type=Path, help="the VNNLIB property")
+            command.add_argument("--timeout", type=float, required=True, help="seconds (VNN-COMP: per instance)")
+            command.add_argument("--result", type=Path, help="write the answer here in the VNN-COMP result format")
             continue
         command.add_argument("--workspace", type=Path, default=Path("."), help="project root (default: .)")
         command.add_argument("--params", default="params.yaml", help="params file inside the workspace")
@@ -79,6 +86,10 @@ def main(argv: list[str] | None = None) -> int:
         from pipeline.verify_cli import verify
 
         return _run(args.command, lambda: verify(args.directory, args.public_key, args.registry))
+    if args.command == "prove":
+        from pipeline.prove_cli import prove
+
+        return _run(args.command, lambda: prove(args.model, args.property, args.timeout, args.result))
     options = {k: v for k, v in vars(args).items() if k not in ("command", "workspace", "params")}
     return _run(args.command, lambda: _dispatch(args.command, args.workspace, args.params, options))
 
