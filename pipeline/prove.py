@@ -67,6 +67,10 @@ class Prover:
         self.input_shape = tuple(input_shape)
         self.module = module.eval()
         self.module64 = _double_copy(module)
+        # an ONNX torch form bounds its core (after an absorbed NHWC Transpose), on permuted boxes
+        core = module.core() if hasattr(module, "core") else module
+        self.bound_module64 = _double_copy(core)
+        self.to_bound = module.to_core if hasattr(module, "to_core") else (lambda x: x)
         self.judge = judge
         self.lirpa = lirpa_compat.load()
         self.bound_error: str | None = None
@@ -116,16 +120,22 @@ class Prover:
                 self._check(deadline)
                 if self._refuted(self._lower_bounds(lower[None], upper[None], conj64, method), conj64).all():
                     return Answer(UNSAT, method)
-            self._check(deadline)
-            if self._refuted(self._lower_bounds(lower[None], upper[None], conj64, "alpha_crown"), conj64).all():
-                return Answer(UNSAT, "alpha_crown")
         except _NotBoundable as error:
             self.bound_error = str(error)
             return Answer(UNKNOWN, "bounds not applicable", notes=[str(error)])
+        notes = []
+        try:
+            self._check(deadline)
+            if self._refuted(self._lower_bounds(lower[None], upper[None], conj64, "alpha_crown"), conj64).all():
+                return Answer(UNSAT, "alpha_crown")
+        except _NotBoundable as error:  # CROWN works: go on without α-CROWN, and say so
+            notes.append(str(error))
         if lower.numel() > self.options.max_split_dims:
-            return Answer(UNKNOWN, "alpha_crown", notes=[
+            return Answer(UNKNOWN, "alpha_crown", notes=notes + [
                 f"{lower.numel()} inputs: input splitting cannot cover them and ReLU splitting is not implemented"])
-        return self._branch_and_bound(region, lower, upper, conj64, deadline)
+        answer = self._branch_and_bound(region, lower, upper, conj64, deadline)
+        answer.notes += notes
+        return answer
 
     # --- counterexample search --------------------------------------------------------------------
     def _attack(self, region: Region, lower, upper, deadline) -> Answer | None:
@@ -181,8 +191,8 @@ class Prover:
         try:
             with warnings.catch_warnings():
                 warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
-                return self.lirpa.BoundedModule(self.module64, torch.zeros(1, *self.input_shape, dtype=torch.float64),
-                                                device="cpu", bound_opts=options)
+                example = self.to_bound(torch.zeros(1, *self.input_shape, dtype=torch.float64))
+                return self.lirpa.BoundedModule(self.bound_module64, example, device="cpu", bound_opts=options)
         except Exception as error:  # auto_LiRPA raises plain exceptions for operators it cannot trace
             raise _NotBoundable(f"auto_LiRPA cannot bound this network: {_first_line(error)}") from None
 
@@ -209,9 +219,11 @@ class Prover:
             bounded = self._bounded
         a = torch.cat([a for a, _ in conjuncts])
         b = torch.cat([b for _, b in conjuncts])
-        shape = (-1, *self.input_shape)
-        centre = ((lower + upper) / 2).reshape(shape)
-        ptb = PerturbationLpNorm(norm=float("inf"), x_L=lower.reshape(shape), x_U=upper.reshape(shape))
+        def shaped(flat):
+            return self.to_bound(flat.reshape(-1, *self.input_shape)).contiguous()
+
+        centre = shaped((lower + upper) / 2)
+        ptb = PerturbationLpNorm(norm=float("inf"), x_L=shaped(lower), x_U=shaped(upper))
         spec = a.unsqueeze(0).expand(len(lower), -1, -1)
         name = {"ibp": "IBP", "crown": "CROWN", "alpha_crown": "alpha-CROWN"}[method]
         try:

@@ -105,8 +105,36 @@ class OnnxModule(nn.Module):
             self.register_parameter(buffer, nn.Parameter(tensor, requires_grad=False))
             self._buffer_names[name] = buffer
         self._shapes: dict[str, tuple[int, ...]] = {}
+        self.input_perm = self._absorb_input_transpose()
         with torch.no_grad():  # resolve every static shape once, on a batch of one
-            self._run(torch.zeros(1, *self.input_shape), record=True)
+            self._run(self.to_core(torch.zeros(1, *self.input_shape)), record=True)
+
+    def _absorb_input_transpose(self) -> tuple[int, ...] | None:
+        """An NHWC input read only by a Transpose to NCHW: bound the graph after the Transpose and
+        permute the input box instead (auto_LiRPA's conv patches have no Transpose rule)."""
+        readers = [i for i, (_, inputs, _, _) in enumerate(self.steps) if self.input_name in inputs]
+        if len(readers) != 1 or self.steps[readers[0]][0] != "Transpose":
+            return None
+        _, _, outputs, attrs = self.steps.pop(readers[0])
+        perm = tuple(attrs.get("perm", ()))
+        if not perm or perm[0] != 0:
+            raise Unsupported(f"ONNX op Transpose with perm={list(perm)} moves the batch dimension; not supported")
+        self.input_name = outputs[0]
+        return perm
+
+    def to_core(self, x: torch.Tensor) -> torch.Tensor:
+        """The input as the graph after an absorbed input Transpose reads it."""
+        return x.permute(*self.input_perm) if self.input_perm else x
+
+    @property
+    def core_input_shape(self) -> tuple[int, ...]:
+        if not self.input_perm:
+            return self.input_shape
+        return tuple(self.input_shape[p - 1] for p in self.input_perm[1:])
+
+    def core(self) -> nn.Module:
+        """The graph from its input (after an absorbed Transpose) on: what auto_LiRPA bounds."""
+        return _Core(self)
 
     def _fold_constants(self) -> None:
         """Do every arithmetic on constants here, once: auto_LiRPA 0.3 bounds a Gemm whose weight is
@@ -178,7 +206,7 @@ class OnnxModule(nn.Module):
         return value
 
     def forward(self, x):
-        return self._run(x, record=False)
+        return self._run(self.to_core(x), record=False)
 
     def _run(self, x, record: bool):
         env = {self.input_name: x}
@@ -308,6 +336,15 @@ class OnnxModule(nn.Module):
         if pads != (0, 0) and not include:
             raise Unsupported("ONNX op AveragePool with pads and count_include_pad=0 is not supported")
         return F.avg_pool2d(args[0], kernel, strides, pads)
+
+
+class _Core(nn.Module):
+    def __init__(self, graph: OnnxModule):
+        super().__init__()
+        self.graph = graph
+
+    def forward(self, x):
+        return self.graph._run(x, record=False)
 
 
 def _squeeze_leading(value: np.ndarray) -> np.ndarray:
