@@ -1,0 +1,70 @@
+"""A supplied ONNX file runs through prepare -> train (import) -> attack -> certify -> export by params
+alone, and ships byte for byte. New behaviour: before, `model.source` was an unknown key (exit 2)."""
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+import torch
+import yaml
+
+from pipeline.io import sha256_file
+from tests.conftest import TINY_PARAMS, make_workspace, run_stage
+
+
+class NHWC(torch.nn.Module):
+    """The same network reading (N, H, W, C) inputs, as a TensorFlow export would."""
+
+    def __init__(self, net):
+        super().__init__()
+        self.net = net
+
+    def forward(self, x):
+        return self.net(x.permute(0, 3, 1, 2))
+
+
+def _supplied_workspace(root, digits_model, layout: str):
+    model = digits_model[0]
+    shape = (1, 8, 8) if layout == "nchw" else (8, 8, 1)
+    net = model if layout == "nchw" else NHWC(model)
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "supplied").mkdir()
+    torch.onnx.export(net.eval(), (torch.zeros(1, *shape),), str(root / "supplied" / "net.onnx"), dynamo=False,
+                      input_names=["images"], output_names=["scores"],
+                      dynamic_axes={"images": {0: "n"}, "scores": {0: "n"}})
+    params = copy.deepcopy(TINY_PARAMS)
+    params["model"] = {"source": "onnx", "path": "supplied/net.onnx", "layout": layout, "supplier": "ACME Corp"}
+    make_workspace(root, params)
+    return root
+
+
+@pytest.mark.parametrize("layout", ["nchw", "nhwc"])
+def test_supplied_onnx_through_the_stages(tmp_path, digits_model, layout):
+    root = _supplied_workspace(tmp_path / "ws", digits_model, layout)
+    supplied_sha = sha256_file(root / "supplied" / "net.onnx")
+    for stage in ("prepare", "train", "attack", "certify", "export"):
+        assert run_stage(stage, root) == 0, stage
+    train = json.loads((root / "metrics" / "train.json").read_text())
+    assert train["source"] == "onnx" and train["supplier"] == "ACME Corp"
+    assert train["model_sha256"] == supplied_sha and train["max_abs_diff"] < 1e-4
+    assert (root / "models" / "model.onnx").read_bytes() == (root / "supplied" / "net.onnx").read_bytes()
+    export = json.loads((root / "metrics" / "export.json").read_text())
+    assert export["onnx_sha256"] == supplied_sha and export["adv_max_abs_diff"] < 1e-4
+    certify = json.loads((root / "metrics" / "certify.json").read_text())
+    assert certify["model_sha256"] == supplied_sha
+    assert certify["verified_accuracy"]["crown"]["value"] >= 0.0  # bounds ran on the file's torch form
+    attack = json.loads((root / "metrics" / "attack.json").read_text())
+    assert attack["clean_accuracy"]["value"] > 0.5
+
+
+def test_wrong_layout_is_one_line_exit_2(tmp_path, digits_model, capsys):
+    root = _supplied_workspace(tmp_path / "ws", digits_model, "nhwc")
+    params = yaml.safe_load((root / "params.yaml").read_text())
+    params["model"]["layout"] = "nchw"
+    (root / "params.yaml").write_text(yaml.safe_dump(params))
+    assert run_stage("prepare", root) == 0
+    assert run_stage("train", root) == 2
+    err = capsys.readouterr().err
+    assert "input shape [8, 8, 1] per sample; the data in layout 'nchw' gives [1, 8, 8]" in err
+    assert not (root / "models" / "model.pt").exists()
