@@ -183,11 +183,12 @@ class Prover:
         return None
 
     # --- bounds ----------------------------------------------------------------------------------
-    def _wrap(self):
+    def _wrap(self, dense: bool = False):
         options = {"verbosity": 0, "optimize_bound_args": {"iteration": self.options.alpha_iterations, "lr_alpha": 0.1},
-                   "sparse_features_alpha": False, "sparse_spec_alpha": False,
-                   "sparse_conv_intermediate_bounds": False, "sparse_intermediate_bounds": False,
                    "conv_mode": self.conv_mode}
+        if dense:  # auto_LiRPA 0.3's sparse α slopes mis-shape on convolutions (as in certify/bounds.py)
+            options.update(sparse_features_alpha=False, sparse_spec_alpha=False,
+                           sparse_conv_intermediate_bounds=False, sparse_intermediate_bounds=False)
         try:
             with warnings.catch_warnings():
                 warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
@@ -213,7 +214,7 @@ class Prover:
         from auto_LiRPA.perturbations import PerturbationLpNorm
 
         if method == "alpha_crown":
-            bounded = self._wrap()  # α-CROWN keeps slopes shaped by the batch: a fresh wrapper each time
+            bounded = self._wrap(dense=True)  # α-CROWN keeps slopes shaped by the batch: a fresh wrapper each time
         else:
             self._bounded = self._bounded or self._wrap()
             bounded = self._bounded
