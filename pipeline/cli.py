@@ -23,6 +23,7 @@ STAGES = {
     "certify": "IBP and CROWN verified accuracy through auto_LiRPA, cross-checked",
     "smooth": "randomized-smoothing certificates (Cohen et al. 2019) at σ",
     "export": "export to ONNX and check onnxruntime parity with torch",
+    "properties": "write the certified claims as VNNLIB and decide the listed VNNLIB instances",
     "report": "render the self-contained HTML audit report",
     "gate": "check the metrics against the policy; exit 1 when a blocking requirement fails",
     "register": "log the run to MLflow, register the ONNX model, move aliases",

@@ -445,6 +445,14 @@ class RegisterConfig(_Section):
     experiment: str = Field("robustgate", min_length=1)
 
 
+class PropertiesConfig(_Section):
+    instances: Optional[str] = Field(None, min_length=1, description="a VNN-COMP instances.csv (onnx, vnnlib, "
+                                     "timeout per row, paths relative to the CSV) to decide with `robustgate prove`")
+    claims: bool = Field(True, description="write one VNNLIB robustness property per certified test sample")
+    max_claims: int = Field(200, ge=1)
+    timeout_s: float = Field(60.0, gt=0.0, description="the timeout written into the claims' instances.csv")
+
+
 class Params(_Section):
     seed: int = Field(0, ge=0)
     data: DataConfig = DataConfig()
@@ -455,6 +463,7 @@ class Params(_Section):
     certify: CertifyConfig = CertifyConfig()
     smoothing: SmoothingConfig = SmoothingConfig()
     export: ExportConfig = ExportConfig()
+    properties: PropertiesConfig = PropertiesConfig()
     report: ReportConfig = ReportConfig()
     gate: GateConfig = GateConfig()
     # `register` would shadow ABCMeta.register on the model class, hence the alias.

@@ -315,6 +315,27 @@ class ExportResult(_ModelResult):
     latency_note: str
 
 
+# --- properties ------------------------------------------------------------------------------
+
+class InstanceRecord(_Record):
+    onnx: str
+    vnnlib: str
+    timeout_s: float
+    status: Literal["unsat", "sat", "unknown", "timeout"]
+    phase: str = Field(description="what decided: attack, ibp, crown, alpha_crown, bab, or why nothing did")
+    seconds: float
+    result_file: str = Field(description="the VNN-COMP result file, with the counterexample when sat")
+    notes: list[str]
+
+
+class PropertiesResult(_ModelResult):
+    instances: Union[list[InstanceRecord], NotApplicable]
+    totals: dict[str, int]
+    unsat_fraction: Union[float, NotApplicable] = Field(description="share of the listed instances proven unsat")
+    claims_written: int
+    claims: str = Field(description="where the claims' VNNLIB files and instances.csv are, or why none were written")
+
+
 # --- trace (computed by the gate and the report, not a file) ----------------------------------
 
 class TraceResult(_Record):
@@ -377,6 +398,7 @@ STAGE_RESULTS: dict[str, type[BaseModel]] = {
     "certify": CertifyResult,
     "smooth": SmoothResult,
     "export": ExportResult,
+    "properties": PropertiesResult,
     "trace": TraceResult,
 }
 

@@ -254,8 +254,12 @@ def robustness_property(x: np.ndarray, epsilon: float, lower: np.ndarray, upper:
     """The VNNLIB of "some input in the L∞ ε-box around x (within the data domain) is not classified
     as `label`": unsat exactly when the sample is robust."""
     flat = np.asarray(x, dtype=np.float64).reshape(-1)
-    lo = np.maximum(flat - epsilon, np.broadcast_to(np.asarray(lower, np.float64), flat.shape))
-    hi = np.minimum(flat + epsilon, np.broadcast_to(np.asarray(upper, np.float64), flat.shape))
+    def per_input(bound):  # a scalar, or one value per input in the layout of x
+        bound = np.asarray(bound, np.float64).reshape(-1)
+        return np.broadcast_to(bound, flat.shape)
+
+    lo = np.maximum(flat - epsilon, per_input(lower))
+    hi = np.minimum(flat + epsilon, per_input(upper))
     lines = [f"; {line}" for line in comment.splitlines()]
     lines += [f"(declare-const X_{i} Real)" for i in range(flat.size)]
     lines += [f"(declare-const Y_{j} Real)" for j in range(num_classes)]

@@ -68,3 +68,57 @@ def test_wrong_layout_is_one_line_exit_2(tmp_path, digits_model, capsys):
     err = capsys.readouterr().err
     assert "input shape [8, 8, 1] per sample; the data in layout 'nchw' gives [1, 8, 8]" in err
     assert not (root / "models" / "model.pt").exists()
+
+
+def test_properties_stage_claims_and_instances(tmp_path, digits_model):
+    """Claims are written for exactly the certified samples and re-prove unsat on the shipped file;
+    a listed instances.csv is decided with per-instance results and totals. New stage: before,
+    `robustgate properties` did not exist."""
+    import numpy as np
+
+    from pipeline import vnnlib
+    from pipeline.prove_cli import prove_files
+
+    root = _supplied_workspace(tmp_path / "ws", digits_model, "nchw")
+    bench = root / "bench"
+    bench.mkdir()
+    x0 = np.full((1, 8, 8), 0.5)
+    with torch.no_grad():
+        label = int(digits_model[0](torch.as_tensor(x0, dtype=torch.float32)[None]).argmax())
+    (bench / "tiny.vnnlib").write_text(vnnlib.robustness_property(x0, 1e-4, 0.0, 1.0, label, 10))
+    (bench / "huge.vnnlib").write_text(vnnlib.robustness_property(x0, 1.0, 0.0, 1.0, label, 10))
+    (bench / "instances.csv").write_text("../supplied/net.onnx,tiny.vnnlib,30\n../supplied/net.onnx,huge.vnnlib,30\n")
+    params = yaml.safe_load((root / "params.yaml").read_text())
+    params["properties"] = {"instances": "bench/instances.csv", "max_claims": 3}
+    (root / "params.yaml").write_text(yaml.safe_dump(params))
+    for stage in ("prepare", "train", "attack", "certify", "export", "properties"):
+        assert run_stage(stage, root) == 0, stage
+    metrics = json.loads((root / "metrics" / "properties.json").read_text())
+    assert [i["status"] for i in metrics["instances"]] == ["unsat", "sat"]
+    assert metrics["totals"] == {"unsat": 1, "sat": 1, "unknown": 0, "timeout": 0}
+    assert metrics["unsat_fraction"] == 0.5
+    sat_file = (root / metrics["instances"][1]["result_file"]).read_text().splitlines()
+    assert sat_file[0] == "sat" and sat_file[1].startswith("((X_0 ")
+    samples = [json.loads(line) for line in (root / "artifacts/certify/samples.jsonl").read_text().splitlines()]
+    certified = [s for s in samples if s.get("crown_verified") or s.get("ibp_verified")]
+    assert metrics["claims_written"] == min(3, len(certified)) and metrics["claims_written"] > 0
+    claims = root / "artifacts" / "properties" / "claims"
+    rows = (claims / "instances.csv").read_text().splitlines()
+    assert len(rows) == metrics["claims_written"]
+    onnx_rel, prop_rel, _ = rows[0].split(",")
+    answer = prove_files(claims / onnx_rel, claims / prop_rel, 30)
+    assert answer.status == "unsat"  # the certified claim holds on the shipped file
+
+
+def test_properties_instances_bad_row_exit_2(tmp_path, digits_model, capsys):
+    root = _supplied_workspace(tmp_path / "ws", digits_model, "nchw")
+    (root / "instances.csv").write_text("supplied/net.onnx,missing.vnnlib,10\n")
+    params = yaml.safe_load((root / "params.yaml").read_text())
+    params["properties"] = {"instances": "instances.csv"}
+    (root / "params.yaml").write_text(yaml.safe_dump(params))
+    for stage in ("prepare", "train", "attack", "certify", "export"):
+        assert run_stage(stage, root) == 0, stage
+    assert run_stage("properties", root) == 2
+    err = capsys.readouterr().err
+    assert "instances.csv:1:" in err and "missing.vnnlib does not exist" in err
+    assert not (root / "metrics" / "properties.json").exists()
