@@ -43,8 +43,12 @@ def _supplied_workspace(root, digits_model, layout: str):
 def test_supplied_onnx_through_the_stages(tmp_path, digits_model, layout):
     root = _supplied_workspace(tmp_path / "ws", digits_model, layout)
     supplied_sha = sha256_file(root / "supplied" / "net.onnx")
-    for stage in ("prepare", "train", "attack", "certify", "export"):
+    for stage in ("prepare", "train", "attack", "certify", "smooth", "export", "properties", "report", "gate"):
         assert run_stage(stage, root) == 0, stage
+    html = (root / "reports" / "build" / "report.html").read_text()
+    assert "supplied ONNX file <code>supplied/net.onnx</code>" in html and "not trained here" in html
+    gate = json.loads((root / "metrics" / "gate.json").read_text())
+    assert gate["passed"] is True
     train = json.loads((root / "metrics" / "train.json").read_text())
     assert train["source"] == "onnx" and train["supplier"] == "ACME Corp"
     assert train["model_sha256"] == supplied_sha and train["max_abs_diff"] < 1e-4
