@@ -95,9 +95,12 @@ def test_properties_stage_claims_and_instances(tmp_path, digits_model):
     params = yaml.safe_load((root / "params.yaml").read_text())
     params["properties"] = {"instances": "bench/instances.csv", "max_claims": 3}
     (root / "params.yaml").write_text(yaml.safe_dump(params))
-    for stage in ("prepare", "train", "attack", "certify", "export", "properties"):
+    for stage in ("prepare", "train", "attack", "certify", "smooth", "export", "properties", "report"):
         assert run_stage(stage, root) == 0, stage
     metrics = json.loads((root / "metrics" / "properties.json").read_text())
+    html = (root / "reports" / "build" / "report.html").read_text()
+    assert "<code>bench/tiny.vnnlib</code></td><td><strong>unsat</strong>" in html
+    assert "<code>bench/huge.vnnlib</code></td><td><strong>sat</strong>" in html
     assert [i["status"] for i in metrics["instances"]] == ["unsat", "sat"]
     assert metrics["totals"] == {"unsat": 1, "sat": 1, "unknown": 0, "timeout": 0}
     assert metrics["unsat_fraction"] == 0.5
