@@ -143,6 +143,9 @@ def smoothing_scope(smooth: dict) -> list[str]:
 
 def training_selection(train: dict) -> str:
     """How the kept checkpoint was chosen, as the train stage recorded it."""
+    if train.get("source"):  # train imported a supplied file (results.ImportResult)
+        return (f"Supplied {train['source'].upper()} file {train['path']} (SHA-256 {train['model_sha256'][:12]}..., "
+                f"supplied by {train.get('supplier') or 'an unnamed supplier'}), evaluated as supplied: not trained here.")
     return f"Checkpoint from epoch {train['best_epoch']} of {train['epochs_run']} run: {train['selection_rule']}."
 
 

@@ -23,6 +23,7 @@ STAGES = {
     "certify": "IBP and CROWN verified accuracy through auto_LiRPA, cross-checked",
     "smooth": "randomized-smoothing certificates (Cohen et al. 2019) at σ",
     "export": "export to ONNX and check onnxruntime parity with torch",
+    "properties": "write the certified claims as VNNLIB and decide the listed VNNLIB instances",
     "report": "render the self-contained HTML audit report",
     "gate": "check the metrics against the policy; exit 1 when a blocking requirement fails",
     "register": "log the run to MLflow, register the ONNX model, move aliases",
@@ -35,6 +36,7 @@ TOOLS = {
     "summary": ("pipeline.summary", "the headline figures of the last run in about ten lines"),
     "plots": ("pipeline.plots_page", "draw plots/*.json into one self-contained HTML page (works offline)"),
     "audit": ("pipeline.audit", "clone a commit, dvc pull its evidence and verify it without re-running; one-page summary"),
+    "prove": ("pipeline.prove_cli", "decide a VNNLIB property on an ONNX file: sat (with counterexample), unsat, unknown, timeout"),
 }
 
 
@@ -62,6 +64,12 @@ def build_parser() -> argparse.ArgumentParser:
                                  help="also check that this MLflow registry serves the report's model.onnx byte for byte")
             command.add_argument("--public-key", type=Path, help="trusted Ed25519 public key (PEM)")
             command.add_argument("--keep", type=Path, help="clone into this new directory and keep it")
+            continue
+        if name == "prove":
+            command.add_argument("model", type=Path, help="the ONNX file")
+            command.add_argument("property", type=Path, help="the VNNLIB property")
+            command.add_argument("--timeout", type=float, required=True, help="seconds (VNN-COMP: per instance)")
+            command.add_argument("--result", type=Path, help="write the answer here in the VNN-COMP result format")
             continue
         command.add_argument("--workspace", type=Path, default=Path("."), help="project root (default: .)")
         command.add_argument("--params", default="params.yaml", help="params file inside the workspace")
@@ -94,6 +102,10 @@ def main(argv: list[str] | None = None) -> int:
 
         return _run(args.command, lambda: audit(args.rev, args.repo, args.remote, args.registry, args.public_key,
                                                 args.keep))
+    if args.command == "prove":
+        from pipeline.prove_cli import prove
+
+        return _run(args.command, lambda: prove(args.model, args.property, args.timeout, args.result))
     options = {k: v for k, v in vars(args).items() if k not in ("command", "workspace", "params")}
     return _run(args.command, lambda: _dispatch(args.command, args.workspace, args.params, options))
 

@@ -71,6 +71,9 @@ def _not_a_setting(key: str, message: str) -> PydanticCustomError:
     return PydanticCustomError("not_a_setting", "{key}: " + message, {"key": key})
 
 
+_SUPPLIED_KEYS = ("source", "path", "layout", "supplier")
+
+
 class ModelConfig(_Section):
     name: str = "cnn_small"
     hidden: list[int] = Field(default_factory=lambda: [128, 64], description="mlp layer widths")
@@ -79,6 +82,12 @@ class ModelConfig(_Section):
     options: dict[str, Union[int, float, str, bool, list[int]]] = Field(
         default_factory=dict, description="keyword arguments for a 'module:callable' factory"
     )
+    source: Literal["train", "onnx"] = Field("train", description="train: the train stage trains `name`; onnx: "
+                                             "evaluate the supplied ONNX file at `path` instead (train imports it)")
+    path: Optional[str] = Field(None, min_length=1, description="the supplied model file, inside the workspace")
+    layout: Literal["nchw", "nhwc", "flat"] = Field("nchw", description="the supplied model's input layout; the "
+                                                    "data is (C, H, W) per sample, permuted or flattened to fit")
+    supplier: Optional[str] = Field(None, min_length=1, description="who supplied the file (recorded with its SHA-256)")
 
     @model_validator(mode="before")
     @classmethod
@@ -88,10 +97,22 @@ class ModelConfig(_Section):
         if isinstance(name, str) and (name in BUILTIN_MODELS or _FACTORY_PATTERN.match(name)):  # else: name's error
             own = model_options(name)
             for key in data:
-                if key != "name" and key in cls.model_fields and key not in own:
+                if key not in _SUPPLIED_KEYS and key != "name" and key in cls.model_fields and key not in own:
                     kind = "a 'module:callable' factory" if name not in BUILTIN_MODELS else f"model {name!r}"
                     raise _not_a_setting(key, f"not an option of {kind} (its options: {', '.join(own)})")
         return data
+
+    @model_validator(mode="after")
+    def _supplied_file(self) -> "ModelConfig":
+        if self.source != "train" and not self.path:
+            raise ValueError(f"source {self.source!r} needs model.path (the supplied file)")
+        if self.source == "train" and (self.path or self.supplier or self.layout != "nchw"):
+            raise ValueError("path, layout and supplier describe a supplied model: set model.source too")
+        return self
+
+    @property
+    def supplied(self) -> bool:
+        return self.source != "train"
 
     def factory_options(self) -> dict:
         """Keyword arguments the named model factory is called with."""
@@ -424,6 +445,14 @@ class RegisterConfig(_Section):
     experiment: str = Field("robustgate", min_length=1)
 
 
+class PropertiesConfig(_Section):
+    instances: Optional[str] = Field(None, min_length=1, description="a VNN-COMP instances.csv (onnx, vnnlib, "
+                                     "timeout per row, paths relative to the CSV) to decide with `robustgate prove`")
+    claims: bool = Field(True, description="write one VNNLIB robustness property per certified test sample")
+    max_claims: int = Field(200, ge=1)
+    timeout_s: float = Field(60.0, gt=0.0, description="the timeout written into the claims' instances.csv")
+
+
 class Params(_Section):
     seed: int = Field(0, ge=0)
     data: DataConfig = DataConfig()
@@ -434,6 +463,7 @@ class Params(_Section):
     certify: CertifyConfig = CertifyConfig()
     smoothing: SmoothingConfig = SmoothingConfig()
     export: ExportConfig = ExportConfig()
+    properties: PropertiesConfig = PropertiesConfig()
     report: ReportConfig = ReportConfig()
     gate: GateConfig = GateConfig()
     # `register` would shadow ABCMeta.register on the model class, hence the alias.

@@ -126,6 +126,23 @@ class TrainResult(_ModelResult):
     params: dict[str, Any]
 
 
+class ImportResult(_ModelResult):
+    """The `train` stage's record when it imported a supplied model instead of training one:
+    `model_sha256` is the supplied file's SHA-256 (models/model.pt holds its bytes unchanged)."""
+
+    source: Literal["onnx"]
+    path: str
+    supplier: Optional[str]
+    layout: Literal["nchw", "nhwc", "flat"]
+    input_shape: list[int]
+    num_classes: int
+    opset: Optional[int]
+    ops: list[str] = Field(description="the ONNX op types in the file")
+    torch_form: str = Field(description="how gradients and bounds see the file")
+    max_abs_diff: float = Field(description="torch form vs onnxruntime on the test split")
+    n: int
+
+
 # --- attack ----------------------------------------------------------------------------------
 
 class AttackRecord(_Record):
@@ -298,6 +315,27 @@ class ExportResult(_ModelResult):
     latency_note: str
 
 
+# --- properties ------------------------------------------------------------------------------
+
+class InstanceRecord(_Record):
+    onnx: str
+    vnnlib: str
+    timeout_s: float
+    status: Literal["unsat", "sat", "unknown", "timeout"]
+    phase: str = Field(description="what decided: attack, ibp, crown, alpha_crown, bab, or why nothing did")
+    seconds: float
+    result_file: str = Field(description="the VNN-COMP result file, with the counterexample when sat")
+    notes: list[str]
+
+
+class PropertiesResult(_ModelResult):
+    instances: Union[list[InstanceRecord], NotApplicable]
+    totals: dict[str, int]
+    unsat_fraction: Union[float, NotApplicable] = Field(description="share of the listed instances proven unsat")
+    claims_written: int
+    claims: str = Field(description="where the claims' VNNLIB files and instances.csv are, or why none were written")
+
+
 # --- trace (computed by the gate and the report, not a file) ----------------------------------
 
 class TraceResult(_Record):
@@ -360,6 +398,7 @@ STAGE_RESULTS: dict[str, type[BaseModel]] = {
     "certify": CertifyResult,
     "smooth": SmoothResult,
     "export": ExportResult,
+    "properties": PropertiesResult,
     "trace": TraceResult,
 }
 
@@ -372,6 +411,8 @@ def dump(result: BaseModel) -> dict:
 def parse(stage: str, raw: Any, source: str) -> dict:
     """Validate one metrics file against its model; a truncated or hand-edited file is refused."""
     try:
+        if stage == "train" and isinstance(raw, dict) and "source" in raw:  # train imported a supplied model
+            return dump(ImportResult.model_validate(raw))
         return dump({**STAGE_RESULTS, **RECORD_RESULTS}[stage].model_validate(raw))
     except ValidationError as error:
         first = error.errors()[0]

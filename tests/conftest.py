@@ -24,6 +24,7 @@ TINY_PARAMS = {
     "certify": {"methods": ["ibp", "crown"], "random_points": 4},
     "smoothing": {"n0": 20, "n": 200, "max_samples": 20, "alpha": 0.01},
     "export": {"opset": 17},
+    "properties": {"max_claims": 20},
     "gate": {"policy": "policies/tiny.yaml"},
     "register": {"model_name": "tiny-model"},
 }

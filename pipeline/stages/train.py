@@ -71,6 +71,11 @@ def start_from_checkpoint(model, params, root) -> None:
 
 def main(ws: Workspace, resume: bool = False) -> int:
     params = ws.params()
+    if params.model.supplied:  # nothing to train: import the supplied file in this stage's place
+        print(f"train: model.source = {params.model.source!r}: importing {params.model.path}, not training")
+        from pipeline.stages import import_model
+
+        return import_model.main(ws)
     data, domain, data_fingerprint = load_data(ws, params)
     if params.train.epsilon is not None:
         from_params(params).with_epsilon(params.train.epsilon).check(domain, key="train.epsilon")
