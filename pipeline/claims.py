@@ -212,7 +212,7 @@ def clinical_findings(metrics: dict) -> list[str]:
         notes.append(f"The smoothed classifier abstains on {smoothed['abstained']} of {smoothed['n']} cases "
                      f"(coverage {100 * smoothed['coverage']:.1f}%).")
     if clinical["subgroup_columns"]:
-        notes.append(f"Every figure is repeated for {len(clinical['subgroups'])} subgroups of "
+        notes.append(f"The positive-class figures are repeated for {len(clinical['subgroups'])} subgroups of "
                      f"{listing(clinical['subgroup_columns'])}; the smallest subgroup has n = "
                      f"{clinical['smallest_subgroup_n']}.")
     else:
