@@ -224,4 +224,19 @@ def clinical_findings(metrics: dict) -> list[str]:
                      + (f"; {len(fixed)} immutable: {listing(fixed[:5])}{' and others' if len(fixed) > 5 else ''})"
                         if fixed else ")") + ".")
     notes += [f"{h[0].upper()}{h[1:]}." for h in clinical.get("feature_handling", [])]
-    return notes
+    return notes + exact_findings(clinical)
+
+
+def exact_findings(clinical: dict) -> list[str]:
+    """What the complete (MILP) verification decided, from metrics/clinical.json."""
+    exact = (clinical or {}).get("exact") or {}
+    if "verified" not in exact:
+        return [f"Complete verification does not apply: {exact['reason']}."] if exact.get("reason") else []
+    decided = exact["verified"] + exact["counterexample"]
+    sentence = (f"Complete verification ({exact['method']}) decided {decided} of {exact['n']} test cases: "
+                f"{exact['verified']} verified and {exact['counterexample']} with a counterexample the model "
+                f"itself misclassifies")
+    if exact["unknown"]:
+        sentence += (f"; {exact['unknown']} remain unknown (time budget {exact['time_budget_s']:g} s, "
+                     f"{exact['case_limit_s']:g} s per case and class)")
+    return [sentence + "."]

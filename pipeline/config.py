@@ -488,6 +488,10 @@ class ClinicalConfig(_Section):
     bootstrap: int = Field(1000, ge=100, description="resamples for the ECE interval")
     thresholds: list[float] = Field(default_factory=lambda: [0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99],
                                     description="confidence thresholds for selective prediction")
+    exact_time_budget_s: Optional[float] = Field(
+        None, gt=0.0, description="complete MILP verification of every test case within this budget (ReLU MLPs, "
+        "L∞ boxes); cases left when it runs out are 'unknown'. Off when null")
+    exact_case_limit_s: float = Field(10.0, gt=0.0, description="solver time limit per case and class")
 
     @field_validator("thresholds")
     @classmethod

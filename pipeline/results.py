@@ -337,6 +337,23 @@ class SmoothedSelective(_Record):
     accuracy: MaybeAccuracy
 
 
+class ExactRecord(_Record):
+    """Complete verification (MILP) of every test case over its box: verified, counterexample (an
+    input the model itself misclassifies) or unknown (the solver ran out of time)."""
+
+    method: str
+    n: int = Field(ge=1)
+    verified: int = Field(ge=0)
+    counterexample: int = Field(ge=0)
+    unknown: int = Field(ge=0)
+    seconds: float
+    time_budget_s: float
+    case_limit_s: float
+    positive_verified: MaybeAccuracy = Field(description="exact verified sensitivity (a lower bound while "
+                                             "unknown cases remain; the exact share when none do)")
+    positive_counterexamples: int = Field(ge=0)
+
+
 class FeatureBudgetRecord(_Record):
     name: str
     type: Literal["continuous", "integer", "categorical"]
@@ -372,6 +389,7 @@ class ClinicalResult(_Record):
     subgroup_columns: list[str] = Field(default_factory=list)
     subgroups: list[SubgroupRecord] = Field(default_factory=list)
     smallest_subgroup_n: Optional[int] = None
+    exact: Union[ExactRecord, NotApplicable, None] = None
     feature_budgets: list[FeatureBudgetRecord] = Field(default_factory=list)
     feature_handling: list[str] = Field(default_factory=list, description="how integer and categorical features "
                                         "were treated")

@@ -19,10 +19,12 @@ from pipeline.budgets import feature_radii
 from pipeline.certify.smoothing import ABSTAIN
 from pipeline.clinical import (Outcomes, calibration, check_clinical_params, class_figures, selective,
                                smoothed_selective)
-from pipeline.errors import IntegrityMismatch, UsageError
+from pipeline.errors import IntegrityMismatch, SoundnessViolation, UsageError
 from pipeline.io import sha256_file, write_json
-from pipeline.results import ClinicalResult, FeatureBudgetRecord, SubgroupRecord, ThreatRecord
+from pipeline.results import ClinicalResult, ExactRecord, FeatureBudgetRecord, NotApplicable, SubgroupRecord, ThreatRecord
+from pipeline.clinical import share
 from pipeline.stages.common import load_data, load_model_for, tensors
+from pipeline.threat import from_params
 from pipeline.workspace import Workspace
 
 MAX_SUBGROUP_VALUES = 20
@@ -59,6 +61,47 @@ def _subgroups(x: np.ndarray, outcomes: Outcomes, columns, names, positive: int,
     return groups
 
 
+def exact_verification(model, params, data, domain, x, y, outcomes: Outcomes, positive: int):
+    """Complete MILP verification of every case within clinical.exact_time_budget_s, cross-checked:
+    a case it proves may not have an adversarial example, nor a case a certifier proved a
+    counterexample. None when not asked for; NotApplicable when the network or threat does not fit."""
+    import time
+
+    from pipeline.certify.milp import COUNTEREXAMPLE, UNKNOWN, VERIFIED, Unsupported, affine_layers, decide
+
+    cfg = params.clinical
+    if cfg.exact_time_budget_s is None:
+        return None
+    threat = from_params(params, data)
+    if threat.norm != "linf":
+        return NotApplicable(status="not_applicable", reason="the MILP encodes L∞ boxes; threat.norm is l2")
+    try:
+        affine_layers(model)
+    except Unsupported as error:
+        return NotApplicable(status="not_applicable", reason=f"the MILP reads ReLU MLPs only: {error}")
+    low, high = threat.box(x, domain)
+    started = time.perf_counter()
+    decided = decide(model, x, y, low, high, data.num_classes, cfg.exact_case_limit_s,
+                     deadline=time.monotonic() + cfg.exact_time_budget_s)
+    status = np.array([d.status for d in decided])
+    proved_but_broken = np.flatnonzero((status == VERIFIED) & ~outcomes.robust)
+    if len(proved_but_broken):
+        raise SoundnessViolation(f"MILP verified case {int(proved_but_broken[0])}, which an attack broke")
+    refuted_but_certified = np.flatnonzero((status == COUNTEREXAMPLE) & outcomes.verified)
+    if len(refuted_but_certified):
+        raise SoundnessViolation(f"MILP found a counterexample for case {int(refuted_but_certified[0])}, "
+                                 "which a certifier verified")
+    pos = outcomes.y == positive
+    return ExactRecord(
+        method="MILP (big-M, interval pre-activation bounds), HiGHS via scipy.optimize.milp",
+        n=len(status), verified=int((status == VERIFIED).sum()), counterexample=int((status == COUNTEREXAMPLE).sum()),
+        unknown=int((status == UNKNOWN).sum()), seconds=time.perf_counter() - started,
+        time_budget_s=cfg.exact_time_budget_s, case_limit_s=cfg.exact_case_limit_s,
+        positive_verified=share(int((pos & (status == VERIFIED)).sum()), int(pos.sum()), "lower_bound",
+                                "MILP (complete)", "no positive case"),
+        positive_counterexamples=int((pos & (status == COUNTEREXAMPLE)).sum()))
+
+
 def main(ws: Workspace) -> int:
     params = ws.params()
     cfg = params.clinical
@@ -68,7 +111,7 @@ def main(ws: Workspace) -> int:
         write_json(ws.root / "plots" / "reliability.json", [])
         print("clinical: not applicable (no clinical section in params)")
         return 0
-    data, _, data_fingerprint = load_data(ws, params)
+    data, domain, data_fingerprint = load_data(ws, params)
     class_names = results.load("prepare", ws.metrics("prepare"))["class_names"]
     check_clinical_params(params, class_names, data.feature_names)
     model_sha = sha256_file(ws.checkpoint)
@@ -114,6 +157,7 @@ def main(ws: Workspace) -> int:
             handling.append("categorical features: immutable (radius 0)")
     subgroups = _subgroups(x.numpy(), outcomes, cfg.subgroups, list(data.feature_names or ()), positive,
                            cfg.positive_class, attacks, certified_by)
+    exact = exact_verification(model, params, data, domain, x, y, outcomes, positive)
     result = ClinicalResult(
         status="ok", seed=params.seed, dataset_fingerprint=data_fingerprint, model_sha256=model_sha, n=n,
         threat=ThreatRecord(norm=threat.norm, epsilon=threat.epsilon), positive_class=cfg.positive_class,
@@ -123,7 +167,7 @@ def main(ws: Workspace) -> int:
         selective=selective(probabilities, y_np, positive, cfg.thresholds),
         smoothed=smoothed_selective(smooth_rows, ABSTAIN), subgroup_columns=list(cfg.subgroups),
         subgroups=subgroups, smallest_subgroup_n=min((g.n for g in subgroups), default=None),
-        feature_budgets=budgets, feature_handling=handling)
+        exact=exact, feature_budgets=budgets, feature_handling=handling)
     write_json(ws.metrics("clinical"), results.dump(result))
     write_json(ws.root / "plots" / "reliability.json", [b.model_dump() for b in result.calibration.bins])
     p = result.positive
