@@ -8,7 +8,7 @@ from pipeline import results
 from pipeline.io import sha256_file
 from pipeline.workspace import Workspace
 
-METRIC_STAGES = ("prepare", "train", "attack", "certify", "smooth", "export", "properties")
+METRIC_STAGES = ("prepare", "train", "attack", "certify", "smooth", "export", "properties", "clinical")
 
 
 def collect_metrics(ws: Workspace, stages=METRIC_STAGES) -> dict[str, dict]:

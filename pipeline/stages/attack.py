@@ -68,10 +68,11 @@ def reference_coverage(names: list[str]) -> ReferenceCoverage:
 
 
 def evaluate(model, params, x, y, domain, num_classes: int, generator, *, model_sha256: str, data_fingerprint: str,
-             progress=None) -> tuple[AttackResult, SuiteResult]:
+             progress=None, data=None) -> tuple[AttackResult, SuiteResult]:
     """The attack evaluation of one model on (x, y): worst case over the configured attacks, the ε
-    sweep and the masking checks. Pure: the stage and `robustgate compare` both call it."""
-    cfg, threat = params.attack, from_params(params)
+    sweep and the masking checks. Pure: the stage and `robustgate compare` both call it. `data`: the
+    prepared data, whose tabular statistics turn per-feature budgets into radii."""
+    cfg, threat = params.attack, from_params(params, data)
     names, task_notes = resolve_attacks(cfg, num_classes)
     attacks = build_attacks(cfg, names, num_classes)
     result = run_suite(model, attacks, x, y, threat, domain, cfg.batch_size, generator,
@@ -137,9 +138,9 @@ def refuse_clean_only(ws: Workspace, params) -> None:
 
 def main(ws: Workspace) -> int:
     params = ws.params()
-    cfg, threat = params.attack, from_params(params)
     refuse_clean_only(ws, params)
     data, domain, data_fingerprint = load_data(ws, params)
+    cfg, threat = params.attack, from_params(params, data)
     model_sha = sha256_file(ws.checkpoint)
     model, _ = load_model_for(ws, params, data, data_fingerprint)
     generator = seed_everything(params.seed)
@@ -148,7 +149,7 @@ def main(ws: Workspace) -> int:
     bar = tqdm(total=len(x) * len(resolve_attacks(cfg, data.num_classes)[0]), desc="attack", unit="img", file=sys.stderr, mininterval=1.0)
     metrics, result = evaluate(
         model, params, x, y, domain, data.num_classes, generator, model_sha256=model_sha,
-        data_fingerprint=data_fingerprint,
+        data_fingerprint=data_fingerprint, data=data,
         progress=lambda name, count: (bar.set_postfix_str(name, refresh=False), bar.update(count)))
     bar.close()
     names = list(metrics.attacks)

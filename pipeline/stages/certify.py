@@ -87,11 +87,11 @@ def combined(verified: dict[str, torch.Tensor], n: int) -> tuple[int, CombinedRe
 
 
 def certify_model(model, params, x, y, domain, num_classes: int, generator, attack_evidence, *, model_sha256: str,
-                  data_fingerprint: str, attack_sweep=None, report=print) -> tuple[CertifyResult, dict]:
+                  data_fingerprint: str, attack_sweep=None, report=print, data=None) -> tuple[CertifyResult, dict]:
     """Verified accuracy of one model on (x, y) by every configured method, each cross-checked against
     the attack's evidence `(x_adv, attack_robust, m)`. Pure: the stage and `robustgate compare` call it.
     Returns the result and the per-sample rows."""
-    cfg, threat = params.certify, from_params(params)
+    cfg, threat = params.certify, from_params(params, data)
     x_adv, attack_robust, m = attack_evidence
     with torch.no_grad():
         clean_correct = model(x).argmax(1) == y
@@ -174,10 +174,10 @@ def main(ws: Workspace) -> int:
     if attack["model_sha256"] != model_sha:
         raise IntegrityMismatch(f"metrics/attack.json speaks of checkpoint {attack['model_sha256'][:12]}, "
                                 f"{ws.checkpoint.name} is {model_sha[:12]}: re-run attack (dvc repro)")
-    evidence = _attack_evidence(ws, len(x), from_params(params))
+    evidence = _attack_evidence(ws, len(x), from_params(params, data))
     result, per_sample = certify_model(model, params, x, y, domain, data.num_classes, generator, evidence,
                                        model_sha256=model_sha, data_fingerprint=data_fingerprint,
-                                       attack_sweep=attack.get("sweep"))
+                                       attack_sweep=attack.get("sweep"), data=data)
     write_text(ws.certify_samples, "".join(json.dumps(row) + "\n" for row in per_sample.values()))
     write_json(ws.root / "plots" / "certify_sweep.json", [p.model_dump() for p in result.sweep.points]
                if result.sweep else [])

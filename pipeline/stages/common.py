@@ -26,7 +26,7 @@ def seed_everything(seed: int) -> torch.Generator:
 def load_data(ws: Workspace, params) -> tuple[PreparedData, Domain, str]:
     data = load_prepared(ws.prepared)
     domain = Domain.from_arrays(data.lower, data.upper)
-    from_params(params).check(domain)
+    from_params(params, data).check(domain)
     return data, domain, fingerprint(data)
 
 

@@ -14,7 +14,7 @@ from pipeline.attacks.pgd import PGD
 from pipeline.errors import UsageError
 from pipeline.feasibility import check_runnable
 from pipeline.io import atomic_write, confine, sha256_file, write_json
-from pipeline.models import build_model, load_weights, save_checkpoint
+from pipeline.models import build_model, load_weights, save_checkpoint, set_input_statistics
 from pipeline.results import TrainResult, dump
 from pipeline.stages.common import load_data, seed_everything, tensors
 from pipeline.threat import from_params
@@ -22,7 +22,7 @@ from pipeline.training.loop import FitConfig, TrainingDiverged, TrainState, fit,
 from pipeline.workspace import Workspace
 
 
-def fit_config(params) -> FitConfig:
+def fit_config(params, data=None) -> FitConfig:
     """The training loop's settings: the shared ones, and the chosen method's own (`train` holds
     only the settings of its method, see :data:`pipeline.config.TRAIN_SETTINGS`)."""
     t = params.train
@@ -37,7 +37,7 @@ def fit_config(params) -> FitConfig:
         lr=t.lr,
         momentum=t.momentum,
         weight_decay=t.weight_decay,
-        threat=from_params(params),
+        threat=from_params(params, data),
         epsilon_warmup_epochs=own.pop("epsilon_warmup_epochs", 0),
         train_epsilon=own.pop("epsilon", None),
         train_pgd=None if pgd is None else PGD(pgd.steps, pgd.step_size, pgd.restarts, schedule=pgd.schedule),
@@ -78,14 +78,16 @@ def main(ws: Workspace, resume: bool = False) -> int:
         return import_model.main(ws)
     data, domain, data_fingerprint = load_data(ws, params)
     if params.train.epsilon is not None:
-        from_params(params).with_epsilon(params.train.epsilon).check(domain, key="train.epsilon")
+        from_params(params, data).with_epsilon(params.train.epsilon).check(domain, key="train.epsilon")
     generator = seed_everything(params.seed)
     input_shape = list(data.x["train"].shape[1:])
     check_runnable(params, data.num_classes, input_shape)  # before training, not at the attack stage
     options = params.model.factory_options()
     model = build_model(params.model.name, input_shape, data.num_classes, options)
+    if data.tabular and not set_input_statistics(model, data.mean, data.std):
+        print("train: note: the model has no Standardize layer; it receives tabular inputs in raw units")
     start_from_checkpoint(model, params, ws.root)
-    cfg = fit_config(params)
+    cfg = fit_config(params, data)
     state_file = ws.model_dir / "train_state.pt"
     # threat.rationale is report prose: editing it must not invalidate the model (nor a resume)
     fingerprint_now = params.section_hash("seed", "data", "model", "threat", "train",
