@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from pipeline.certify.bounds import BoundComputer, margins_of
-from pipeline.threat import Domain
+from pipeline.threat import Domain, LpBall
 
 
 class NormalisedBNCNN(nn.Module):
@@ -45,6 +45,6 @@ def test_normalised_batchnorm_cnn_certifies_soundly(channels):
         out = net((x[None] + noise).clamp(0, 1).reshape(-1, *shape)).reshape(3000, 5, 3)
     sampled = torch.stack([margins_of(o, y) for o in out]).min(dim=0).values
     for method in ("ibp", "crown", "alpha_crown"):
-        lower, _ = computer.margin_bounds(x, y, 0.01, "linf", method, 3)
+        lower, _ = computer.margin_bounds(x, y, LpBall("linf", 0.01), method, 3)
         assert torch.all(lower <= sampled + 1e-5), method
         assert torch.isfinite(lower).all()
