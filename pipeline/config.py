@@ -424,6 +424,18 @@ class RegisterConfig(_Section):
     experiment: str = Field("robustgate", min_length=1)
 
 
+class RuntimeConfig(_Section):
+    """Where and how the work runs; none of it changes a CPU result (see pipeline/runtime.py)."""
+
+    device: str = Field("auto", pattern=r"^(auto|cpu|cuda|cuda:\d+|mps)$",
+                        description="auto: cuda, else mps, else cpu; a device not on this machine is refused")
+    precision: Literal["float32", "bf16", "fp16"] = Field(
+        "float32", description="training autocast; certification and attacks always run in float32")
+    threads: Optional[int] = Field(None, ge=1, description="torch threads per process; default cores / processes")
+    workers: int = Field(0, ge=0, description="data-loader worker processes")
+    processes: int = Field(1, ge=1, description="evaluation shards (attack, smooth) run in this many processes")
+
+
 class Params(_Section):
     seed: int = Field(0, ge=0)
     data: DataConfig = DataConfig()
@@ -438,6 +450,7 @@ class Params(_Section):
     gate: GateConfig = GateConfig()
     # `register` would shadow ABCMeta.register on the model class, hence the alias.
     registry: RegisterConfig = Field(RegisterConfig(), alias="register")
+    runtime: RuntimeConfig = RuntimeConfig()
     # The user's files as DVC deps (dvc.yaml templates them); checked against data.path and model.name.
     inputs: Optional[InputsConfig] = None
 
