@@ -40,6 +40,10 @@ class Runtime:
         dtype = torch.bfloat16 if self.precision == "bf16" else torch.float16
         return torch.autocast(device_type=self.device.type, dtype=dtype)
 
+    def grad_scaler(self):
+        """float16 gradients underflow without loss scaling; bf16 and float32 need none."""
+        return torch.amp.GradScaler(self.device.type) if self.precision == "fp16" else None
+
 
 def resolve_device(name: str) -> torch.device:
     """`auto` picks cuda, then mps, then cpu; a named device this machine lacks is refused."""
@@ -89,6 +93,11 @@ def block_generator(seed: int, first_index: int, device: torch.device | str = "c
     return torch.Generator(device=device).manual_seed(state)
 
 
+def rank_seed(seed: int, rank: int) -> int:
+    """The seed of data-parallel rank `rank` (a 32-bit value, as numpy's seed requires)."""
+    return int(np.random.SeedSequence([seed, rank]).generate_state(1)[0])
+
+
 def shard_ranges(n: int, shards: int, block: int) -> list[tuple[int, int]]:
     """`shards` contiguous [start, stop) ranges covering 0..n, cut on multiples of `block` so every
     shard sees the very batches one process would; refused when there are fewer blocks than shards."""
@@ -127,3 +136,96 @@ def run_shards(task: Callable, shard_args: Sequence[tuple], threads: int) -> lis
     finally:
         for pool in pools:
             pool.shutdown(cancel_futures=True)
+
+
+@dataclass(frozen=True)
+class Distributed:
+    """This process's place in a torchrun job, and the few collectives training needs. Gradients are
+    averaged by one all-reduce per step, as DistributedDataParallel does; the DDP wrapper itself is not
+    used because the training methods run extra forward/backward passes per step (PGD, auto_LiRPA
+    bounds) that its reducer would try to synchronise."""
+
+    rank: int
+    world: int
+    local_rank: int
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def broadcast_parameters(self, model: torch.nn.Module) -> None:
+        """Every rank starts from rank 0's weights and buffers."""
+        for tensor in model.state_dict().values():
+            torch.distributed.broadcast(tensor, src=0)
+
+    def sync_gradients(self, model: torch.nn.Module) -> None:
+        """Average the gradients over ranks in one flat all-reduce."""
+        grads = [p.grad for p in model.parameters() if p.grad is not None]
+        if not grads:
+            return
+        flat = torch.cat([g.reshape(-1) for g in grads])
+        torch.distributed.all_reduce(flat)
+        flat /= self.world
+        offset = 0
+        for g in grads:
+            g.copy_(flat[offset:offset + g.numel()].view_as(g))
+            offset += g.numel()
+
+    def from_main(self, value):
+        """Rank 0's `value` on every rank (so that every rank takes the same decisions)."""
+        box = [value]
+        torch.distributed.broadcast_object_list(box, src=0)
+        return box[0]
+
+    def gather(self, value) -> list:
+        out = [None] * self.world
+        torch.distributed.all_gather_object(out, value)
+        return out
+
+    def barrier(self) -> None:
+        torch.distributed.barrier()
+
+
+def under_torchrun() -> bool:
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+def join(runtime: Runtime) -> tuple[Distributed | None, Runtime]:
+    """Join the torchrun job this process was started in (gloo on CPU, nccl on CUDA); outside one,
+    (None, runtime). On CUDA each rank takes the device of its local rank."""
+    if not under_torchrun():
+        return None, runtime
+    rank, world, local = (int(os.environ[key]) for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK"))
+    device = runtime.device
+    if device.type == "cuda":
+        device = torch.device("cuda", local % torch.cuda.device_count())
+        torch.cuda.set_device(device)
+    if not torch.distributed.is_initialized():
+        torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return Distributed(rank, world, local), Runtime(device, runtime.precision, runtime.threads, runtime.workers, world)
+
+
+class ShardedShuffle:
+    """The epoch's training order of one rank: DistributedSampler's shuffle (seeded from the run seed,
+    so every rank draws the same permutation) split across ranks; the same number of batches on each."""
+
+    def __init__(self, n: int, distributed: Distributed, seed: int):
+        from torch.utils.data import DistributedSampler
+
+        self.sampler = DistributedSampler(range(n), num_replicas=distributed.world, rank=distributed.rank,
+                                          shuffle=True, seed=seed)
+
+    def __len__(self) -> int:
+        return self.sampler.num_samples
+
+    def order(self, epoch: int, generator: torch.Generator) -> torch.Tensor:
+        self.sampler.set_epoch(epoch)
+        return torch.tensor(list(self.sampler), dtype=torch.int64)
+
+
+def torchrun_command(processes: int, argv: Sequence[str]) -> list[str]:
+    """`python -m torch.distributed.run` (torchrun) on this machine, re-running this CLI command."""
+    import sys
+
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}",
+            "-m", "pipeline", *argv]
