@@ -29,8 +29,12 @@ class _Section(BaseModel):
 
 
 class DataConfig(_Section):
-    dataset: Literal["digits", "breast_cancer", "idx", "npz"] = "digits"
-    path: Optional[str] = Field(None, description="IDX directory or NPZ file, inside the workspace")
+    dataset: Literal["digits", "breast_cancer", "idx", "npz", "image_folder"] = "digits"
+    path: Optional[str] = Field(None, description="IDX directory, NPZ file or image folder, inside the workspace")
+    image_size: Optional[list[int]] = Field(None, description="image_folder: [height, width] every image is resized "
+                                            "to; default their own size, which must then be common")
+    image_channels: Optional[Literal[1, 3]] = Field(None, description="image_folder: 1 grayscale, 3 RGB; default "
+                                                    "1 when every image is grayscale, else 3")
     name: Optional[str] = Field(None, min_length=1, description="what the report and registry call the data; "
                                 "default: the built-in dataset's name, else the file or folder name of data.path")
     class_names: Optional[list[str]] = Field(None, description="one name per class label 0..K-1; default: "
@@ -41,12 +45,22 @@ class DataConfig(_Section):
 
     @model_validator(mode="after")
     def _path_matches_dataset(self) -> "DataConfig":
-        if self.dataset in ("idx", "npz") and not self.path:
+        if self.dataset in ("idx", "npz", "image_folder") and not self.path:
             raise ValueError(f"dataset {self.dataset!r} needs data.path")
+        if self.dataset != "image_folder" and (self.image_size is not None or self.image_channels is not None):
+            raise ValueError("image_size and image_channels are settings of dataset 'image_folder' only")
+        if self.image_size is not None and (len(self.image_size) != 2 or min(self.image_size) < 1):
+            raise ValueError("image_size must be [height, width], each >= 1")
         if self.class_names is not None and (len(set(self.class_names)) != len(self.class_names)
                                              or not all(self.class_names)):
             raise ValueError("class_names must be distinct, non-empty names")
         return self
+
+    def loader_options(self) -> dict:
+        """Keyword arguments of the dataset's loader beyond (path, root)."""
+        if self.dataset == "image_folder":
+            return {"image_size": self.image_size, "channels": self.image_channels}
+        return {}
 
     def display_name(self) -> str:
         """`name`, else the built-in dataset, else the stem of data.path (`data/raw/mnist` -> `mnist`)."""

@@ -13,6 +13,7 @@ from typing import Callable, Optional
 import numpy as np
 
 from pipeline.data.idx import load_idx_directory
+from pipeline.data.image_folder import load_image_folder
 from pipeline.errors import UsageError
 
 
@@ -86,13 +87,14 @@ DATASETS: dict[str, Callable[[Optional[Path], Optional[Path]], RawDataset]] = {
     "breast_cancer": _breast_cancer,
     "idx": _idx,
     "npz": _npz,
+    "image_folder": load_image_folder,
 }
 
 
-def load_dataset(name: str, path: Optional[Path] = None, root: Optional[Path] = None) -> RawDataset:
+def load_dataset(name: str, path: Optional[Path] = None, root: Optional[Path] = None, **options) -> RawDataset:
     if name not in DATASETS:
         raise UsageError(f"unknown dataset {name!r}; allowed: {', '.join(DATASETS)}")
-    dataset = DATASETS[name](path, root)
+    dataset = DATASETS[name](path, root, **options)
     validate(dataset, name)
     return dataset
 

@@ -7,7 +7,7 @@ import numpy as np
 import torch
 
 from pipeline.data.split import PreparedData, fingerprint
-from pipeline.data.store import load_prepared
+from pipeline.data.store import load_prepared, stored_fingerprint
 from pipeline.errors import UsageError
 from pipeline.models import load_checkpoint
 from pipeline.runtime import Runtime, start
@@ -30,12 +30,12 @@ def start_runtime(params, processes: int | None = None) -> Runtime:
 
 
 def load_data(ws: Workspace, params, known_fingerprint: str | None = None) -> tuple[PreparedData, Domain, str]:
-    """The prepared split, its domain (checked against the threat) and its fingerprint (`known_fingerprint`:
-    a shard process takes its parent's rather than rehash the data)."""
+    """The prepared split (memory-mapped), its domain (checked against the threat) and its fingerprint:
+    the one `prepare` stored (or `known_fingerprint`, a shard's parent's), hashed only for an old file."""
     data = load_prepared(ws.prepared)
     domain = Domain.from_arrays(data.lower, data.upper)
     from_params(params).check(domain)
-    return data, domain, known_fingerprint or fingerprint(data)
+    return data, domain, known_fingerprint or stored_fingerprint(ws.prepared) or fingerprint(data)
 
 
 def load_model_for(ws: Workspace, params, data: PreparedData, data_fingerprint: str, device="cpu"):
