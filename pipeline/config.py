@@ -446,7 +446,6 @@ class RuntimeConfig(_Section):
     precision: Literal["float32", "bf16", "fp16"] = Field(
         "float32", description="training autocast; certification and attacks always run in float32")
     threads: Optional[int] = Field(None, ge=1, description="torch threads per process; default cores / processes")
-    workers: int = Field(0, ge=0, description="data-loader worker processes")
     processes: int = Field(1, ge=1, description="evaluation shards (attack, smooth) run in this many processes")
 
 

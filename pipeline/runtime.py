@@ -30,7 +30,6 @@ class Runtime:
     device: torch.device
     precision: str  # float32 | bf16 | fp16 (training autocast only)
     threads: int
-    workers: int
     processes: int
 
     def autocast(self):
@@ -72,7 +71,9 @@ def cores() -> int:
 
 
 def default_threads(processes: int) -> int:
-    return max(1, cores() // max(1, processes))
+    """The cores (or OMP_NUM_THREADS, when set) shared out among the processes."""
+    available = int(os.environ.get("OMP_NUM_THREADS") or 0) or cores()
+    return max(1, available // max(1, processes))
 
 
 def start(cfg, processes: int | None = None) -> Runtime:
@@ -83,7 +84,7 @@ def start(cfg, processes: int | None = None) -> Runtime:
     processes = cfg.processes if processes is None else processes
     threads = cfg.threads or default_threads(processes)
     torch.set_num_threads(threads)
-    return Runtime(device, cfg.precision, threads, cfg.workers, processes)
+    return Runtime(device, cfg.precision, threads, processes)
 
 
 def block_generator(seed: int, first_index: int, device: torch.device | str = "cpu") -> torch.Generator:
@@ -202,7 +203,7 @@ def join(runtime: Runtime) -> tuple[Distributed | None, Runtime]:
         torch.cuda.set_device(device)
     if not torch.distributed.is_initialized():
         torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    return Distributed(rank, world, local), Runtime(device, runtime.precision, runtime.threads, runtime.workers, world)
+    return Distributed(rank, world, local), Runtime(device, runtime.precision, runtime.threads, world)
 
 
 class ShardedShuffle:

@@ -144,3 +144,21 @@ def test_torchrun_training_with_two_gloo_processes(pipeline_workspace, tmp_path)
     assert abs(two["best_val_clean_accuracy"] - one["best_val_clean_accuracy"]) <= 0.15
     set_params(root, attack={"batch_size": 50})  # two batches for the two evaluation shards
     assert run_stage("attack", root) == 0  # the checkpoint loads and evaluates
+
+
+def _dies_once(marker: str, value: int) -> int:
+    """A shard task whose process is killed the first time it runs (as an OOM kill would)."""
+    from pathlib import Path
+
+    if value == 1 and not Path(marker).exists():
+        Path(marker).write_text("killed once")
+        os._exit(9)
+    return value * 10
+
+
+def test_a_killed_shard_is_rerun_alone(tmp_path):
+    from pipeline.runtime import run_shards
+
+    marker = str(tmp_path / "marker")
+    assert run_shards(_dies_once, [(marker, 0), (marker, 1)], threads=1) == [0, 10]
+    assert (tmp_path / "marker").read_text() == "killed once"
