@@ -10,8 +10,11 @@ export MPLBACKEND := Agg
 
 # Debian libraries for the PDF report (WeasyPrint) and poppler-utils for the PDF tests.
 SYSTEM_PACKAGES := libpango-1.0-0 libpangoft2-1.0-0 libharfbuzz-subset0 fonts-dejavu-core poppler-utils
+# PostgreSQL for `make mlflow-server` and its test (tests/test_release_postgres.py skips without it):
+# installed when root (CI), only suggested otherwise.
+OPTIONAL_PACKAGES := postgresql
 
-.PHONY: setup system-deps repro study test bench clean
+.PHONY: setup system-deps repro study test bench clean mlflow-server ci-gate
 
 setup: system-deps $(STAMP)
 
@@ -19,6 +22,11 @@ setup: system-deps $(STAMP)
 system-deps:
 	@command -v dpkg >/dev/null || { echo "system-deps: not a Debian system; install pango, harfbuzz-subset, a font and poppler-utils yourself"; exit 0; }; \
 	missing=$$(for p in $(SYSTEM_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done); \
+	optional=$$(for p in $(OPTIONAL_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done); \
+	if [ -n "$$optional" ] && [ "$$(id -u)" != 0 ]; then \
+	  echo "system-deps: optional, for make mlflow-server and its test: sudo apt-get install $$optional"; \
+	elif [ -n "$$optional" ]; then missing="$$missing $$optional"; fi; \
+	missing=$$(echo $$missing); \
 	if [ -n "$$missing" ]; then \
 	  if [ "$$(id -u)" = 0 ]; then \
 	    echo "system-deps: installing $$missing"; \
@@ -49,6 +57,17 @@ study: setup .dvc/config
 
 test: setup
 	$(BIN)/python -m pytest
+
+# A shared tracking server: PostgreSQL backend store in .mlflow-server/pgdata, served artifact
+# store in .mlflow-server/artifacts; prints the MLFLOW_TRACKING_URI to export. Ctrl-C stops it.
+MLFLOW_PORT ?= 5000
+mlflow-server: setup
+	$(BIN)/python -m pipeline.mlflow_server --dir .mlflow-server --port $(MLFLOW_PORT)
+
+# What the CI templates under ci/ run: dvc repro, the gate table and the change since the approved
+# model as a job summary, dvc push on the release branch only.
+ci-gate: setup .dvc/config
+	ci/gate.sh
 
 bench: setup
 	$(BIN)/python bench/run.py

@@ -76,7 +76,7 @@ def attack_scope(attack: dict) -> list[str]:
     if ref:
         ran_ref = [attack_label(a) for a in ref["run"]]
         missing = [attack_label(a) for a in ref["not_run"]]
-        sentence = f"Of the {ref['reference']} suite ({listing([attack_label(a) for a in ref['attacks']])}), "
+        sentence = f"Of {ref['reference']} ({listing([attack_label(a) for a in ref['attacks']])}), "
         sentence += f"{listing(ran_ref)} ran" if ran_ref else "none ran"
         sentence += f"; {listing(missing)} did not." if missing else "; every one ran."
         notes.append(sentence)
@@ -143,6 +143,9 @@ def smoothing_scope(smooth: dict) -> list[str]:
 
 def training_selection(train: dict) -> str:
     """How the kept checkpoint was chosen, as the train stage recorded it."""
+    if train.get("source"):  # train imported a supplied file (results.ImportResult)
+        return (f"Supplied {train['source'].upper()} file {train['path']} (SHA-256 {train['model_sha256'][:12]}..., "
+                f"supplied by {train.get('supplier') or 'an unnamed supplier'}), evaluated as supplied: not trained here.")
     return f"Checkpoint from epoch {train['best_epoch']} of {train['epochs_run']} run: {train['selection_rule']}."
 
 
@@ -171,3 +174,72 @@ def limitations(params, metrics: dict) -> list[str]:
         notes.append("The evidence was produced from a source tree with uncommitted changes or without git: "
                      "it cannot be reproduced from a commit.")
     return notes
+
+
+def _pct(a: dict) -> str:
+    return f"{100 * a['value']:.1f}% [{100 * a['ci'][0]:.1f}, {100 * a['ci'][1]:.1f}]"
+
+
+def clinical_findings(metrics: dict) -> list[str]:
+    """The diagnostic reading, each sentence from metrics/clinical.json (and smooth's status):
+    the hazard, how many positive cases are still found under the budget, calibration, the
+    subgroups and how the feature types were treated."""
+    clinical = metrics.get("clinical") or {}
+    if clinical.get("status") != "ok":
+        reason = clinical.get("reason", "metrics/clinical.json is absent (the clinical stage did not run)")
+        return [f"The diagnostic figures do not apply to this run: {reason}."]
+    p, name, n = clinical["positive"], clinical["positive_class"], clinical["n"]
+    notes = [f"The hazard named for this classifier is {clinical['hazard']}; the positive class is “{name}”."]
+    sens, robust, verified = p["sensitivity"], p["robust_sensitivity"], p["verified_sensitivity"]
+    if sens["status"] == "ok":
+        notes.append(
+            f"Of the {p['n_positive']} “{name}” cases among {n} test cases, {sens['successes']} are detected on "
+            f"clean inputs ({_pct(sens)}); {robust['successes']} stay detected under every perturbation the attacks "
+            f"tried ({_pct(robust)}, an upper bound), and {verified['successes']} are proved detected for every "
+            f"perturbation in the budget ({_pct(verified)}, a lower bound).")
+        missed = p["n_positive"] - robust["successes"]
+        notes.append(f"So at least {missed} of the {p['n_positive']} “{name}” cases are missed, on clean inputs or "
+                     "under a perturbation within the budget.")
+    else:
+        notes.append(f"Sensitivity is undefined here: {sens['reason']}.")
+    if not clinical["verified_by"]:
+        notes.append("No certifier produced per-case results, so verified sensitivity counts no case.")
+    calibration = clinical.get("calibration")
+    if calibration:
+        low, high = calibration["ece_ci"]
+        notes.append(f"Expected calibration error of the {calibration['confidence']} is {calibration['ece']:.3f} "
+                     f"(95% interval [{low:.3f}, {high:.3f}], {calibration['ci_method']}) over "
+                     f"{len(calibration['bins'])} bins and {calibration['n']} cases.")
+    smoothed = clinical.get("smoothed") or {}
+    if smoothed.get("status") == "ok" or "abstained" in smoothed:
+        notes.append(f"The smoothed classifier abstains on {smoothed['abstained']} of {smoothed['n']} cases "
+                     f"(coverage {100 * smoothed['coverage']:.1f}%).")
+    if clinical["subgroup_columns"]:
+        notes.append(f"The positive-class figures are repeated for {len(clinical['subgroups'])} subgroups of "
+                     f"{listing(clinical['subgroup_columns'])}; the smallest subgroup has n = "
+                     f"{clinical['smallest_subgroup_n']}.")
+    else:
+        notes.append("Subgroup figures are not shown because params name no subgroup column (clinical.subgroups).")
+    budgets = clinical.get("feature_budgets") or []
+    if budgets:
+        fixed = [b["name"] for b in budgets if b["radius"] == 0]
+        notes.append(f"The perturbation budget is declared per feature in its own units ({len(budgets)} features"
+                     + (f"; {len(fixed)} immutable: {listing(fixed[:5])}{' and others' if len(fixed) > 5 else ''})"
+                        if fixed else ")") + ".")
+    notes += [f"{h[0].upper()}{h[1:]}." for h in clinical.get("feature_handling", [])]
+    return notes + exact_findings(clinical)
+
+
+def exact_findings(clinical: dict) -> list[str]:
+    """What the complete (MILP) verification decided, from metrics/clinical.json."""
+    exact = (clinical or {}).get("exact") or {}
+    if "verified" not in exact:
+        return [f"Complete verification does not apply: {exact['reason']}."] if exact.get("reason") else []
+    decided = exact["verified"] + exact["counterexample"]
+    sentence = (f"Complete verification ({exact['method']}) decided {decided} of {exact['n']} test cases: "
+                f"{exact['verified']} verified and {exact['counterexample']} with a counterexample the model "
+                f"itself misclassifies")
+    if exact["unknown"]:
+        sentence += (f"; {exact['unknown']} remain unknown (time budget {exact['time_budget_s']:g} s, "
+                     f"{exact['case_limit_s']:g} s per case and class)")
+    return [sentence + "."]

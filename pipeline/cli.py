@@ -22,7 +22,9 @@ STAGES = {
     "attack": "robust accuracy under the worst case of FGSM, PGD, APGD and Square, with intervals",
     "certify": "IBP and CROWN verified accuracy through auto_LiRPA, cross-checked",
     "smooth": "randomized-smoothing certificates (Cohen et al. 2019) at σ",
+    "clinical": "sensitivity, specificity, PPV, NPV clean/robust/verified, calibration, abstention, subgroups",
     "export": "export to ONNX and check onnxruntime parity with torch",
+    "properties": "write the certified claims as VNNLIB and decide the listed VNNLIB instances",
     "report": "render the self-contained HTML audit report",
     "gate": "check the metrics against the policy; exit 1 when a blocking requirement fails",
     "register": "log the run to MLflow, register the ONNX model, move aliases",
@@ -34,6 +36,8 @@ TOOLS = {
     "verify": ("pipeline.verify_cli", "re-hash every artifact in the manifest and check its signature; exit 1 on any mismatch"),
     "summary": ("pipeline.summary", "the headline figures of the last run in about ten lines"),
     "plots": ("pipeline.plots_page", "draw plots/*.json into one self-contained HTML page (works offline)"),
+    "audit": ("pipeline.audit", "clone a commit, dvc pull its evidence and verify it without re-running; one-page summary"),
+    "prove": ("pipeline.prove_cli", "decide a VNNLIB property on an ONNX file: sat (with counterexample), unsat, unknown, timeout"),
 }
 
 
@@ -52,6 +56,21 @@ def build_parser() -> argparse.ArgumentParser:
             command.add_argument("--public-key", type=Path, help="trusted Ed25519 public key (PEM)")
             command.add_argument("--registry", metavar="TRACKING_URI",
                                  help="also check that this MLflow registry serves the report's model.onnx byte for byte")
+            continue
+        if name == "audit":
+            command.add_argument("rev", help="the git commit, tag or branch to audit")
+            command.add_argument("--repo", required=True, help="git repository (path or URL) holding REV")
+            command.add_argument("--remote", help="DVC remote to pull from (default: the repository's default remote)")
+            command.add_argument("--registry", metavar="TRACKING_URI",
+                                 help="also check that this MLflow registry serves the report's model.onnx byte for byte")
+            command.add_argument("--public-key", type=Path, help="trusted Ed25519 public key (PEM)")
+            command.add_argument("--keep", type=Path, help="clone into this new directory and keep it")
+            continue
+        if name == "prove":
+            command.add_argument("model", type=Path, help="the ONNX file")
+            command.add_argument("property", type=Path, help="the VNNLIB property")
+            command.add_argument("--timeout", type=float, required=True, help="seconds (VNN-COMP: per instance)")
+            command.add_argument("--result", type=Path, help="write the answer here in the VNN-COMP result format")
             continue
         command.add_argument("--workspace", type=Path, default=Path("."), help="project root (default: .)")
         command.add_argument("--params", default="params.yaml", help="params file inside the workspace")
@@ -79,6 +98,15 @@ def main(argv: list[str] | None = None) -> int:
         from pipeline.verify_cli import verify
 
         return _run(args.command, lambda: verify(args.directory, args.public_key, args.registry))
+    if args.command == "audit":
+        from pipeline.audit import audit
+
+        return _run(args.command, lambda: audit(args.rev, args.repo, args.remote, args.registry, args.public_key,
+                                                args.keep))
+    if args.command == "prove":
+        from pipeline.prove_cli import prove
+
+        return _run(args.command, lambda: prove(args.model, args.property, args.timeout, args.result))
     options = {k: v for k, v in vars(args).items() if k not in ("command", "workspace", "params")}
     return _run(args.command, lambda: _dispatch(args.command, args.workspace, args.params, options))
 

@@ -20,7 +20,7 @@ import torch
 from pipeline.config import with_method
 from pipeline.errors import UsageError
 from pipeline.io import confine, read_json, sha256_bytes, write_json, write_text
-from pipeline.models import build_model
+from pipeline.models import build_model, set_input_statistics
 from pipeline.results import dump
 from pipeline.stages.attack import evaluate as evaluate_attacks
 from pipeline.stages.certify import certify_model
@@ -52,7 +52,9 @@ def evaluate_method(method: str, params, data, domain, samples: int) -> dict:
     generator = seed_everything(params.seed)
     model = build_model(params.model.name, list(data.x["train"].shape[1:]), data.num_classes,
                         params.model.factory_options())
-    cfg = fit_config(with_method(params, method))
+    if data.tabular:
+        set_input_statistics(model, data.mean, data.std)
+    cfg = fit_config(with_method(params, method), data)
     started = time.perf_counter()
     try:
         result = fit(model, *tensors(data, "train"), *tensors(data, "val"), domain, cfg, generator,
@@ -67,11 +69,12 @@ def evaluate_method(method: str, params, data, domain, samples: int) -> dict:
     x, y = tensors(data, "test", samples)
     digest, fingerprint = weights_sha256(model), "compare"
     attack, suite = evaluate_attacks(model, params, x, y, domain, data.num_classes, generator,
-                                     model_sha256=digest, data_fingerprint=fingerprint)
+                                     model_sha256=digest, data_fingerprint=fingerprint, data=data)
     evidence = (suite.x_adv, suite.robust, len(y))
     certify, _ = certify_model(model, params, x, y, domain, data.num_classes, generator, evidence,
                                model_sha256=digest, data_fingerprint=fingerprint,
-                               attack_sweep=dump(attack.sweep) if attack.sweep else None, report=lambda _: None)
+                               attack_sweep=dump(attack.sweep) if attack.sweep else None, report=lambda _: None,
+                               data=data)
 
     def verified(name: str) -> dict:
         found = certify.verified_accuracy.get(name)

@@ -28,9 +28,19 @@ class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
 
 
+class CsvSettings(_Section):
+    """How a CSV table is read: the label column; every other column is a feature."""
+
+    label_column: str = Field(min_length=1)
+    feature_types: dict[str, Literal["continuous", "integer", "categorical"]] = Field(
+        default_factory=dict, description="by column name; default continuous. Categorical features are immutable "
+        "under the threat, integer ones are certified over the continuous box")
+
+
 class DataConfig(_Section):
-    dataset: Literal["digits", "breast_cancer", "idx", "npz", "image_folder"] = "digits"
-    path: Optional[str] = Field(None, description="IDX directory, NPZ file or image folder, inside the workspace")
+    dataset: Literal["digits", "breast_cancer", "idx", "npz", "csv", "image_folder"] = "digits"
+    path: Optional[str] = Field(None, description="IDX directory, NPZ or CSV file, or image folder, inside the workspace")
+    csv: Optional[CsvSettings] = Field(None, description="dataset 'csv': the label column and feature types")
     image_size: Optional[list[int]] = Field(None, description="image_folder: [height, width] every image is resized "
                                             "to; default their own size, which must then be common")
     image_channels: Optional[Literal[1, 3]] = Field(None, description="image_folder: 1 grayscale, 3 RGB; default "
@@ -45,8 +55,10 @@ class DataConfig(_Section):
 
     @model_validator(mode="after")
     def _path_matches_dataset(self) -> "DataConfig":
-        if self.dataset in ("idx", "npz", "image_folder") and not self.path:
+        if self.dataset in ("idx", "npz", "csv", "image_folder") and not self.path:
             raise ValueError(f"dataset {self.dataset!r} needs data.path")
+        if (self.dataset == "csv") != (self.csv is not None):
+            raise ValueError("dataset 'csv' needs data.csv (label_column), and data.csv is for dataset 'csv' only")
         if self.dataset != "image_folder" and (self.image_size is not None or self.image_channels is not None):
             raise ValueError("image_size and image_channels are settings of dataset 'image_folder' only")
         if self.image_size is not None and (len(self.image_size) != 2 or min(self.image_size) < 1):
@@ -85,6 +97,9 @@ def _not_a_setting(key: str, message: str) -> PydanticCustomError:
     return PydanticCustomError("not_a_setting", "{key}: " + message, {"key": key})
 
 
+_SUPPLIED_KEYS = ("source", "path", "layout", "supplier")
+
+
 class ModelConfig(_Section):
     name: str = "cnn_small"
     hidden: list[int] = Field(default_factory=lambda: [128, 64], description="mlp layer widths")
@@ -93,6 +108,12 @@ class ModelConfig(_Section):
     options: dict[str, Union[int, float, str, bool, list[int]]] = Field(
         default_factory=dict, description="keyword arguments for a 'module:callable' factory"
     )
+    source: Literal["train", "onnx"] = Field("train", description="train: the train stage trains `name`; onnx: "
+                                             "evaluate the supplied ONNX file at `path` instead (train imports it)")
+    path: Optional[str] = Field(None, min_length=1, description="the supplied model file, inside the workspace")
+    layout: Literal["nchw", "nhwc", "flat"] = Field("nchw", description="the supplied model's input layout; the "
+                                                    "data is (C, H, W) per sample, permuted or flattened to fit")
+    supplier: Optional[str] = Field(None, min_length=1, description="who supplied the file (recorded with its SHA-256)")
 
     @model_validator(mode="before")
     @classmethod
@@ -102,10 +123,22 @@ class ModelConfig(_Section):
         if isinstance(name, str) and (name in BUILTIN_MODELS or _FACTORY_PATTERN.match(name)):  # else: name's error
             own = model_options(name)
             for key in data:
-                if key != "name" and key in cls.model_fields and key not in own:
+                if key not in _SUPPLIED_KEYS and key != "name" and key in cls.model_fields and key not in own:
                     kind = "a 'module:callable' factory" if name not in BUILTIN_MODELS else f"model {name!r}"
                     raise _not_a_setting(key, f"not an option of {kind} (its options: {', '.join(own)})")
         return data
+
+    @model_validator(mode="after")
+    def _supplied_file(self) -> "ModelConfig":
+        if self.source != "train" and not self.path:
+            raise ValueError(f"source {self.source!r} needs model.path (the supplied file)")
+        if self.source == "train" and (self.path or self.supplier or self.layout != "nchw"):
+            raise ValueError("path, layout and supplier describe a supplied model: set model.source too")
+        return self
+
+    @property
+    def supplied(self) -> bool:
+        return self.source != "train"
 
     def factory_options(self) -> dict:
         """Keyword arguments the named model factory is called with."""
@@ -130,10 +163,76 @@ class ModelConfig(_Section):
         return widths
 
 
+class FeatureBudget(_Section):
+    """One tabular feature's L∞ budget in its own units: exactly one of `absolute` (in the
+    feature's unit), `relative` (a share of the value; taken at the largest |value| of the
+    training split, so the ball contains every relative one), `std` (training standard
+    deviations) or `uncertainty` (a stated measurement uncertainty u, times `k`, default 2)."""
+
+    immutable: bool = Field(False, description="written as the string 'immutable': radius 0")
+    absolute: Optional[float] = Field(None, ge=0.0)
+    relative: Optional[float] = Field(None, ge=0.0)
+    std: Optional[float] = Field(None, ge=0.0)
+    uncertainty: Optional[float] = Field(None, ge=0.0)
+    k: Optional[float] = Field(None, ge=0.0, description="coverage factor for `uncertainty`")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _immutable_or_unit(cls, value: object) -> object:
+        """'immutable' is a budget of zero; a bare number has no unit and is refused."""
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            raise PydanticCustomError("unitless_budget", "unit-less budget: give its unit (absolute: x, relative: x, "
+                                      "std: x, or uncertainty: u with k) or 'immutable'")
+        if value == "immutable":
+            return {"immutable": True}
+        if isinstance(value, str):
+            raise PydanticCustomError("budget", "a budget is a mapping with its unit, or 'immutable'")
+        return value
+
+    @model_validator(mode="after")
+    def _one_unit(self) -> "FeatureBudget":
+        given = [name for name in ("absolute", "relative", "std", "uncertainty") if getattr(self, name) is not None]
+        if self.immutable:
+            if given or self.k is not None:
+                raise ValueError("an immutable feature has no budget")
+            return self
+        if len(given) != 1:
+            raise ValueError("give exactly one of absolute, relative, std, uncertainty (the budget's unit)")
+        if self.k is not None and given != ["uncertainty"]:
+            raise ValueError("k multiplies a stated `uncertainty` only")
+        return self
+
+    def describe(self) -> str:
+        if self.immutable:
+            return "immutable (radius 0)"
+        if self.absolute is not None:
+            return f"±{self.absolute:g} (absolute)"
+        if self.relative is not None:
+            return f"±{self.relative:g} × |value| (relative)"
+        if self.std is not None:
+            return f"±{self.std:g} training standard deviations"
+        return f"±{self.k if self.k is not None else 2.0:g} × u, u = {self.uncertainty:g} (measurement uncertainty)"
+
+
+Budget = FeatureBudget
+
+
 class ThreatConfig(_Section):
     norm: Literal["linf", "l2"] = "linf"
-    epsilon: float = Field(0.1, ge=0.0)
+    epsilon: float = Field(0.1, ge=0.0, description="with `features`: the multiplier of the declared budgets (1.0 = "
+                           "as declared); tabular data without them: in training standard deviations per feature")
     rationale: Optional[str] = None
+    features: Optional[dict[str, Budget]] = Field(
+        None, description="tabular data: per-feature L∞ budgets in the feature's units, by column name")
+    unlisted: Optional[Budget] = Field(None, description="the budget of every feature `features` does not name")
+
+    @model_validator(mode="after")
+    def _budgets_need_linf(self) -> "ThreatConfig":
+        if (self.features is not None or self.unlisted is not None) and self.norm != "linf":
+            raise ValueError("per-feature budgets are L∞ boxes: they need threat.norm 'linf'")
+        if self.unlisted is not None and self.features is None:
+            raise ValueError("threat.unlisted needs threat.features")
+        return self
 
 
 class PGDConfig(_Section):
@@ -412,6 +511,31 @@ class ExportConfig(_Section):
     min_label_agreement: float = Field(1.0, gt=0.0, le=1.0)
 
 
+class ClinicalConfig(_Section):
+    """The diagnostic reading of the evidence (stage `clinical`): which class is the finding whose
+    miss is the hazard, and which columns define the subgroups every figure is repeated for."""
+
+    positive_class: str = Field(min_length=1, description="a class name (data.class_names or the loader's)")
+    hazard: str = Field("a false negative: a positive case the model does not detect",
+                        min_length=1, description="the harm a wrong output causes, as the risk file names it")
+    subgroups: list[str] = Field(default_factory=list, description="tabular feature columns; one group per value")
+    calibration_bins: int = Field(10, ge=2, le=100)
+    bootstrap: int = Field(1000, ge=100, description="resamples for the ECE interval")
+    thresholds: list[float] = Field(default_factory=lambda: [0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99],
+                                    description="confidence thresholds for selective prediction")
+    exact_time_budget_s: Optional[float] = Field(
+        None, gt=0.0, description="complete MILP verification of every test case within this budget (ReLU MLPs, "
+        "L∞ boxes); cases left when it runs out are 'unknown'. Off when null")
+    exact_case_limit_s: float = Field(10.0, gt=0.0, description="solver time limit per case and class")
+
+    @field_validator("thresholds")
+    @classmethod
+    def _in_unit_interval(cls, values: list[float]) -> list[float]:
+        if not values or any(not 0.0 <= v < 1.0 for v in values):
+            raise ValueError("thresholds must be in [0, 1) and at least one")
+        return sorted(set(values))
+
+
 class ReportConfig(_Section):
     title: str = "Robustness evidence report"
     profile: Literal["default", "sotif", "medical"] = "default"
@@ -446,7 +570,15 @@ class RuntimeConfig(_Section):
     precision: Literal["float32", "bf16", "fp16"] = Field(
         "float32", description="training autocast; certification and attacks always run in float32")
     threads: Optional[int] = Field(None, ge=1, description="torch threads per process; default cores / processes")
-    processes: int = Field(1, ge=1, description="evaluation shards (attack, smooth) run in this many processes")
+    processes: int = Field(1, ge=1, description="attack, certify and smooth shards; data-parallel training under torchrun")
+
+
+class PropertiesConfig(_Section):
+    instances: Optional[str] = Field(None, min_length=1, description="a VNN-COMP instances.csv (onnx, vnnlib, "
+                                     "timeout per row, paths relative to the CSV) to decide with `robustgate prove`")
+    claims: bool = Field(True, description="write one VNNLIB robustness property per certified test sample")
+    max_claims: int = Field(200, ge=1)
+    timeout_s: float = Field(60.0, gt=0.0, description="the timeout written into the claims' instances.csv")
 
 
 class Params(_Section):
@@ -459,6 +591,8 @@ class Params(_Section):
     certify: CertifyConfig = CertifyConfig()
     smoothing: SmoothingConfig = SmoothingConfig()
     export: ExportConfig = ExportConfig()
+    properties: PropertiesConfig = PropertiesConfig()
+    clinical: Optional[ClinicalConfig] = None
     report: ReportConfig = ReportConfig()
     gate: GateConfig = GateConfig()
     # `register` would shadow ABCMeta.register on the model class, hence the alias.

@@ -8,7 +8,7 @@ from pipeline import results
 from pipeline.io import sha256_file
 from pipeline.workspace import Workspace
 
-METRIC_STAGES = ("prepare", "train", "attack", "certify", "smooth", "export")
+METRIC_STAGES = ("prepare", "train", "attack", "certify", "smooth", "export", "properties", "clinical")
 
 
 def collect_metrics(ws: Workspace, stages=METRIC_STAGES) -> dict[str, dict]:
@@ -63,7 +63,8 @@ def traceability(ws: Workspace, metrics: dict[str, dict]) -> dict[str, float]:
     onnx_matches = 0.0
     if ws.onnx.is_file():
         meta = {p.key: p.value for p in onnx.load(str(ws.onnx), load_external_data=False).metadata_props}
-        fingerprints.add(meta.get("robustgate.dataset_fingerprint"))
+        if metrics.get("train", {}).get("source") is None:  # a supplied file ships unchanged, without our metadata
+            fingerprints.add(meta.get("robustgate.dataset_fingerprint"))
         onnx_matches = float(metrics.get("export", {}).get("onnx_sha256") == sha256_file(ws.onnx))
     disjoint = 0.0
     if ws.prepared.is_file():

@@ -49,6 +49,8 @@ def user_inputs(params, root: Path) -> dict[str, Path]:
     module = model_module_file(params.model.name, root)
     if module is not None:
         files.append(module)
+    if params.model.supplied:
+        files.append(root / params.model.path)
     files.append(root / params.gate.policy)
     return {p.resolve().relative_to(root.resolve()).as_posix(): p for p in files if p.is_file()}
 
@@ -73,6 +75,8 @@ def check_dvc_inputs(params, root: Path, source: str = "params.yaml") -> None:
                          f"(data.dataset {params.data.dataset!r}) so that DVC re-runs prepare when the data changes")
     module = model_module_file(params.model.name, root)
     model_expected = module.relative_to(root).as_posix() if module is not None else BUILTIN_MODEL_SOURCE
+    if params.model.supplied:  # the supplied file is what train (importing it) depends on
+        model_expected = params.model.path
     if not _same_or_inside(params.inputs.model, root / model_expected, root):
         raise UsageError(f"{source}: inputs.model = {params.inputs.model!r} must be {model_expected!r} "
                          f"(model.name {params.model.name!r}) so that DVC re-runs train when the model code changes")

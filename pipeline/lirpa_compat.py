@@ -79,6 +79,28 @@ def _bridge_named_members(bound_module_cls: type) -> None:
     bound_module_cls._named_members = _named_members
 
 
+def _bridge_patches_channel_constant() -> None:
+    # Multiplying conv patches by a per-channel constant of shape (1, C, 1, 1) (a model's own
+    # normalisation, `(x - mean) / std` with buffers) only works in 0.3 when the constant's first
+    # dimension equals the batch size, else an assertion fails in CROWN. A leading 1 broadcasts the
+    # same over every patch layout (in_c, patch_h, patch_w are the last three dimensions).
+    from auto_LiRPA.operators.bivariate import BoundMul
+    from auto_LiRPA.patches import Patches
+
+    original = BoundMul._multiply_by_const
+    if getattr(original, "_robustgate_bridged", False):
+        return
+
+    def _multiply_by_const(x, const):
+        if (isinstance(x, Patches) and isinstance(const, torch.Tensor) and const.ndim == 4 and const.size(0) == 1
+                and const.size(1) == x.patches.size(-3) and const.size(2) == const.size(3) == 1):
+            return x.create_similar(x.patches * const)
+        return original(x, const)
+
+    _multiply_by_const._robustgate_bridged = True
+    BoundMul._multiply_by_const = staticmethod(_multiply_by_const)
+
+
 def load() -> types.ModuleType:
     """Return the ``auto_LiRPA`` module with every torch-2/numpy-2 gap bridged."""
     global _BRIDGED
@@ -103,5 +125,6 @@ def load() -> types.ModuleType:
         ) from exc
     if not _BRIDGED:
         _bridge_named_members(auto_lirpa.BoundedModule)
+        _bridge_patches_channel_constant()
         _BRIDGED = True
     return auto_lirpa

@@ -19,14 +19,45 @@ from pipeline.errors import UsageError
 from pipeline.io import atomic_write
 
 
+class Standardize(nn.Module):
+    """(x − mean) / std with the training split's statistics, saved as buffers: tabular inputs stay
+    in their raw units everywhere (attacks, certificates, the ONNX file), and the scaling travels
+    with the weights. Held as the constant affine map diag(1/std)·x − mean/std, the one form
+    auto_LiRPA bounds exactly (a broadcast subtract/divide by buffers breaks its backward pass).
+    Identity until :func:`set_input_statistics` fills it."""
+
+    def __init__(self, width: int):
+        super().__init__()
+        self.register_buffer("weight", torch.eye(width))
+        self.register_buffer("bias", torch.zeros(width))
+
+    def set(self, mean: torch.Tensor, std: torch.Tensor) -> None:
+        with torch.no_grad():
+            self.weight.copy_(torch.diag(1.0 / std))
+            self.bias.copy_(-mean / std)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return nn.functional.linear(x, self.weight, self.bias)
+
+
 def mlp(input_shape: Sequence[int], num_classes: int, hidden: Sequence[int] = (128, 64), **_: Any) -> nn.Module:
     width = int(torch.tensor(input_shape).prod())
-    layers: list[nn.Module] = [nn.Flatten()]
+    layers: list[nn.Module] = [nn.Flatten(), Standardize(width)]
     for size in hidden:
         layers += [nn.Linear(width, size), nn.ReLU()]
         width = size
     layers.append(nn.Linear(width, num_classes))
     return nn.Sequential(*layers)
+
+
+def set_input_statistics(model: nn.Module, mean, std) -> bool:
+    """Fill the model's first :class:`Standardize` layer with the training statistics; False when
+    the model has none (a user factory then sees raw units and owns its normalisation)."""
+    layer = next((m for m in model.modules() if isinstance(m, Standardize)), None)
+    if layer is None:
+        return False
+    layer.set(torch.as_tensor(mean, dtype=torch.float32).flatten(), torch.as_tensor(std, dtype=torch.float32).flatten())
+    return True
 
 
 def _image_shape(name: str, input_shape: Sequence[int]) -> None:

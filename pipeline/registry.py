@@ -4,11 +4,15 @@
 the new version (`previous_approved`) so a rollback is one alias move. The
 read-modify-write of `approved` runs under a lock (a registered model whose
 creation is atomic in every MLflow store), so concurrent registrations keep the
-promotion chain whole. An unreachable or failing registry is an error, never
-"no approved model".
+promotion chain whole. MLflow keeps no history of alias moves, so every registration,
+promotion and rollback appends one event to the promotion log: a tag
+`promotion_log.<seq>` on the registered model, written under the same lock with the
+next sequence number and never rewritten. An unreachable or failing registry is an
+error, never "no approved model".
 """
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import tempfile
@@ -25,6 +29,7 @@ from pipeline.io import sha256_file
 CANDIDATE, APPROVED = "candidate", "approved"
 LOCK_SUFFIX = ".promotion-lock"
 LOCK_WAIT_S, LOCK_STALE_S = 120.0, 300.0
+LOG_PREFIX = "promotion_log."
 
 
 @dataclass(frozen=True)
@@ -254,29 +259,71 @@ def _register(tracking_uri, experiment, model_name, params, metrics, onnx_path, 
     if served != tags["onnx_sha256"]:
         raise IntegrityMismatch(f"the registry holds different bytes for version {version} (SHA-256 {served[:16]}..., "
                                 f"evaluated {tags['onnx_sha256'][:16]}...); no alias was moved")
-    client.set_registered_model_alias(model_name, CANDIDATE, version)
-    previous = promote(client, model_name, version) if approve else alias_holder(client, model_name, APPROVED)
+    verdict = tags.get("verdict", "?")
+    with promotion_lock(client, model_name):
+        if verdict == "passed":  # no alias ever points at a version that failed its gate
+            client.set_registered_model_alias(model_name, CANDIDATE, version)
+        approved_before = alias_holder(client, model_name, APPROVED)
+        append_log(client, model_name, "registered", version, verdict=verdict, approved=approved_before,
+                   git_commit=tags.get("git_commit", "?"), onnx_sha256=tags.get("onnx_sha256", "?"))
+        previous = _move_approved(client, model_name, version) if approve else approved_before
     return Registration(run.info.run_id, model_name, version, approve, previous, served)
 
 
-def promote(client, model_name: str, version: str) -> Optional[str]:
-    """Move `approved` to `version`, recording the version it replaces; returns that version.
-    Under the promotion lock, and re-read after the write: if another writer got in anyway
-    (a lock broken as stale), the chain is repaired before returning."""
+def _move_approved(client, model_name: str, version: str) -> Optional[str]:
+    """Move `approved` to `version`, recording the version it replaces, and log the move. Caller holds
+    the lock; re-read after the write: if another writer got in anyway (a lock broken as stale), fail."""
     verdict = client.get_model_version(model_name, version).tags.get("verdict")
     if verdict != "passed":
+        append_log(client, model_name, "refused", version, verdict=str(verdict),
+                   approved=alias_holder(client, model_name, APPROVED))
         raise IntegrityMismatch(f"version {version} of {model_name!r} has verdict {verdict!r}; {APPROVED!r} not moved")
-    with promotion_lock(client, model_name):
-        previous = alias_holder(client, model_name, APPROVED)
-        _pause_for_tests()
-        if previous is not None and previous != version:
-            client.set_model_version_tag(model_name, version, "previous_approved", previous)
-        client.set_registered_model_alias(model_name, APPROVED, version)
-        holder = alias_holder(client, model_name, APPROVED)
-        if holder != version:
-            raise RegistryUnreachable(f"alias {APPROVED!r} of {model_name!r} moved to version {holder} while version "
-                                      f"{version} was being promoted; re-run register")
+    previous = alias_holder(client, model_name, APPROVED)
+    _pause_for_tests()
+    if previous is not None and previous != version:
+        client.set_model_version_tag(model_name, version, "previous_approved", previous)
+    client.set_registered_model_alias(model_name, APPROVED, version)
+    holder = alias_holder(client, model_name, APPROVED)
+    if holder != version:
+        raise RegistryUnreachable(f"alias {APPROVED!r} of {model_name!r} moved to version {holder} while version "
+                                  f"{version} was being promoted; re-run register")
+    append_log(client, model_name, "approved", version, verdict="passed", previous=previous)
     return previous
+
+
+def append_log(client, model_name: str, event: str, version: str, **detail) -> int:
+    """Append one event to the promotion log; the caller holds the promotion lock, so the sequence
+    number is the next free one and no two writers share it. Returns the sequence number."""
+    existing = client.get_registered_model(model_name).tags or {}
+    taken = [int(key[len(LOG_PREFIX):]) for key in existing if key.startswith(LOG_PREFIX)
+             and key[len(LOG_PREFIX):].isdigit()]
+    seq = max(taken, default=0) + 1
+    record = {"seq": seq, "event": event, "version": str(version), "at": time.strftime("%Y-%m-%dT%H:%M:%SZ",
+              time.gmtime()), "host": os.uname().nodename, "pid": os.getpid(),
+              **{k: (str(v) if v is not None else None) for k, v in detail.items()}}
+    client.set_registered_model_tag(model_name, f"{LOG_PREFIX}{seq:06d}", json.dumps(record, sort_keys=True))
+    return seq
+
+
+def promotion_log(tracking_uri: str, model_name: str) -> list[dict]:
+    """Every logged event of `model_name`, oldest first (empty for a model never registered)."""
+    from mlflow.exceptions import MlflowException
+
+    check_reachable(tracking_uri)
+    try:
+        tags = _client(tracking_uri).get_registered_model(model_name).tags or {}
+    except MlflowException as error:
+        if _is_absent(error):
+            return []
+        raise
+    events = []
+    for key in sorted(k for k in tags if k.startswith(LOG_PREFIX)):
+        try:
+            events.append(json.loads(tags[key]))
+        except json.JSONDecodeError:
+            events.append({"seq": int(key[len(LOG_PREFIX):]) if key[len(LOG_PREFIX):].isdigit() else key,
+                           "event": "unreadable", "version": "?"})
+    return events
 
 
 def _pause_for_tests() -> None:
@@ -308,6 +355,7 @@ def rollback(tracking_uri: str, model_name: str) -> tuple[str, str]:
             raise LookupError(f"version {previous} of {model_name!r} has verdict {verdict!r}, not 'passed'")
         client.set_registered_model_alias(model_name, APPROVED, previous)
         client.set_model_version_tag(model_name, current, "rolled_back_to", previous)
+        append_log(client, model_name, "rolled_back", previous, previous=current, verdict=verdict)
     return current, previous
 
 

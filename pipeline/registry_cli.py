@@ -9,7 +9,7 @@ import os
 
 from pipeline.errors import GateFailed, IntegrityMismatch
 from pipeline.registry import default_tracking_uri, registered_onnx_sha256, registry_errors, rollback as move_back
-from pipeline.registry import versions
+from pipeline.registry import promotion_log, versions
 from pipeline.workspace import Workspace
 
 
@@ -23,6 +23,7 @@ def status(ws: Workspace) -> int:
     name, uri = ws.params().registry.model_name, tracking_uri(ws)
     with registry_errors(uri, "listing versions"):
         rows = versions(uri, name)
+        log = promotion_log(uri, name)
         for row in rows:
             if row["aliases"]:
                 row["bytes"] = "same" if registered_onnx_sha256(uri, name, row["version"]) == row["onnx_sha256"] \
@@ -30,6 +31,7 @@ def status(ws: Workspace) -> int:
     if not rows:
         print(f"status: no registered versions of {name!r}")
         return 0
+    print_log(log)  # history first: the table of where the aliases are now ends the output
     print(f"status: {name} ({len(rows)} version{'s' if len(rows) > 1 else ''})")
     header = ("version", "aliases", "verdict", "onnx sha256", "dataset", "git commit", "registry bytes")
     table = [header] + [
@@ -56,3 +58,29 @@ def rollback(ws: Workspace) -> int:
         raise GateFailed(f"cannot roll back: {error}") from None
     print(f"rollback: {name} alias 'approved' moved from version {current} back to version {previous}")
     return 0
+
+
+def describe(event: dict) -> str:
+    """One line per promotion-log event, e.g. `#3 ... approved v2 (replaced v1)`."""
+    kind, version = event.get("event", "?"), event.get("version", "?")
+    if kind == "registered":
+        tail = f"verdict {event.get('verdict')}, approved then v{event.get('approved')}" \
+            if event.get("approved") else f"verdict {event.get('verdict')}, no approved version then"
+    elif kind == "approved":
+        tail = f"replaced v{event['previous']}" if event.get("previous") else "first approved version"
+    elif kind == "rolled_back":
+        tail = f"back from v{event.get('previous')}"
+    elif kind == "refused":
+        tail = f"verdict {event.get('verdict')}: approved not moved"
+    else:
+        tail = ""
+    return f"  #{event.get('seq')}  {event.get('at', '?')}  {kind} v{version}" + (f" ({tail})" if tail else "")
+
+
+def print_log(log: list[dict]) -> None:
+    if not log:
+        print("promotion log: empty (versions registered before the log existed are not in it)")
+        return
+    print(f"promotion log ({len(log)} event{'s' if len(log) > 1 else ''}, oldest first):")
+    for event in log:
+        print(describe(event))

@@ -126,6 +126,23 @@ class TrainResult(_ModelResult):
     params: dict[str, Any]
 
 
+class ImportResult(_ModelResult):
+    """The `train` stage's record when it imported a supplied model instead of training one:
+    `model_sha256` is the supplied file's SHA-256 (models/model.pt holds its bytes unchanged)."""
+
+    source: Literal["onnx"]
+    path: str
+    supplier: Optional[str]
+    layout: Literal["nchw", "nhwc", "flat"]
+    input_shape: list[int]
+    num_classes: int
+    opset: Optional[int]
+    ops: list[str] = Field(description="the ONNX op types in the file")
+    torch_form: str = Field(description="how gradients and bounds see the file")
+    max_abs_diff: float = Field(description="torch form vs onnxruntime on the test split")
+    n: int
+
+
 # --- attack ----------------------------------------------------------------------------------
 
 class AttackRecord(_Record):
@@ -278,6 +295,123 @@ class SmoothResult(_Record):
     base_trained_with_same_sigma: Optional[bool] = None
 
 
+# --- clinical --------------------------------------------------------------------------------
+
+class ClassFigures(_Record):
+    """One class read as the finding (one against the rest) on the test split: clean figures
+    (point), under the attack stage's worst perturbation (upper bounds for the robust shares) and
+    verified by the certify stage (lower bounds). Absent when the class or its complement is."""
+
+    class_name: str
+    n_positive: int = Field(ge=0)
+    n_negative: int = Field(ge=0)
+    sensitivity: MaybeAccuracy
+    specificity: MaybeAccuracy
+    ppv: MaybeAccuracy
+    npv: MaybeAccuracy
+    robust_sensitivity: MaybeAccuracy = Field(description="detected for every perturbation the attacks tried")
+    robust_specificity: MaybeAccuracy
+    adversarial_ppv: MaybeAccuracy = Field(description="PPV of the predictions at the attack's worst inputs")
+    adversarial_npv: MaybeAccuracy
+    verified_sensitivity: MaybeAccuracy = Field(description="proved detected for every perturbation in the budget")
+    verified_specificity: MaybeAccuracy
+
+
+class ReliabilityBin(_Record):
+    lower: float
+    upper: float
+    n: int = Field(ge=0)
+    confidence: Optional[float] = None  # mean confidence in the bin; None when empty
+    accuracy: Optional[float] = None
+
+
+class CalibrationRecord(_Record):
+    confidence: str = "top-label softmax probability"
+    n: int = Field(ge=1)
+    ece: float = Field(ge=0.0, le=1.0, description="expected calibration error, equal-width bins")
+    ece_ci: tuple[float, float]
+    ci_method: str
+    bins: list[ReliabilityBin]
+
+
+class SelectivePoint(_Record):
+    """Abstain below a confidence threshold: the share answered and the accuracy of the answers."""
+
+    threshold: float
+    coverage: float = Field(ge=0.0, le=1.0)
+    answered: int = Field(ge=0)
+    risk: Optional[float] = Field(None, description="error rate among the answered; None when none are")
+    accuracy: MaybeAccuracy
+    sensitivity: MaybeAccuracy = Field(description="of the positive class, counting an abstention as not detected")
+
+
+class SmoothedSelective(_Record):
+    """The smoothed classifier's own abstention (smooth stage)."""
+
+    n: int = Field(ge=1)
+    abstained: int = Field(ge=0)
+    coverage: float
+    accuracy: MaybeAccuracy
+
+
+class ExactRecord(_Record):
+    """Complete verification (MILP) of every test case over its box: verified, counterexample (an
+    input the model itself misclassifies) or unknown (the solver ran out of time)."""
+
+    method: str
+    n: int = Field(ge=1)
+    verified: int = Field(ge=0)
+    counterexample: int = Field(ge=0)
+    unknown: int = Field(ge=0)
+    seconds: float
+    time_budget_s: float
+    case_limit_s: float
+    positive_verified: MaybeAccuracy = Field(description="exact verified sensitivity (a lower bound while "
+                                             "unknown cases remain; the exact share when none do)")
+    positive_counterexamples: int = Field(ge=0)
+
+
+class FeatureBudgetRecord(_Record):
+    name: str
+    type: Literal["continuous", "integer", "categorical"]
+    radius: float = Field(ge=0.0, description="ε·s_i in the feature's unit")
+    budget: str
+
+
+class SubgroupRecord(_Record):
+    column: str
+    value: float
+    n: int = Field(ge=1)
+    positive: ClassFigures
+
+
+class ClinicalResult(_Record):
+    schema_version: Literal[2] = SCHEMA_VERSION
+    status: Literal["ok", "not_applicable"]
+    reason: Optional[str] = None
+    seed: Optional[int] = None
+    dataset_fingerprint: Optional[str] = None
+    model_sha256: Optional[str] = None
+    n: Optional[int] = None
+    threat: Optional[ThreatRecord] = None
+    positive_class: Optional[str] = None
+    hazard: Optional[str] = None
+    attacks: list[str] = Field(default_factory=list)
+    verified_by: list[str] = Field(default_factory=list, description="certifiers whose union counts as verified")
+    positive: Optional[ClassFigures] = None
+    per_class: dict[str, ClassFigures] = Field(default_factory=dict)
+    calibration: Optional[CalibrationRecord] = None
+    selective: list[SelectivePoint] = Field(default_factory=list)
+    smoothed: Union[SmoothedSelective, NotApplicable, None] = None
+    subgroup_columns: list[str] = Field(default_factory=list)
+    subgroups: list[SubgroupRecord] = Field(default_factory=list)
+    smallest_subgroup_n: Optional[int] = None
+    exact: Union[ExactRecord, NotApplicable, None] = None
+    feature_budgets: list[FeatureBudgetRecord] = Field(default_factory=list)
+    feature_handling: list[str] = Field(default_factory=list, description="how integer and categorical features "
+                                        "were treated")
+
+
 # --- export ----------------------------------------------------------------------------------
 
 class ExportResult(_ModelResult):
@@ -296,6 +430,27 @@ class ExportResult(_ModelResult):
     metadata: dict[str, str]
     latency: dict[str, Any]
     latency_note: str
+
+
+# --- properties ------------------------------------------------------------------------------
+
+class InstanceRecord(_Record):
+    onnx: str
+    vnnlib: str
+    timeout_s: float
+    status: Literal["unsat", "sat", "unknown", "timeout"]
+    phase: str = Field(description="what decided: attack, ibp, crown, alpha_crown, bab, or why nothing did")
+    seconds: float
+    result_file: str = Field(description="the VNN-COMP result file, with the counterexample when sat")
+    notes: list[str]
+
+
+class PropertiesResult(_ModelResult):
+    instances: Union[list[InstanceRecord], NotApplicable]
+    totals: dict[str, int]
+    unsat_fraction: Union[float, NotApplicable] = Field(description="share of the listed instances proven unsat")
+    claims_written: int
+    claims: str = Field(description="where the claims' VNNLIB files and instances.csv are, or why none were written")
 
 
 # --- trace (computed by the gate and the report, not a file) ----------------------------------
@@ -360,6 +515,8 @@ STAGE_RESULTS: dict[str, type[BaseModel]] = {
     "certify": CertifyResult,
     "smooth": SmoothResult,
     "export": ExportResult,
+    "properties": PropertiesResult,
+    "clinical": ClinicalResult,
     "trace": TraceResult,
 }
 
@@ -372,6 +529,8 @@ def dump(result: BaseModel) -> dict:
 def parse(stage: str, raw: Any, source: str) -> dict:
     """Validate one metrics file against its model; a truncated or hand-edited file is refused."""
     try:
+        if stage == "train" and isinstance(raw, dict) and "source" in raw:  # train imported a supplied model
+            return dump(ImportResult.model_validate(raw))
         return dump({**STAGE_RESULTS, **RECORD_RESULTS}[stage].model_validate(raw))
     except ValidationError as error:
         first = error.errors()[0]

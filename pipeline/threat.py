@@ -179,6 +179,19 @@ def lp_norm(delta: torch.Tensor, norm: str) -> torch.Tensor:
     return flat.abs().amax(dim=1) if norm == "linf" else flat.norm(p=2, dim=1)
 
 
-def from_params(params) -> LpBall:
-    """The Lp threat `params.yaml` names."""
-    return LpBall(params.threat.norm, params.threat.epsilon, rationale=params.threat.rationale)
+def from_params(params, data=None) -> LpBall:
+    """The Lp threat `params.yaml` names. For tabular data (`data`: the prepared data, with its
+    feature names and training statistics) in L∞, every feature gets its own radius ε·s_i from
+    the declared budgets (pipeline/budgets.py), one standard deviation when none are declared."""
+    cfg = params.threat
+    if data is None or not getattr(data, "tabular", False):
+        if cfg.features is not None:
+            raise UsageError("threat.features: per-feature budgets need tabular data (breast_cancer or csv)")
+        return LpBall(cfg.norm, cfg.epsilon, rationale=cfg.rationale)
+    if cfg.norm != "linf":
+        return LpBall(cfg.norm, cfg.epsilon, rationale=cfg.rationale)
+    from pipeline.budgets import feature_radii
+
+    radii = feature_radii(cfg, data.feature_names, data.feature_types, data.std, data.absmax)
+    scale = torch.tensor([r.radius for r in radii], dtype=torch.float32)
+    return LpBall(cfg.norm, cfg.epsilon, rationale=cfg.rationale, scale=scale)

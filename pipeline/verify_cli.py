@@ -108,7 +108,9 @@ def registry_problems(root: Path, manifest: Path, uri: str) -> tuple[list[str], 
     return problems, f"registry: version(s) {', '.join(matching)} of {name!r} serve this model.onnx byte for byte"
 
 
-def verify(directory: Path, public_key: Optional[Path] = None, registry: Optional[str] = None) -> int:
+def check(directory: Path, public_key: Optional[Path] = None, registry: Optional[str] = None
+          ) -> tuple[list[str], list[str], int, Path]:
+    """Every check `verify` makes, without printing: (problems, what was checked, files checked, manifest)."""
     manifest = find_manifest(directory)
     trusted = trusted_key(public_key)
     root = workspace_root(manifest)
@@ -116,22 +118,27 @@ def verify(directory: Path, public_key: Optional[Path] = None, registry: Optiona
     problems, checked, signature = verify_manifest(manifest, trusted, required)
     gate, gate_state = gate_problems(root, manifest, trusted, required)
     problems += gate
-    registry_state = ""
+    states = []
+    if signature.get("public_key_sha256"):
+        state = "pinned to the trusted key" if signature.get("pinned") else "NOT pinned: pass --public-key to trust a key"
+        states.append(f"signature by key {signature['public_key_sha256'][:16]}... ({state})")
+    elif not signature["signed"]:
+        states.append("manifest is not signed")
+    states.append(gate_state)
     if registry:
         found, registry_state = registry_problems(root, manifest, registry)
         problems += found
+        states.append(registry_state)
+    return problems, [state for state in states if state], checked, manifest
+
+
+def verify(directory: Path, public_key: Optional[Path] = None, registry: Optional[str] = None) -> int:
+    problems, states, checked, manifest = check(directory, public_key, registry)
     for problem in problems:
         print(f"verify: MISMATCH {problem}")
-    if signature.get("public_key_sha256"):
-        state = "pinned to the trusted key" if signature.get("pinned") else "NOT pinned: pass --public-key to trust a key"
-        print(f"verify: signature by key {signature['public_key_sha256'][:16]}... ({state})")
-    elif not signature["signed"]:
-        print("verify: manifest is not signed")
-    for state in (gate_state, registry_state):
-        if state:
-            print(f"verify: {state}")
+    for state in states:
+        print(f"verify: {state}")
     if problems:
         raise IntegrityMismatch(f"{len(problems)} problem(s) in {manifest}")
     print(f"verify: OK, {checked} artifacts match {manifest}")
     return 0
-

@@ -16,7 +16,8 @@ TINY_PARAMS = {
     "seed": 0,
     "data": {"dataset": "digits", "max_samples": 400},
     "model": {"name": "mlp", "hidden": [32]},
-    "threat": {"norm": "linf", "epsilon": 0.05},
+    "threat": {"norm": "linf", "epsilon": 0.05, "features": None, "unlisted": None},
+    "clinical": None,
     "train": {"method": "pgd_at", "epochs": 4, "batch_size": 64, "lr": 0.005,
               "pgd": {"steps": 3, "step_size": 0.02}, "val_pgd": {"steps": 3, "step_size": 0.02}},
     "attack": {"attacks": ["fgsm", "pgd", "apgd_ce", "square"], "pgd": {"steps": 10, "step_size": 0.01, "restarts": 1},
@@ -24,6 +25,7 @@ TINY_PARAMS = {
     "certify": {"methods": ["ibp", "crown"], "random_points": 4},
     "smoothing": {"n0": 20, "n": 200, "max_samples": 20, "alpha": 0.01},
     "export": {"opset": 17},
+    "properties": {"max_claims": 20},
     "gate": {"policy": "policies/tiny.yaml"},
     "register": {"model_name": "tiny-model"},
 }

@@ -37,9 +37,14 @@ def test_split_is_stratified_disjoint_and_seeded():
     assert fingerprint(a) != fingerprint(c)
 
 
-def test_breast_cancer_is_standardised_with_train_statistics():
-    data = prepare(load_dataset("breast_cancer"), 0.15, 0.25, seed=0)
-    assert np.allclose(data.x["train"].mean(axis=0), 0, atol=1e-4)
+def test_breast_cancer_keeps_raw_units_and_records_train_statistics():
+    """Issue 17: tabular x stays in the laboratory's units; the train-split statistics go to the model
+    (before: x was standardised here and the scaling was lost to the exported model)."""
+    raw = load_dataset("breast_cancer")
+    data = prepare(raw, 0.15, 0.25, seed=0)
+    assert np.array_equal(data.x["test"], raw.x[data.indices["test"]])
+    assert np.allclose(data.mean, data.x["train"].mean(axis=0)) and np.allclose(data.std, data.x["train"].std(axis=0))
+    assert data.feature_names[0] == "mean radius" and len(data.feature_names) == 30
     assert data.lower.shape == (30,) and (data.lower < data.upper).all()
     for split in ("train", "val", "test"):
         assert (data.x[split] >= data.lower).all() and (data.x[split] <= data.upper).all()

@@ -63,8 +63,8 @@ def test_repro_noop_partial_rerun_and_failing_gate(repo_copy):
     root = repo_copy
     first = sh(["dvc", "repro"], root)
     order = ran(first.stdout)
-    assert sorted(order) == sorted(["prepare", "train", "attack", "certify", "smooth", "export", "report", "gate",
-                                    "register"])
+    assert sorted(order) == sorted(["prepare", "train", "attack", "certify", "smooth", "clinical", "export",
+                                    "properties", "report", "gate", "register"])
     assert order[:2] == ["prepare", "train"] and order[-3:] == ["report", "gate", "register"]
     assert (root / "reports/build/report.html").is_file()
     register = json.loads((root / "metrics/register.json").read_text())

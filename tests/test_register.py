@@ -47,7 +47,7 @@ def test_register_approve_tamper_and_failed_gate(registry_workspace, capsys):
     assert "changed since the gate ran: models/model.onnx" in capsys.readouterr().err
     onnx_path.write_bytes(original)
 
-    # a failed gate: the new version is a candidate, approved stays on version 1
+    # a failed gate: the new version is recorded, but no alias points at it; approved stays on version 1
     policy = root / "policies" / "tiny.yaml"
     policy.write_text(policy.read_text().replace("threshold: 0.5", "threshold: 0.999"))
     assert run_stage("report", root) == 0  # the policy is evidence too: dvc repro re-renders the report
@@ -55,4 +55,4 @@ def test_register_approve_tamper_and_failed_gate(registry_workspace, capsys):
     assert run_stage("register", root) == 0
     second = json.loads((root / "metrics/register.json").read_text())
     assert second["approved"] is False and second["version"] == "2"
-    assert aliases(root) == {"candidate": "2", "approved": "1"}
+    assert aliases(root) == {"candidate": "1", "approved": "1"}

@@ -31,7 +31,7 @@ def test_concurrent_approvals_keep_the_rollback_chain(pipeline_workspace, tmp_pa
     """Two `robustgate register` processes approve at once; rollback then walks back through both.
     Each pauses 3 s between reading `approved` and moving it (ROBUSTGATE_PROMOTION_PAUSE_S), so
     without the promotion lock both read the same previous version and the first rollback skips one
-    (checked by removing the lock from `pipeline.registry.promote`: the test then fails)."""
+    (checked by removing the lock from `pipeline.registry._register`: the test then fails)."""
     from mlflow import MlflowClient
 
     model = "tiny-model"
@@ -55,6 +55,12 @@ def test_concurrent_approvals_keep_the_rollback_chain(pipeline_workspace, tmp_pa
     assert run_stage("rollback", roots[0]) == 0
     assert f"from version {second} back to version 1" in capsys.readouterr().out
     assert [m.name for m in client.search_registered_models() if m.name.endswith(".promotion-lock")] == []
+    from pipeline.registry import promotion_log  # the ordered log (issue 18) holds every event, in order
+
+    events = [(e["seq"], e["event"], e["version"], e.get("previous")) for e in promotion_log(mlflow_server, model)]
+    assert [seq for seq, *_ in events] == list(range(1, len(events) + 1))
+    moves = [(version, previous) for _, event, version, previous in events if event in ("approved", "rolled_back")]
+    assert moves == [("1", None), (second, "1"), (approved, second), (second, approved), ("1", second)]
 
 
 @pytest.mark.parametrize("stage", ["status", "rollback", "report"])

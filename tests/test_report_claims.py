@@ -50,6 +50,15 @@ VARIANTS = {
         "certify.methods": ["ibp", "crown_ibp"]}),
     "standard_independent": variant(**{"train.method": "standard", "train.pgd": None,
                                        "attack.attacks": ["fgsm", "apgd_ce", "apgd_t"]}),
+    # issue 17: a diagnostic classifier in raw units with per-feature budgets, medical profile and policy
+    "medical_breast_cancer": variant(**{
+        "data": {"dataset": "breast_cancer"}, "model": {"name": "mlp", "hidden": [16]},
+        "threat": {"norm": "linf", "epsilon": 1.0, "features": {"mean radius": {"absolute": 0.3}, "worst area": "immutable"},
+                   "unlisted": {"std": 0.05}},
+        "train.pgd": {"steps": 3, "step_size": 0.5}, "train.val_pgd": {"steps": 3, "step_size": 0.5},
+        "attack.pgd": {"steps": 10, "step_size": 0.2, "restarts": 1},
+        "clinical": {"positive_class": "malignant", "bootstrap": 200},
+        "report": {"profile": "medical"}, "gate.policy": "policies/medical.yaml"}),
 }
 
 
@@ -98,6 +107,7 @@ def contradictions(html: str, metrics: dict[str, dict]) -> list[str]:
                 found.append(f"says the checkpoint was chosen by {selection}, train chose by "
                              f"{train['selected_by']}: {sentence!r}")
     joined = " ".join(text)
+    found += clinical_contradictions(text, metrics.get("clinical", {}))
     if f"highest {train['selected_by'].replace('_', ' ')}" not in joined:
         found.append(f"never states the selection rule {train['selected_by']}")
     for method, label in METHOD_NAMES.items():
@@ -123,10 +133,42 @@ def contradictions(html: str, metrics: dict[str, dict]) -> list[str]:
     return found
 
 
+def clinical_contradictions(text: list[str], clinical: dict) -> list[str]:
+    """The diagnostic sentences against metrics/clinical.json: the hazard is named, the positive
+    cases counted are those the metrics hold, and nothing that ran is denied."""
+    found = []
+    joined = " ".join(text)
+    if clinical.get("status") != "ok":
+        if "Robust sensitivity" in joined or "are detected on clean inputs" in joined:
+            found.append("shows diagnostic figures the clinical stage did not produce")
+        return found
+    p = clinical["positive"]
+    if f"The hazard named for this classifier is {clinical['hazard']}" not in joined:
+        found.append("does not name the hazard of metrics/clinical.json")
+    for sentence in text:
+        match = re.search(r"Of the (\d+) “([^”]+)” cases among (\d+) test cases, (\d+) are detected on clean inputs"
+                          r".*?; (\d+) stay detected.*?, and (\d+) are proved detected", sentence)
+        if match:
+            said = tuple(int(g) for g in match.group(1, 3, 4, 5, 6))
+            truth = (p["n_positive"], clinical["n"], p["sensitivity"]["successes"],
+                     p["robust_sensitivity"]["successes"], p["verified_sensitivity"]["successes"])
+            if said != truth or match.group(2) != clinical["positive_class"]:
+                found.append(f"positive-case counts {said} differ from the metrics {truth}: {sentence!r}")
+        lowered = sentence.lower()
+        if any(n in lowered for n in NEGATIONS) or "not shown" in lowered:
+            if "subgroup" in lowered and clinical["subgroups"]:
+                found.append(f"denies the subgroup figures that were computed: {sentence!r}")
+            if "calibration" in lowered and clinical.get("calibration"):
+                found.append(f"denies the calibration that was computed: {sentence!r}")
+    if "are detected on clean inputs" not in joined and p["sensitivity"]["status"] == "ok":
+        found.append("never states the sensitivity counts")
+    return found
+
+
 @pytest.fixture(scope="module", params=sorted(VARIANTS))
 def rendered(request, tmp_path_factory) -> tuple[str, dict]:
     root = make_workspace(tmp_path_factory.mktemp(request.param), VARIANTS[request.param])
-    for stage in ("prepare", "train", "attack", "certify", "smooth", "export", "report"):
+    for stage in ("prepare", "train", "attack", "certify", "smooth", "clinical", "export", "report"):
         assert run_stage(stage, root) == 0, (request.param, stage)
     metrics = {p.stem: json.loads(p.read_text()) for p in (root / "metrics").glob("*.json")}
     return (root / "reports/build/report.html").read_text(), metrics
@@ -152,6 +194,11 @@ def test_the_checker_catches_the_sentences_the_first_report_shipped(rendered):
         assert any("certified ε sweep" in p for p in problems)
     if metrics["train"]["selected_by"] != "val_robust_accuracy":
         assert any("chosen by val_robust_accuracy" in p for p in problems)
+    if metrics.get("clinical", {}).get("status") == "ok":
+        p = metrics["clinical"]["positive"]
+        wrong = html.replace(f"{p['robust_sensitivity']['successes']} stay detected",
+                             f"{p['robust_sensitivity']['successes'] + 1} stay detected")
+        assert any("positive-case counts" in problem for problem in contradictions(wrong, metrics))
 
 
 def test_pdf_contents_lines_do_not_overlap(pipeline_workspace):

@@ -10,7 +10,7 @@ import torch
 
 from pipeline.attacks.fgsm import FGSM
 from pipeline.attacks.pgd import PGD
-from pipeline.attacks.suite import SuiteResult, robust_mask
+from pipeline.attacks.suite import SuiteResult, robust_mask, share
 from pipeline.threat import LpBall
 
 MEANING = {
@@ -61,7 +61,7 @@ def run_checks(model, suite: SuiteResult, attacks, sweep: list[dict], x, y, thre
     attack's own robust accuracy it is read from there; a `sequential` suite only knows what each
     attack broke among the samples earlier attacks left, so the attack is run on its own here."""
     own = _OwnAccuracy(model, suite, attacks, x, y, threat, domain, batch_size, generator)
-    worst = float(suite.robust.float().mean())
+    worst = share(suite.robust)
     fgsm = next((a for a in attacks if a.name == "fgsm"), FGSM())  # one gradient step: cheap to add
     iterative = [a for a in attacks if a.name not in ("fgsm", "square")]
     if suite.sequential or not iterative:
@@ -73,8 +73,8 @@ def run_checks(model, suite: SuiteResult, attacks, sweep: list[dict], x, y, thre
     checks.append(_white_box_check(model, suite, attacks, x, y, threat, domain, batch_size, generator,
                                    tolerance, pgd))
     strong = PGD(max(pgd.steps, 50), 2.5 * large_epsilon / max(pgd.steps, 50), 1)
-    large = float(robust_mask(model, strong, x, y, threat.with_epsilon(large_epsilon), domain, batch_size,
-                              generator).float().mean())
+    large = share(robust_mask(model, strong, x, y, threat.with_epsilon(large_epsilon), domain, batch_size,
+                               generator))
     checks.append(Check("large_epsilon_breaks_model", large <= large_epsilon_max_accuracy,
                         f"robust accuracy {large:.4f} at ε={large_epsilon:g} (allowed {large_epsilon_max_accuracy})",
                         {"epsilon": large_epsilon, "robust_accuracy": large}))
@@ -85,13 +85,13 @@ def run_checks(model, suite: SuiteResult, attacks, sweep: list[dict], x, y, thre
                         {"rises": len(rises), "points": len(sweep)}))
     stronger = PGD(pgd.steps * 2, pgd.step_size, pgd.restarts * 2, loss=pgd.loss, schedule=pgd.schedule)
     base = own(pgd)
-    doubled = float(robust_mask(model, stronger, x, y, threat, domain, batch_size, generator).float().mean())
+    doubled = share(robust_mask(model, stronger, x, y, threat, domain, batch_size, generator))
     checks.append(Check("converged", base - doubled <= tolerance,
                         f"PGD {base:.4f} vs doubled steps and restarts {doubled:.4f} (tolerance {tolerance})",
                         {"robust_accuracy": base, "robust_accuracy_doubled": doubled}))
     with torch.no_grad():
         noisy = threat.random_start(x, domain, generator)
-        noise_robust = float(((model(noisy).argmax(1) == y) & suite.clean_correct).float().mean())
+        noise_robust = share((model(noisy).argmax(1) == y) & suite.clean_correct)
     checks.append(Check("noise_weaker_than_attacks", noise_robust + tolerance >= worst,
                         f"accuracy under random noise {noise_robust:.4f} vs worst-case attack {worst:.4f}",
                         {"noise_accuracy": noise_robust, "worst_case_robust_accuracy": worst}))
@@ -112,11 +112,11 @@ class _OwnAccuracy:
         if id(attack) not in self.known:
             if id(attack) in self.ran:
                 hit = self.suite.broken[attack.name]
-                self.known[id(attack)] = float((self.suite.clean_correct & ~hit).float().mean())
+                self.known[id(attack)] = share(self.suite.clean_correct & ~hit)
             else:
                 threat, domain, batch_size, generator = self.args
                 mask = robust_mask(self.model, attack, self.x, self.y, threat, domain, batch_size, generator)
-                self.known[id(attack)] = float(mask.float().mean())
+                self.known[id(attack)] = share(mask)
         return self.known[id(attack)]
 
 

@@ -31,6 +31,11 @@ class SuiteResult:
     sequential: bool = False  # broken[...] then counts only samples no earlier attack broke
 
 
+def share(mask: torch.Tensor) -> float:
+    """The fraction of True entries, exactly k/n (a float32 mean would print 0.47999998 for 0.48)."""
+    return int(mask.sum()) / len(mask)
+
+
 def predict(model: nn.Module, x: torch.Tensor, batch_size: int) -> torch.Tensor:
     with torch.no_grad():
         return torch.cat([model(x[i:i + batch_size]) for i in range(0, len(x), batch_size)]).argmax(1)

@@ -86,8 +86,11 @@ class BoundComputer:
                 )
             if upper is None:
                 upper = torch.full_like(lower, float("inf"))
-        except NotImplementedError as error:  # an operator without a bound rule; anything else is a bug
+        except NotImplementedError as error:  # an operator without a bound rule
             raise NotBoundable(_name_layer(error)) from error
+        except (AssertionError, IndexError, RuntimeError, ValueError) as error:  # a bound rule that fails on
+            raise NotBoundable(f"auto_LiRPA failed in {METHODS[method]}: {type(error).__name__}: "  # this layer
+                               f"{_name_layer(error)}") from error
         if differentiable:
             return lower, upper
         return lower.detach(), upper.detach()

@@ -1,8 +1,9 @@
 """Datasets by name. Each loader returns raw arrays plus the input domain box.
 
-Images live in [0, 1] and carry that box; tabular data is standardised later
-(with training-split statistics) and gets a per-feature box. Attacks,
-certifiers and ONNX all see this one domain.
+Images live in [0, 1] and carry that box. Tabular data stays in its raw units (the
+units a laboratory reports): its box is the observed per-feature range, and the
+standardisation (training-split mean and standard deviation) is the first layer of
+the model, so attacks, certificates and the ONNX file all see the same raw inputs.
 """
 from __future__ import annotations
 
@@ -21,10 +22,12 @@ from pipeline.errors import UsageError
 class RawDataset:
     x: np.ndarray  # float32, (N, *input_shape)
     y: np.ndarray  # int64, (N,)
-    standardize: bool  # tabular: z-score with train statistics, box from the data
+    standardize: bool  # tabular: the model standardises with train statistics, box from the data
     lower: Optional[np.ndarray] = None  # domain box for images, broadcastable to one input
     upper: Optional[np.ndarray] = None
     class_names: Optional[tuple[str, ...]] = None  # what the loader knows; else params or indices
+    feature_names: Optional[tuple[str, ...]] = None  # tabular: one per column, in order
+    feature_types: Optional[tuple[str, ...]] = None  # tabular: continuous | integer | categorical
 
 
 def _digits(_: Optional[Path], __: Optional[Path] = None) -> RawDataset:
@@ -40,8 +43,10 @@ def _breast_cancer(_: Optional[Path], __: Optional[Path] = None) -> RawDataset:
     from sklearn.datasets import load_breast_cancer
 
     bunch = load_breast_cancer()
+    names = tuple(str(f) for f in bunch.feature_names)
     return RawDataset(bunch.data.astype(np.float32), bunch.target.astype(np.int64), True,
-                      class_names=tuple(str(c) for c in bunch.target_names))
+                      class_names=tuple(str(c) for c in bunch.target_names),
+                      feature_names=names, feature_types=("continuous",) * len(names))
 
 
 def _idx(path: Optional[Path], root: Optional[Path] = None) -> RawDataset:
@@ -88,13 +93,22 @@ DATASETS: dict[str, Callable[[Optional[Path], Optional[Path]], RawDataset]] = {
     "idx": _idx,
     "npz": _npz,
     "image_folder": load_image_folder,
+    "csv": None,  # needs its column settings: see load_dataset
 }
 
 
-def load_dataset(name: str, path: Optional[Path] = None, root: Optional[Path] = None, **options) -> RawDataset:
+def load_dataset(name: str, path: Optional[Path] = None, root: Optional[Path] = None, csv=None,
+                 **options) -> RawDataset:
+    """`csv`: the CsvSettings (label column, feature types) a `csv` dataset is read with; `options`:
+    the other loaders' own settings (image_folder: image_size, channels)."""
     if name not in DATASETS:
         raise UsageError(f"unknown dataset {name!r}; allowed: {', '.join(DATASETS)}")
-    dataset = DATASETS[name](path, root, **options)
+    if name == "csv":
+        from pipeline.data.csv_table import load_csv
+
+        dataset = load_csv(path, csv)
+    else:
+        dataset = DATASETS[name](path, root, **options)
     validate(dataset, name)
     return dataset
 

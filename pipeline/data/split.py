@@ -1,8 +1,9 @@
-"""Stratified train/val/test split by seed, tabular standardisation, fingerprint."""
+"""Stratified train/val/test split by seed, tabular statistics for the model's standardisation, fingerprint."""
 from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass
+from typing import Optional
 
 import numpy as np
 from sklearn.model_selection import train_test_split
@@ -21,6 +22,16 @@ class PreparedData:
     upper: np.ndarray
     num_classes: int
     indices: dict[str, np.ndarray]  # rows of the raw dataset in each split
+    # Tabular data only (None for images): x stays in raw units; the model standardises with these.
+    mean: Optional[np.ndarray] = None  # train-split mean per feature
+    std: Optional[np.ndarray] = None  # train-split standard deviation (1 where constant)
+    absmax: Optional[np.ndarray] = None  # largest |value| in the train split (relative budgets)
+    feature_names: Optional[tuple[str, ...]] = None
+    feature_types: Optional[tuple[str, ...]] = None
+
+    @property
+    def tabular(self) -> bool:
+        return self.mean is not None
 
 
 def split_indices(y: np.ndarray, val: float, test: float, seed: int, max_samples: int | None) -> dict[str, np.ndarray]:
@@ -40,11 +51,14 @@ def split_indices(y: np.ndarray, val: float, test: float, seed: int, max_samples
 def prepare(raw: RawDataset, val: float, test: float, seed: int, max_samples: int | None = None) -> PreparedData:
     idx = split_indices(raw.y, val, test, seed, max_samples)
     x = {s: raw.x[idx[s]] for s in SPLITS}
-    if raw.standardize:
-        mean = x["train"].mean(axis=0)
+    stats: dict = {}
+    if raw.standardize:  # raw units kept; the statistics go into the model's first layer
         std = x["train"].std(axis=0)
         std[std == 0] = 1.0
-        x = {s: ((v - mean) / std).astype(np.float32) for s, v in x.items()}
+        names = raw.feature_names or tuple(f"x{j}" for j in range(raw.x.shape[1]))
+        stats = {"mean": x["train"].mean(axis=0).astype(np.float32), "std": std.astype(np.float32),
+                 "absmax": np.abs(x["train"]).max(axis=0).astype(np.float32), "feature_names": tuple(names),
+                 "feature_types": raw.feature_types or ("continuous",) * len(names)}
         stacked = np.concatenate(list(x.values()))
         lower, upper = stacked.min(axis=0), stacked.max(axis=0)
     elif raw.lower is not None:
@@ -60,6 +74,7 @@ def prepare(raw: RawDataset, val: float, test: float, seed: int, max_samples: in
         upper=upper.astype(np.float32),
         num_classes=int(raw.y.max()) + 1,
         indices=idx,
+        **stats,
     )
 
 
@@ -72,4 +87,6 @@ def fingerprint(data: PreparedData) -> str:
             digest.update(np.ascontiguousarray(array).tobytes())
     for array in (data.lower, data.upper):
         digest.update(np.ascontiguousarray(array).tobytes())
+    if data.feature_names is not None:  # the same numbers under other column names are other data
+        digest.update("\x1f".join(data.feature_names + data.feature_types).encode())
     return digest.hexdigest()

@@ -27,6 +27,9 @@ def save_prepared(data: PreparedData, path: Path) -> None:
         arrays[f"x_{split}"] = np.ascontiguousarray(data.x[split])
         arrays[f"y_{split}"] = np.ascontiguousarray(data.y[split])
         arrays[f"idx_{split}"] = data.indices[split]
+    if data.tabular:
+        arrays.update(mean=data.mean, std=data.std, absmax=data.absmax,
+                      feature_names=np.array(data.feature_names), feature_types=np.array(data.feature_types))
     with open(path, "wb") as handle:
         np.savez(handle, **arrays)  # stored, not deflated: every member can be memory-mapped
 
@@ -60,6 +63,11 @@ def load_prepared(path: Path) -> PreparedData:
     try:
         with zipfile.ZipFile(path) as archive:
             get = lambda name: _mapped(path, archive, name)  # noqa: E731
+            tabular = "mean.npy" in archive.namelist()
+            stats = {} if not tabular else {
+                "mean": np.asarray(get("mean")), "std": np.asarray(get("std")), "absmax": np.asarray(get("absmax")),
+                "feature_names": tuple(str(n) for n in get("feature_names")),
+                "feature_types": tuple(str(t) for t in get("feature_types"))}
             return PreparedData(
                 x={s: get(f"x_{s}") for s in SPLITS},
                 y={s: get(f"y_{s}") for s in SPLITS},
@@ -67,6 +75,7 @@ def load_prepared(path: Path) -> PreparedData:
                 upper=np.asarray(get("upper")),
                 num_classes=int(get("num_classes")),
                 indices={s: get(f"idx_{s}") for s in SPLITS},
+                **stats,
             )
     except (zipfile.BadZipFile, KeyError, ValueError) as error:
         raise UsageError(f"{path}: not a prepared data file ({error}); re-run `robustgate prepare`") from None

@@ -14,7 +14,7 @@ from pipeline.attacks import FGSM, PGD, Attack
 from pipeline.attacks.apgd import APGD, APGDTargeted
 from pipeline.attacks.masking import run_checks
 from pipeline.attacks.square import Square
-from pipeline.attacks.suite import SuiteResult, robust_mask, run_suite
+from pipeline.attacks.suite import SuiteResult, robust_mask, run_suite, share
 from pipeline.errors import UsageError
 from pipeline.feasibility import apgd_targets, resolve_attacks
 from pipeline.io import atomic_write, confine, sha256_file, write_json, write_text
@@ -67,11 +67,11 @@ class SamplesResult:
 
 
 def attack_samples(model, params, x, y, domain, num_classes: int, seed: int, start: int = 0,
-                   progress=None) -> SamplesResult:
+                   progress=None, data=None) -> SamplesResult:
     """Attack samples start..start+len(x) of the test split, one block of attack.batch_size at a
     time, each block drawing from :func:`block_generator` (seed, its first sample index): so the
     per-sample result does not depend on which process runs which block (see pipeline/runtime.py)."""
-    cfg, threat = params.attack, from_params(params)
+    cfg, threat = params.attack, from_params(params, data)
     names, _ = resolve_attacks(cfg, num_classes)
     attacks = build_attacks(cfg, names, num_classes)
     grid = sweep_grid(cfg, threat, domain)
@@ -109,20 +109,22 @@ AUTOATTACK_STANDARD = ("apgd_ce", "apgd_t", "fab_t", "square")
 
 
 def reference_coverage(names: list[str]) -> ReferenceCoverage:
-    return ReferenceCoverage(reference="AutoAttack standard (Croce & Hein 2020)", attacks=list(AUTOATTACK_STANDARD),
+    return ReferenceCoverage(reference="AutoAttack's standard suite (Croce & Hein 2020)", attacks=list(AUTOATTACK_STANDARD),
                              run=[a for a in AUTOATTACK_STANDARD if a in names],
                              not_run=[a for a in AUTOATTACK_STANDARD if a not in names])
 
 
 def evaluate(model, params, x, y, domain, num_classes: int, generator, *, model_sha256: str, data_fingerprint: str,
-             progress=None, samples: SamplesResult | None = None) -> tuple[AttackResult, SuiteResult]:
+             progress=None, data=None, samples: SamplesResult | None = None) -> tuple[AttackResult, SuiteResult]:
     """The attack evaluation of one model on (x, y): worst case over the configured attacks, the ε
-    sweep and the masking checks. Pure: the stage and `robustgate compare` both call it. The per-sample
+    sweep and the masking checks. Pure: the stage and `robustgate compare` both call it. `data`: the
+    prepared data, whose tabular statistics turn per-feature budgets into radii. The per-sample
     part comes from :func:`attack_samples` (seeded by `generator`'s seed and the sample index); the
     stage passes `samples` when shards computed it; the masking checks then run here on all samples."""
-    cfg, threat = params.attack, from_params(params)
+    cfg, threat = params.attack, from_params(params, data)
     if samples is None:
-        samples = attack_samples(model, params, x, y, domain, num_classes, generator.initial_seed(), 0, progress)
+        samples = attack_samples(model, params, x, y, domain, num_classes, generator.initial_seed(), 0, progress,
+                                 data=data)
     names, task_notes = resolve_attacks(cfg, num_classes)
     attacks = build_attacks(cfg, names, num_classes)
     result = samples.suite
@@ -161,8 +163,8 @@ def evaluate(model, params, x, y, domain, num_classes: int, generator, *, model_
         if int(members.sum()):
             per_class[str(label)] = ClassRecord(
                 n=int(members.sum()),
-                clean_accuracy=float(result.clean_correct[members].float().mean()),
-                robust_accuracy=float(result.robust[members].float().mean()))
+                clean_accuracy=share(result.clean_correct[members]),
+                robust_accuracy=share(result.robust[members]))
     confusion = np.zeros((num_classes, num_classes), dtype=int)
     np.add.at(confusion, (y.cpu().numpy(), result.adv_pred.numpy()), 1)
     ran = [c for c in masking if c.passed is not None]
@@ -194,10 +196,10 @@ def refuse_clean_only(ws: Workspace, params) -> None:
 
 def main(ws: Workspace) -> int:
     params = ws.params()
-    cfg, threat = params.attack, from_params(params)
     refuse_clean_only(ws, params)
     runtime = start_runtime(params)
     data, domain, data_fingerprint = load_data(ws, params)
+    cfg, threat = params.attack, from_params(params, data)
     model_sha = sha256_file(ws.checkpoint)
     model, _ = load_model_for(ws, params, data, data_fingerprint, runtime.device)
     generator = seed_everything(params.seed)
@@ -213,7 +215,7 @@ def main(ws: Workspace) -> int:
                file=sys.stderr, mininterval=1.0, disable=samples is not None)
     metrics, result = evaluate(
         model, params, x, y, domain.to(runtime.device), data.num_classes, generator, model_sha256=model_sha,
-        data_fingerprint=data_fingerprint, samples=samples,
+        data_fingerprint=data_fingerprint, data=data, samples=samples,
         progress=lambda name, count: (bar.set_postfix_str(name, refresh=False), bar.update(count)))
     bar.close()
     x, y = x.cpu(), y.cpu()
@@ -258,4 +260,5 @@ def _attack_shard(ws: Workspace, data_fingerprint: str, start: int, stop: int) -
     model, _ = load_model_for(ws, params, data, data_fingerprint, runtime.device)
     seed_everything(params.seed)
     x, y = tensors(data, "test", stop, runtime.device)
-    return attack_samples(model, params, x[start:], y[start:], domain, data.num_classes, params.seed, start)
+    return attack_samples(model, params, x[start:], y[start:], domain, data.num_classes, params.seed, start,
+                          data=data)

@@ -78,13 +78,13 @@ def sweep_method(cfg) -> str:
 
 
 def bound_samples(model, params, x, y, domain, num_classes: int, seed: int, x_adv, start: int = 0,
-                  attack_sweep=None, report=print) -> BoundsSamples:
+                  attack_sweep=None, report=print, data=None) -> BoundsSamples:
     """Bound samples start..start+len(x) of the test split by every method, one block of
     certify.batch_size at a time (the batches one process would bound), and cross-check the first
     `len(x_adv)` against the attack's points and random points drawn from :func:`block_generator`
     (seed, block start): the per-sample result does not depend on the process that computes it.
     Raises NotBoundable when auto_LiRPA cannot bound the model."""
-    cfg, threat = params.certify, from_params(params)
+    cfg, threat = params.certify, from_params(params, data)
     computer = BoundComputer(model, tuple(x.shape[1:]), domain)
     methods = {}
     for method in cfg.methods:
@@ -165,13 +165,13 @@ def combined(verified: dict[str, torch.Tensor], n: int) -> tuple[int, CombinedRe
 
 
 def certify_model(model, params, x, y, domain, num_classes: int, generator, attack_evidence, *, model_sha256: str,
-                  data_fingerprint: str, attack_sweep=None, report=print,
+                  data_fingerprint: str, attack_sweep=None, report=print, data=None,
                   samples: Optional[Callable[[], BoundsSamples]] = None) -> tuple[CertifyResult, dict]:
     """Verified accuracy of one model on (x, y) by every configured method, each cross-checked against
     the attack's evidence `(x_adv, attack_robust, m)`. Pure: the stage and `robustgate compare` call it.
     The per-sample bounds come from :func:`bound_samples` seeded by `generator`'s seed (or from
     `samples()`, when the stage computed them in shards). Returns the result and the per-sample rows."""
-    cfg, threat = params.certify, from_params(params)
+    cfg, threat = params.certify, from_params(params, data)
     x_adv, attack_robust, m = attack_evidence
     n = len(y)
     verified_accuracy: dict = {}
@@ -186,7 +186,7 @@ def certify_model(model, params, x, y, domain, num_classes: int, generator, atta
     try:
         bounds = samples() if samples is not None else bound_samples(
             model, params, x, y, domain, num_classes, generator.initial_seed(), x_adv[:m].to(x.device), 0,
-            attack_sweep, report)
+            attack_sweep, report, data)
         for method, part in bounds.methods.items():
             done = len(part.margin_lower)  # fewer than n when the time budget ran out
             verified = torch.zeros(n, dtype=torch.bool)
@@ -248,7 +248,7 @@ def main(ws: Workspace) -> int:
     if attack["model_sha256"] != model_sha:
         raise IntegrityMismatch(f"metrics/attack.json speaks of checkpoint {attack['model_sha256'][:12]}, "
                                 f"{ws.checkpoint.name} is {model_sha[:12]}: re-run attack (dvc repro)")
-    evidence = _attack_evidence(ws, len(x), from_params(params))
+    evidence = _attack_evidence(ws, len(x), from_params(params, data))
     samples = None
     if runtime.processes > 1 and cfg.time_budget_s is not None:
         print("certify: one process: a time budget certifies a prefix, which shards cannot share")
@@ -259,7 +259,7 @@ def main(ws: Workspace) -> int:
         samples = lambda: merge_bounds(run_shards(_certify_shard, shards, runtime.threads))  # noqa: E731
     result, per_sample = certify_model(model, params, x, y, domain.to(runtime.device), data.num_classes, generator,
                                        evidence, model_sha256=model_sha, data_fingerprint=data_fingerprint,
-                                       attack_sweep=attack.get("sweep"), samples=samples)
+                                       attack_sweep=attack.get("sweep"), data=data, samples=samples)
     write_text(ws.certify_samples, "".join(json.dumps(row) + "\n" for row in per_sample.values()))
     write_json(ws.root / "plots" / "certify_sweep.json", [p.model_dump() for p in result.sweep.points]
                if result.sweep else [])
@@ -275,6 +275,6 @@ def _certify_shard(ws: Workspace, data_fingerprint: str, start: int, stop: int, 
     model, _ = load_model_for(ws, params, data, data_fingerprint, runtime.device)
     seed_everything(params.seed)
     x, y = tensors(data, "test", stop, runtime.device)
-    x_adv, _, m = _attack_evidence(ws, stop, from_params(params))
+    x_adv, _, m = _attack_evidence(ws, stop, from_params(params, data))
     return bound_samples(model, params, x[start:], y[start:], domain, data.num_classes, params.seed,
-                         x_adv[start:m].to(runtime.device), start, attack_sweep, report=lambda line: None)
+                         x_adv[start:m].to(runtime.device), start, attack_sweep, report=lambda line: None, data=data)

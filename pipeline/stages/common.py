@@ -34,13 +34,15 @@ def load_data(ws: Workspace, params, known_fingerprint: str | None = None) -> tu
     the one `prepare` stored (or `known_fingerprint`, a shard's parent's), hashed only for an old file."""
     data = load_prepared(ws.prepared)
     domain = Domain.from_arrays(data.lower, data.upper)
-    from_params(params).check(domain)
+    from_params(params, data).check(domain)
     return data, domain, known_fingerprint or stored_fingerprint(ws.prepared) or fingerprint(data)
 
 
 def load_model_for(ws: Workspace, params, data: PreparedData, data_fingerprint: str, device="cpu"):
     """The trained model on `device`, built from the params on the prepared data's shapes, refusing one trained on
     other data than the prepared split or whose logits are NaN or wrongly shaped."""
+    if params.model.supplied:
+        return load_supplied_for(ws, params, data, data_fingerprint)
     model, meta = load_checkpoint(ws.model_dir, params.model.name, params.model.factory_options(),
                                   data.x["test"].shape[1:], data.num_classes)
     if meta.get("dataset_fingerprint") != data_fingerprint:
@@ -72,3 +74,22 @@ def tensors(data: PreparedData, split: str, limit: int | None = None,
         x, y = x[:limit], y[:limit]
     return (torch.as_tensor(x, dtype=torch.float32, device=device),
             torch.as_tensor(y, dtype=torch.int64, device=device))
+
+
+def load_supplied_for(ws: Workspace, params, data: PreparedData, data_fingerprint: str):
+    """The supplied file as train imported it (models/model.pt holds its bytes): its torch form,
+    refused when the import was for other data or the file changed since."""
+    import json
+
+    from pipeline.io import sha256_file
+    from pipeline.supplied.model import load_supplied
+
+    meta_file = ws.model_dir / "model.json"
+    if not ws.checkpoint.is_file() or not meta_file.is_file():
+        raise UsageError(f"no imported model in {ws.model_dir}: run `robustgate train` (it imports model.path)")
+    meta = json.loads(meta_file.read_text(encoding="utf-8"))
+    if meta.get("dataset_fingerprint") != data_fingerprint or meta.get("sha256") != sha256_file(ws.checkpoint):
+        raise UsageError(f"{ws.checkpoint} was imported for other data or has changed since: re-run `robustgate train`")
+    model, _, _ = load_supplied(ws.checkpoint, params.model.layout, data.x["test"].shape[1:], data.num_classes)
+    check_model_outputs(model, tensors(data, "test", 256)[0], data.num_classes)
+    return model, meta

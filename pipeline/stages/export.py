@@ -33,6 +33,8 @@ def main(ws: Workspace) -> int:
         raise IntegrityMismatch(f"{ws.adversarial.name} was made against checkpoint {attacked[:12]}, "
                                 f"{ws.checkpoint.name} is {model_sha[:12]}: re-run attack (dvc repro)")
     x_test = data.x["test"]
+    if params.model.supplied:
+        return _ship_supplied(ws, params, model, meta, x_test, x_adv, y_adv, torch_robust, model_sha, data_fingerprint)
     metadata = {
         "robustgate.version": __version__,
         "robustgate.git_commit": ws.git_commit(),
@@ -91,4 +93,46 @@ def main(ws: Workspace) -> int:
     )))
     print(f"export: {ws.onnx.name} sha256 {digest[:12]} max|Δ| {worst:.2e} labels {clean['label_agreement']:.4f}/"
           f"{adv['label_agreement']:.4f} robust onnx {onnx_robust:.3f} vs torch {torch_robust:.3f}")
+    return 0
+
+
+def _ship_supplied(ws: Workspace, params, model, meta, x_test, x_adv, y_adv, torch_robust, model_sha,
+                   data_fingerprint) -> int:
+    """A supplied model ships as the supplied file, byte for byte (no re-export: that would be another
+    file); what is checked is that onnxruntime on it agrees with the torch form every stage evaluated,
+    on clean and on the attack stage's adversarial inputs."""
+    from pipeline.io import atomic_write
+    from pipeline.supplied.model import runner_logits
+    from pipeline.supplied.onnx_torch import OnnxRunner
+
+    cfg = params.export
+    content = ws.checkpoint.read_bytes()
+    runner = OnnxRunner(ws.checkpoint)
+    clean_onnx, adv_onnx = runner_logits(model, runner, x_test), runner_logits(model, runner, x_adv)
+    clean = parity(torch_logits(model, x_test), clean_onnx)
+    adv = parity(torch_logits(model, x_adv), adv_onnx)
+    onnx_robust = float(((clean_onnx[: len(y_adv)].argmax(1) == y_adv) & (adv_onnx.argmax(1) == y_adv)).mean())
+    worst = max(clean["max_abs_diff"], adv["max_abs_diff"])
+    if worst > cfg.atol or min(clean["label_agreement"], adv["label_agreement"]) < cfg.min_label_agreement:
+        raise ParityFailure(f"the supplied file and its torch form disagree: max |Δ| {worst:.3g} (allowed {cfg.atol}), "
+                            f"label agreement clean {clean['label_agreement']:.4f} adversarial "
+                            f"{adv['label_agreement']:.4f}; no model.onnx written")
+    ws.onnx.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write(ws.onnx, lambda tmp: tmp.write_bytes(content))
+    digest = sha256_file(ws.onnx)
+    if digest != meta["sha256"]:
+        raise IntegrityMismatch(f"{ws.onnx} sha256 {digest[:12]} is not the supplied file's {meta['sha256'][:12]}")
+    opset = next((o.version for o in onnx.load(str(ws.onnx)).opset_import if o.domain in ("", "ai.onnx")), 0)
+    write_json(ws.metrics("export"), dump(ExportResult(
+        seed=params.seed, dataset_fingerprint=data_fingerprint, model_sha256=model_sha, onnx_sha256=digest,
+        opset=opset, exporter="none: the supplied file, shipped unchanged", max_abs_diff=clean["max_abs_diff"],
+        label_agreement=clean["label_agreement"], n=clean["n"], adv_max_abs_diff=adv["max_abs_diff"],
+        adv_label_agreement=adv["label_agreement"], adv_n=adv["n"], robust_accuracy_onnx=onnx_robust,
+        robust_accuracy_torch=torch_robust, robust_accuracy_diff=abs(onnx_robust - torch_robust),
+        metadata={"robustgate.supplied_path": str(meta.get("supplied_path")),
+                  "robustgate.supplier": str(meta.get("supplier")), "robustgate.model_sha256": model_sha},
+        latency={}, latency_note="not measured for a supplied file",
+    )))
+    print(f"export: shipping the supplied file unchanged, sha256 {digest[:12]}; onnxruntime vs torch form max|Δ| "
+          f"{worst:.2e}, robust onnx {onnx_robust:.3f} vs torch {torch_robust:.3f}")
     return 0

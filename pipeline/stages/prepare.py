@@ -18,6 +18,7 @@ from pipeline.errors import UsageError
 from pipeline.estimate import describe, estimate
 from pipeline.feasibility import check_runnable
 from pipeline.io import atomic_write, confine, write_json
+from pipeline.clinical import check_clinical_params
 from pipeline.threat import Domain, from_params
 from pipeline.workspace import Workspace
 
@@ -34,17 +35,19 @@ def main(ws: Workspace) -> int:
     params = ws.params()
     cfg = params.data
     path = confine(cfg.path, ws.root, "data.path") if cfg.path else None
-    raw = load_dataset(cfg.dataset, path, ws.root, **cfg.loader_options())
+    raw = load_dataset(cfg.dataset, path, ws.root, cfg.csv, **cfg.loader_options())
     data = prepare(raw, cfg.val_fraction, cfg.test_fraction, params.seed, cfg.max_samples)
-    from_params(params).check(Domain.from_arrays(data.lower, data.upper))
+    from_params(params, data).check(Domain.from_arrays(data.lower, data.upper))
     input_shape = list(data.x["train"].shape[1:])
+    names = class_names(cfg.class_names, raw.class_names, data.num_classes)
+    check_clinical_params(params, names, data.feature_names)
     notes = check_runnable(params, data.num_classes, input_shape)
     digest = fingerprint(data)
     metrics = {
         "schema_version": results.SCHEMA_VERSION,
         "dataset": cfg.dataset,
         "dataset_name": cfg.display_name(),
-        "class_names": class_names(cfg.class_names, raw.class_names, data.num_classes),
+        "class_names": names,
         "fingerprint": digest,
         "seed": params.seed,
         "input_shape": input_shape,

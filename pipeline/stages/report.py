@@ -153,6 +153,7 @@ def build_context(ws: Workspace) -> dict:
         "bars_png": accuracy_bars([(label, a["value"], a["ci"]) for label, a in bars]),
         "gallery_png": gallery(ws),
         "limitations": claims.limitations(params, metrics),
+        "clinical_findings": claims.clinical_findings(metrics),
         "threat_rows": claims.threat_model(metrics),
         "model_hashes": model_hashes(metrics),
         "attack_scope": claims.attack_scope(attack),

@@ -17,7 +17,7 @@ from pipeline.attacks.pgd import PGD
 from pipeline.errors import UsageError
 from pipeline.feasibility import check_runnable
 from pipeline.io import atomic_write, confine, sha256_file, write_json
-from pipeline.models import build_model, load_weights, save_checkpoint
+from pipeline.models import build_model, load_weights, save_checkpoint, set_input_statistics
 from pipeline.results import TrainResult, dump
 from pipeline.runtime import ShardedShuffle, join, rank_seed, torchrun_command, under_torchrun
 from pipeline.stages.common import load_data, seed_everything, start_runtime, tensors
@@ -26,7 +26,7 @@ from pipeline.training.loop import FitConfig, TrainingDiverged, TrainState, fit,
 from pipeline.workspace import Workspace
 
 
-def fit_config(params) -> FitConfig:
+def fit_config(params, data=None) -> FitConfig:
     """The training loop's settings: the shared ones, and the chosen method's own (`train` holds
     only the settings of its method, see :data:`pipeline.config.TRAIN_SETTINGS`)."""
     t = params.train
@@ -41,7 +41,7 @@ def fit_config(params) -> FitConfig:
         lr=t.lr,
         momentum=t.momentum,
         weight_decay=t.weight_decay,
-        threat=from_params(params),
+        threat=from_params(params, data),
         epsilon_warmup_epochs=own.pop("epsilon_warmup_epochs", 0),
         train_epsilon=own.pop("epsilon", None),
         train_pgd=None if pgd is None else PGD(pgd.steps, pgd.step_size, pgd.restarts, schedule=pgd.schedule),
@@ -85,6 +85,11 @@ def launch_torchrun(ws: Workspace, params, resume: bool) -> int:
 
 def main(ws: Workspace, resume: bool = False) -> int:
     params = ws.params()
+    if params.model.supplied:  # nothing to train: import the supplied file in this stage's place
+        print(f"train: model.source = {params.model.source!r}: importing {params.model.path}, not training")
+        from pipeline.stages import import_model
+
+        return import_model.main(ws)
     runtime = start_runtime(params)  # an unavailable device is refused here, before any work
     if params.runtime.processes > 1 and not under_torchrun():
         return launch_torchrun(ws, params, resume)
@@ -92,17 +97,19 @@ def main(ws: Workspace, resume: bool = False) -> int:
     main_rank = distributed is None or distributed.is_main
     data, domain, data_fingerprint = load_data(ws, params)
     if params.train.epsilon is not None:
-        from_params(params).with_epsilon(params.train.epsilon).check(domain, key="train.epsilon")
+        from_params(params, data).with_epsilon(params.train.epsilon).check(domain, key="train.epsilon")
     # every rank draws its own random stream (seed, rank); the data order is shared (ShardedShuffle)
     generator = seed_everything(params.seed if distributed is None else rank_seed(params.seed, distributed.rank))
     input_shape = list(data.x["train"].shape[1:])
     check_runnable(params, data.num_classes, input_shape)  # before training, not at the attack stage
     options = params.model.factory_options()
     model = build_model(params.model.name, input_shape, data.num_classes, options)
+    if data.tabular and not set_input_statistics(model, data.mean, data.std):
+        print("train: note: the model has no Standardize layer; it receives tabular inputs in raw units")
     start_from_checkpoint(model, params, ws.root)
     model = model.to(runtime.device)
     domain = domain.to(runtime.device)
-    cfg = fit_config(params)
+    cfg = fit_config(params, data)
     hooks = {"autocast": runtime.autocast, "scaler": runtime.grad_scaler()}
     if distributed is not None:
         distributed.broadcast_parameters(model)

@@ -1,0 +1,1 @@
+"""Models the pipeline did not train: ONNX files and their torch form."""

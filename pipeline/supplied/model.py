@@ -1,0 +1,83 @@
+"""A supplied ONNX file as the model every stage evaluates.
+
+The pipeline's data is (C, H, W) (or (D,)) per sample; a supplied file may read
+NCHW, NHWC or flattened inputs (`model.layout`). `SuppliedModel` adapts the data
+to the file's layout and runs the file's torch form, so attacks and bounds work
+on it; onnxruntime on the file stays the judge (`parity_gap`).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from pipeline.errors import UsageError
+from pipeline.supplied.onnx_torch import (OnnxModule, OnnxRunner, Unsupported, check_against_onnxruntime, load_onnx,
+                                          to_torch)
+
+
+def file_shape(data_shape: Sequence[int], layout: str) -> tuple[int, ...]:
+    """The per-sample input shape the file must declare for data of `data_shape` in `layout`."""
+    data_shape = tuple(int(d) for d in data_shape)
+    if layout == "flat":
+        return (int(np.prod(data_shape)),)
+    if layout == "nhwc":
+        if len(data_shape) != 3:
+            raise UsageError(f"model.layout = 'nhwc' needs image data (C, H, W); the data has shape {data_shape}")
+        return (data_shape[1], data_shape[2], data_shape[0])
+    return data_shape
+
+
+class SuppliedModel(nn.Module):
+    """Data-layout input -> the file's layout -> the file's torch form -> (N, K) outputs."""
+
+    def __init__(self, graph: OnnxModule, layout: str):
+        super().__init__()
+        self.graph, self.layout = graph, layout
+
+    def to_file_layout(self, x: torch.Tensor) -> torch.Tensor:
+        if self.layout == "flat":
+            return torch.flatten(x, 1)
+        if self.layout == "nhwc":
+            return x.permute(0, 2, 3, 1)
+        return x
+
+    def forward(self, x):
+        if self.layout == "nhwc" and self.graph.input_perm == (0, 3, 1, 2):  # the file's own Transpose undoes
+            return torch.flatten(self.graph.core()(x), 1)  # ours: bound the graph after it, on the data as is
+        return torch.flatten(self.graph(self.to_file_layout(x)), 1)
+
+
+def load_supplied(path: Path, layout: str, data_shape: Sequence[int], num_classes: int) -> tuple[SuppliedModel, OnnxRunner, object]:
+    """The supplied file's torch form adapted to the data, with onnxruntime on the file; bad input
+    (not loadable, several inputs, an op the torch form lacks, shapes that do not fit) is one line."""
+    proto = load_onnx(path)
+    try:
+        graph = to_torch(proto)
+    except Unsupported as error:
+        raise UsageError(f"{path}: {error}") from None
+    want = file_shape(data_shape, layout)
+    if tuple(graph.input_shape) != want:
+        raise UsageError(f"{path}: input shape {list(graph.input_shape)} per sample; the data in layout {layout!r} "
+                         f"gives {list(want)} (set model.layout to the file's layout)")
+    outputs = int(np.prod(graph.output_shape)) if graph.output_shape else 1
+    if outputs != num_classes:
+        raise UsageError(f"{path}: {outputs} outputs per sample; the data has {num_classes} classes")
+    return SuppliedModel(graph, layout).eval(), OnnxRunner(path), proto
+
+
+def parity_gap(model: SuppliedModel, runner: OnnxRunner, x: np.ndarray) -> float:
+    """Max |torch form - onnxruntime| on data-layout inputs `x`."""
+    with torch.no_grad():
+        file_x = model.to_file_layout(torch.as_tensor(x, dtype=torch.float32)).contiguous().numpy()
+    return check_against_onnxruntime(model.graph, runner, file_x)
+
+
+def runner_logits(model: SuppliedModel, runner: OnnxRunner, x: np.ndarray) -> np.ndarray:
+    """onnxruntime's outputs on data-layout inputs, as (N, K)."""
+    with torch.no_grad():
+        file_x = model.to_file_layout(torch.as_tensor(x, dtype=torch.float32)).contiguous().numpy()
+    return runner(file_x).reshape(len(x), -1)

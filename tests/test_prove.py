@@ -1,0 +1,264 @@
+"""`robustgate prove`: answers checked against properties whose answer is known by construction.
+
+The reference is an exact MILP (scipy.optimize.milp, HiGHS) of the minimum of a linear
+function of the outputs of a small ReLU network over a box. A threshold below that minimum
+makes the property unsat, above it sat: the verifier must say so in both directions, and a
+`sat` must come with a point that onnxruntime confirms. All of this is new code: before it,
+`robustgate prove` did not exist (argparse exit 2 on the unknown command).
+"""
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+from onnx import TensorProto, helper, numpy_helper
+from scipy.optimize import LinearConstraint, milp
+from torch import nn
+
+from pipeline import vnnlib
+from pipeline.errors import UsageError
+from pipeline.prove import Options
+from pipeline.prove_cli import prove_files
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _mlp(seed: int, sizes: list[int]) -> nn.Sequential:
+    torch.manual_seed(seed)
+    layers: list[nn.Module] = []
+    for a, b in zip(sizes[:-1], sizes[1:]):
+        layers += [nn.Linear(a, b), nn.ReLU()]
+    return nn.Sequential(*layers[:-1]).eval()
+
+
+def _export(net: nn.Module, shape: tuple[int, ...], path: Path) -> Path:
+    torch.onnx.export(net, (torch.zeros(1, *shape),), str(path), dynamo=False, input_names=["x"],
+                      output_names=["y"], dynamic_axes={"x": {0: "b"}, "y": {0: "b"}})
+    return path
+
+
+def exact_minimum(net: nn.Sequential, c: np.ndarray, lower: np.ndarray, upper: np.ndarray) -> float:
+    """min over the box of c . net(x), exactly, by a big-M MILP on the ReLU activation patterns."""
+    linears = [m for m in net if isinstance(m, nn.Linear)]
+    weights = [(m.weight.detach().double().numpy(), m.bias.detach().double().numpy()) for m in linears]
+    n_vars, bounds_lo, bounds_hi, integrality = len(lower), list(lower), list(upper), [0] * len(lower)
+    rows, row_lo, row_hi = [], [], []
+    previous, lo, hi = list(range(len(lower))), lower.astype(float), upper.astype(float)
+
+    def add_var(a, b, integer=0):
+        nonlocal n_vars
+        bounds_lo.append(a)
+        bounds_hi.append(b)
+        integrality.append(integer)
+        n_vars += 1
+        return n_vars - 1
+
+    pending = []
+    for w, b in weights[:-1]:
+        pre_lo = np.clip(w, 0, None) @ lo + np.clip(w, None, 0) @ hi + b
+        pre_hi = np.clip(w, 0, None) @ hi + np.clip(w, None, 0) @ lo + b
+        current = []
+        for j in range(len(b)):
+            z = add_var(pre_lo[j], pre_hi[j])
+            pending.append(({z: -1.0, **{p: w[j, i] for i, p in enumerate(previous)}}, -b[j], -b[j]))
+            a = add_var(0.0, max(pre_hi[j], 0.0))
+            d = add_var(0, 1, 1)
+            pending.append(({a: 1.0, z: -1.0}, 0.0, np.inf))  # a >= z
+            pending.append(({a: 1.0, z: -1.0, d: -pre_lo[j]}, -np.inf, -pre_lo[j]))  # a <= z - l (1 - d)
+            pending.append(({a: 1.0, d: -max(pre_hi[j], 0.0)}, -np.inf, 0.0))  # a <= u d
+            current.append(a)
+        previous, lo, hi = current, np.maximum(pre_lo, 0), np.maximum(pre_hi, 0)
+    w, b = weights[-1]
+    objective = np.zeros(n_vars)
+    for i, p in enumerate(previous):
+        objective[p] = c @ w[:, i]
+    for coeffs, a, bnd in pending:
+        row = np.zeros(n_vars)
+        for k, v in coeffs.items():
+            row[k] = v
+        rows.append(row)
+        row_lo.append(a)
+        row_hi.append(bnd)
+    from scipy.optimize import Bounds
+
+    result = milp(objective, constraints=LinearConstraint(np.array(rows), row_lo, row_hi),
+                  integrality=np.array(integrality), bounds=Bounds(bounds_lo, bounds_hi),
+                  options={"mip_rel_gap": 0.0})
+    assert result.status == 0, result.message
+    return float(result.fun + c @ b)
+
+
+def _linear_property(n_in: int, n_out: int, lower, upper, c_pos: int, c_neg: int, threshold: float) -> str:
+    text = "".join(f"(declare-const X_{i} Real)\n" for i in range(n_in))
+    text += "".join(f"(declare-const Y_{j} Real)\n" for j in range(n_out))
+    text += "".join(f"(assert (>= X_{i} {float(lower[i])!r}))\n(assert (<= X_{i} {float(upper[i])!r}))\n" for i in range(n_in))
+    return text + f"(assert (<= (- Y_{c_pos} Y_{c_neg}) {float(threshold)!r}))\n"
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_known_answers_both_directions(tmp_path, seed):
+    """Y_0 - Y_1 <= m* - δ is unsat and <= m* + δ is sat, with m* the MILP's exact minimum; the
+    unsat cases near m* need branch and bound (the bounds alone are loose there)."""
+    net = _mlp(seed, [3, 12, 12, 2])
+    model = _export(net, (3,), tmp_path / "m.onnx")
+    lower, upper = -np.ones(3), np.ones(3)
+    m_star = exact_minimum(net, np.array([1.0, -1.0]), lower, upper)
+    session = ort.InferenceSession(str(model), providers=["CPUExecutionProvider"])
+    phases = set()
+    for delta, expected in [(-0.05, "unsat"), (-0.005, "unsat"), (0.005, "sat"), (0.05, "sat")]:
+        prop = tmp_path / "p.vnnlib"
+        prop.write_text(_linear_property(3, 2, lower, upper, 0, 1, m_star + delta))
+        answer = prove_files(model, prop, timeout=60)
+        assert answer.status == expected, (delta, m_star, answer)
+        phases.add(answer.phase)
+        if expected == "sat":
+            assert np.all(answer.x >= lower) and np.all(answer.x <= upper)
+            y = session.run(None, {"x": answer.x.reshape(1, 3).astype(np.float32)})[0][0]
+            assert y[0] - y[1] <= m_star + delta
+    assert "bab" in phases or "alpha_crown" in phases or "crown" in phases
+
+
+def test_disjunction_of_conjunctions(tmp_path):
+    """Robustness in VNN-COMP form (an `or` of `and`s): unsat at a tiny ε, sat at the whole box,
+    where the counterexample is classified otherwise by onnxruntime."""
+    net = _mlp(3, [4, 10, 3])
+    model = _export(net, (4,), tmp_path / "m.onnx")
+    x0 = np.array([0.3, -0.2, 0.1, 0.5])
+    label = int(net(torch.as_tensor(x0, dtype=torch.float32)[None]).argmax())
+    for epsilon, expected in [(1e-3, "unsat"), (5.0, "sat")]:
+        prop = tmp_path / "r.vnnlib"
+        prop.write_text(vnnlib.robustness_property(x0, epsilon, -10 * np.ones(4), 10 * np.ones(4), label, 3))
+        answer = prove_files(model, prop, timeout=60)
+        assert answer.status == expected
+        if expected == "sat":
+            assert int(np.argmax(answer.y)) != label or np.max(answer.y) == answer.y[label]
+
+
+def test_timeout_is_not_unsat(tmp_path):
+    """A budget too small to settle a hard property answers `timeout` (never a guess)."""
+    net = _mlp(0, [3, 12, 12, 2])
+    model = _export(net, (3,), tmp_path / "m.onnx")
+    m_star = exact_minimum(net, np.array([1.0, -1.0]), -np.ones(3), np.ones(3))
+    prop = tmp_path / "p.vnnlib"
+    prop.write_text(_linear_property(3, 2, -np.ones(3), np.ones(3), 0, 1, m_star - 1e-4))
+    answer = prove_files(model, prop, timeout=0.05)
+    assert answer.status in ("timeout", "unsat")  # unsat only if decided before the deadline
+    assert answer.status == "timeout" or answer.seconds < 0.05 + 1.0
+
+
+# --- the VNNLIB parser ------------------------------------------------------------------------------
+
+def test_parser_dnf_and_boxes():
+    text = """; comment
+(declare-const X_0 Real)
+(declare-const X_1 Real)
+(declare-const Y_0 Real)
+(declare-const Y_1 Real)
+(declare-const Y_2 Real)
+(assert (or (and (>= X_0 0) (<= X_0 1) (>= X_1 -1) (<= X_1 0.5))
+            (and (>= X_0 2) (<= X_0 3) (>= X_1 -1) (<= X_1 0.5))))
+(assert (or (and (>= Y_1 Y_0)) (and (<= (* 2 Y_2) (+ Y_0 1.5)) (>= Y_2 -3))))
+"""
+    prop = vnnlib.parse(text)
+    assert (prop.num_inputs, prop.num_outputs, len(prop.regions)) == (2, 3, 2)
+    region = prop.regions[1]
+    assert region.lower.tolist() == [2.0, -1.0] and region.upper.tolist() == [3.0, 0.5]
+    (a1, b1), (a2, b2) = region.conjuncts
+    assert a1.tolist() == [[1.0, -1.0, 0.0]] and b1.tolist() == [0.0]  # Y_0 - Y_1 <= 0
+    assert a2.tolist() == [[-1.0, 0.0, 2.0], [0.0, 0.0, -1.0]] and b2.tolist() == [1.5, 3.0]
+
+
+@pytest.mark.parametrize("text, message", [
+    ("(declare-const X_0 Real)\n(declare-const Y_0 Real)\n(assert (<= X_0 1)\n", "expected ')', got end of file"),
+    ("(declare-const X_0 Real)\n(declare-const Y_0 Real)\n(assert (<= X_0 1))\n(assert (>= X_0 0))\n"
+     "(assert (foo Y_0 1))\n", ":5: expected 'and', 'or', '<=' or '>=', got 'foo'"),
+    ("(declare-const X_0 Real)\n(declare-const Y_0 Real)\n(assert (<= X_0 1))\n(assert (<= Y_0 Y_1))\n",
+     ":4: Y_1 is used before its declare-const"),
+    ("(declare-const X_0 Real)\n(declare-const Y_0 Real)\n(assert (<= X_0 1))\n(assert (<= Y_0 0))\n",
+     "X_0 has no lower and upper bound"),
+    ("(declare-const X_0 Real)\n(declare-const Y_0 Real)\n(assert (>= X_0 0))\n(assert (<= X_0 1))\n"
+     "(assert (<= (* Y_0 Y_0) 0))\n", ":5: a product of two variables"),
+])
+def test_parser_names_line_and_expectation(text, message):
+    with pytest.raises(UsageError, match=None) as info:
+        vnnlib.parse(text, "p.vnnlib")
+    assert message in str(info.value)
+
+
+# --- the command line ------------------------------------------------------------------------------
+
+def _cli(*args: str, cwd: Path):
+    return subprocess.run([sys.executable, "-m", "pipeline", "prove", *args], capture_output=True, text=True,
+                          cwd=cwd, env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin", "OMP_NUM_THREADS": "1"})
+
+
+def test_cli_writes_vnncomp_result_and_counterexample(tmp_path):
+    net = _mlp(4, [2, 8, 2])
+    model = _export(net, (2,), tmp_path / "m.onnx")
+    prop = tmp_path / "p.vnnlib"
+    prop.write_text(_linear_property(2, 2, [-1, -1], [1, 1], 0, 1, 1e6))  # always met: sat
+    done = _cli(str(model), str(prop), "--timeout", "30", "--result", str(tmp_path / "out.txt"), cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    lines = (tmp_path / "out.txt").read_text().splitlines()
+    assert lines[0] == "sat" and lines[1].startswith("((X_0 ") and lines[-1].endswith(")")
+    values = {k: float(v) for k, v in (entry.strip(" ()").split() for entry in lines[1:])}
+    assert set(values) == {"X_0", "X_1", "Y_0", "Y_1"}
+
+
+def _tanh_model(path: Path) -> Path:
+    w = numpy_helper.from_array(np.ones((2, 2), np.float32), "w")
+    graph = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["h"]), helper.make_node("Tanh", ["h"], ["y"])],
+                              "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 2])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 2])], [w])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
+    return path
+
+
+def _two_input_model(path: Path) -> Path:
+    graph = helper.make_graph([helper.make_node("Add", ["a", "b"], ["y"])], "g",
+                              [helper.make_tensor_value_info("a", TensorProto.FLOAT, [1, 2]),
+                               helper.make_tensor_value_info("b", TensorProto.FLOAT, [1, 2])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 2])])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
+    return path
+
+
+@pytest.mark.parametrize("case, message", [
+    ("malformed", "p.vnnlib:3: expected"),
+    ("dimension", "declares 3 inputs X_i; "),
+    ("missing", "no such model file"),
+    ("garbage", "not a loadable ONNX model"),
+    ("two_inputs", "2 inputs and 1 outputs"),
+    ("unsupported", "ONNX op Tanh"),
+])
+def test_cli_bad_input_one_line_exit_2_nothing_written(tmp_path, case, message):
+    model = _export(_mlp(0, [2, 4, 2]), (2,), tmp_path / "m.onnx")
+    prop = tmp_path / "p.vnnlib"
+    prop.write_text(_linear_property(2, 2, [-1, -1], [1, 1], 0, 1, 0.0))
+    if case == "malformed":
+        prop.write_text("(declare-const X_0 Real)\n(declare-const Y_0 Real)\n(assert (<= X_0 1) (\n")
+    elif case == "dimension":
+        prop.write_text(_linear_property(3, 2, [-1] * 3, [1] * 3, 0, 1, 0.0))
+    elif case == "missing":
+        model = tmp_path / "absent.onnx"
+    elif case == "garbage":
+        model.write_bytes(b"not a protobuf at all")
+    elif case == "two_inputs":
+        model = _two_input_model(tmp_path / "two.onnx")
+    elif case == "unsupported":
+        model = _tanh_model(tmp_path / "tanh.onnx")
+    result = tmp_path / "out.txt"
+    done = _cli(str(model), str(prop), "--timeout", "10", "--result", str(result), cwd=tmp_path)
+    assert done.returncode == 2, (done.returncode, done.stderr)
+    assert len(done.stderr.strip().splitlines()) == 1 and message in done.stderr, done.stderr
+    assert not result.exists()
+
+
+def test_options_default_is_sound_tolerance():
+    assert Options().tolerance > 0
