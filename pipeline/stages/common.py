@@ -42,7 +42,8 @@ def load_model_for(ws: Workspace, params, data: PreparedData, data_fingerprint: 
     """The trained model on `device`, built from the params on the prepared data's shapes, refusing one trained on
     other data than the prepared split or whose logits are NaN or wrongly shaped."""
     if params.model.supplied:
-        return load_supplied_for(ws, params, data, data_fingerprint)
+        model, meta = load_supplied_for(ws, params, data, data_fingerprint)
+        return model.to(device), meta
     model, meta = load_checkpoint(ws.model_dir, params.model.name, params.model.factory_options(),
                                   data.x["test"].shape[1:], data.num_classes)
     if meta.get("dataset_fingerprint") != data_fingerprint:
