@@ -38,9 +38,13 @@ class CsvSettings(_Section):
 
 
 class DataConfig(_Section):
-    dataset: Literal["digits", "breast_cancer", "idx", "npz", "csv"] = "digits"
-    path: Optional[str] = Field(None, description="IDX directory, NPZ or CSV file, inside the workspace")
+    dataset: Literal["digits", "breast_cancer", "idx", "npz", "csv", "image_folder"] = "digits"
+    path: Optional[str] = Field(None, description="IDX directory, NPZ or CSV file, or image folder, inside the workspace")
     csv: Optional[CsvSettings] = Field(None, description="dataset 'csv': the label column and feature types")
+    image_size: Optional[list[int]] = Field(None, description="image_folder: [height, width] every image is resized "
+                                            "to; default their own size, which must then be common")
+    image_channels: Optional[Literal[1, 3]] = Field(None, description="image_folder: 1 grayscale, 3 RGB; default "
+                                                    "1 when every image is grayscale, else 3")
     name: Optional[str] = Field(None, min_length=1, description="what the report and registry call the data; "
                                 "default: the built-in dataset's name, else the file or folder name of data.path")
     class_names: Optional[list[str]] = Field(None, description="one name per class label 0..K-1; default: "
@@ -51,14 +55,24 @@ class DataConfig(_Section):
 
     @model_validator(mode="after")
     def _path_matches_dataset(self) -> "DataConfig":
-        if self.dataset in ("idx", "npz", "csv") and not self.path:
+        if self.dataset in ("idx", "npz", "csv", "image_folder") and not self.path:
             raise ValueError(f"dataset {self.dataset!r} needs data.path")
         if (self.dataset == "csv") != (self.csv is not None):
             raise ValueError("dataset 'csv' needs data.csv (label_column), and data.csv is for dataset 'csv' only")
+        if self.dataset != "image_folder" and (self.image_size is not None or self.image_channels is not None):
+            raise ValueError("image_size and image_channels are settings of dataset 'image_folder' only")
+        if self.image_size is not None and (len(self.image_size) != 2 or min(self.image_size) < 1):
+            raise ValueError("image_size must be [height, width], each >= 1")
         if self.class_names is not None and (len(set(self.class_names)) != len(self.class_names)
                                              or not all(self.class_names)):
             raise ValueError("class_names must be distinct, non-empty names")
         return self
+
+    def loader_options(self) -> dict:
+        """Keyword arguments of the dataset's loader beyond (path, root)."""
+        if self.dataset == "image_folder":
+            return {"image_size": self.image_size, "channels": self.image_channels}
+        return {}
 
     def display_name(self) -> str:
         """`name`, else the built-in dataset, else the stem of data.path (`data/raw/mnist` -> `mnist`)."""
@@ -548,6 +562,17 @@ class RegisterConfig(_Section):
     experiment: str = Field("robustgate", min_length=1)
 
 
+class RuntimeConfig(_Section):
+    """Where and how the work runs; none of it changes a CPU result (see pipeline/runtime.py)."""
+
+    device: str = Field("auto", pattern=r"^(auto|cpu|cuda|cuda:\d+|mps)$",
+                        description="auto: cuda, else mps, else cpu; a device not on this machine is refused")
+    precision: Literal["float32", "bf16", "fp16"] = Field(
+        "float32", description="training autocast; certification and attacks always run in float32")
+    threads: Optional[int] = Field(None, ge=1, description="torch threads per process; default cores / processes")
+    processes: int = Field(1, ge=1, description="attack, certify and smooth shards; data-parallel training under torchrun")
+
+
 class PropertiesConfig(_Section):
     instances: Optional[str] = Field(None, min_length=1, description="a VNN-COMP instances.csv (onnx, vnnlib, "
                                      "timeout per row, paths relative to the CSV) to decide with `robustgate prove`")
@@ -572,6 +597,7 @@ class Params(_Section):
     gate: GateConfig = GateConfig()
     # `register` would shadow ABCMeta.register on the model class, hence the alias.
     registry: RegisterConfig = Field(RegisterConfig(), alias="register")
+    runtime: RuntimeConfig = RuntimeConfig()
     # The user's files as DVC deps (dvc.yaml templates them); checked against data.path and model.name.
     inputs: Optional[InputsConfig] = None
 

@@ -36,13 +36,15 @@ class Smooth:
 
     def counts(self, x: torch.Tensor, num: int) -> torch.Tensor:
         """How often the base classifier predicts each class on `num` noisy copies of one input."""
-        counts = torch.zeros(self.num_classes, dtype=torch.long)
+        counts = torch.zeros(self.num_classes, dtype=torch.long, device=x.device)
         remaining = num
         with torch.no_grad():
             while remaining > 0:
                 size = min(self.batch_size, remaining)
                 batch = x.unsqueeze(0).expand(size, *x.shape)
-                noise = torch.randn(batch.shape, generator=self.generator) * self.sigma
+                # drawn on the generator's device (CPU draws stay bit-identical), then moved to the input's
+                noise = torch.randn(batch.shape, generator=self.generator, device=self.generator.device).to(x.device)
+                noise = noise * self.sigma
                 counts += torch.bincount(self.base(batch + noise).argmax(1), minlength=self.num_classes)
                 remaining -= size
                 self.forward_passes += size

@@ -14,6 +14,7 @@ from typing import Callable, Optional
 import numpy as np
 
 from pipeline.data.idx import load_idx_directory
+from pipeline.data.image_folder import load_image_folder
 from pipeline.errors import UsageError
 
 
@@ -91,12 +92,15 @@ DATASETS: dict[str, Callable[[Optional[Path], Optional[Path]], RawDataset]] = {
     "breast_cancer": _breast_cancer,
     "idx": _idx,
     "npz": _npz,
+    "image_folder": load_image_folder,
     "csv": None,  # needs its column settings: see load_dataset
 }
 
 
-def load_dataset(name: str, path: Optional[Path] = None, root: Optional[Path] = None, csv=None) -> RawDataset:
-    """`csv`: the CsvSettings (label column, feature types) a `csv` dataset is read with."""
+def load_dataset(name: str, path: Optional[Path] = None, root: Optional[Path] = None, csv=None,
+                 **options) -> RawDataset:
+    """`csv`: the CsvSettings (label column, feature types) a `csv` dataset is read with; `options`:
+    the other loaders' own settings (image_folder: image_size, channels)."""
     if name not in DATASETS:
         raise UsageError(f"unknown dataset {name!r}; allowed: {', '.join(DATASETS)}")
     if name == "csv":
@@ -104,7 +108,7 @@ def load_dataset(name: str, path: Optional[Path] = None, root: Optional[Path] = 
 
         dataset = load_csv(path, csv)
     else:
-        dataset = DATASETS[name](path, root)
+        dataset = DATASETS[name](path, root, **options)
     validate(dataset, name)
     return dataset
 

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import json
 import sys
+from dataclasses import dataclass, replace
 
 import numpy as np
+import torch
 from tqdm import tqdm
 
 from pipeline.attacks import FGSM, PGD, Attack
@@ -19,7 +21,9 @@ from pipeline.io import atomic_write, confine, sha256_file, write_json, write_te
 from pipeline.policy import load_policy
 from pipeline.results import (Accuracy, AttackRecord, AttackResult, AttackSweep, ClassRecord, NotApplicable,
                               ReferenceCoverage, ThreatRecord, dump)
-from pipeline.stages.common import check_model_outputs, load_data, load_model_for, seed_everything, tensors
+from pipeline.runtime import block_generator, run_shards, shard_ranges
+from pipeline.stages.common import (check_model_outputs, load_data, load_model_for, seed_everything, start_runtime,
+                                    tensors)
 from pipeline.stats import proportion
 from pipeline.threat import LpBall, from_params
 from pipeline.workspace import Workspace
@@ -41,20 +45,63 @@ def build_attacks(cfg, names: list[str], num_classes: int) -> list[Attack]:
     return [factories[name]() for name in names]  # validated by the config
 
 
-def epsilon_sweep(model, cfg, x, y, threat: LpBall, domain, generator) -> list[dict]:
-    """Robust accuracy against PGD (step size scaled with ε) from 0 to max_factor·ε."""
+def sweep_grid(cfg, threat: LpBall, domain) -> list[float]:
+    """The ε values of the sweep, 0 to max_factor·ε, capped at the domain's diameter."""
     limit = domain.diameter(threat.norm)
-    epsilon = threat.epsilon
-    grid = sorted({min(limit, float(f) * epsilon) for f in np.linspace(0.0, cfg.sweep.max_factor, cfg.sweep.points)})
-    rows = []
-    for eps in grid:
-        scale = eps / epsilon if epsilon > 0 else 0.0
-        pgd = PGD(cfg.pgd.steps, max(cfg.pgd.step_size * scale, 1e-12), cfg.pgd.restarts, schedule=cfg.pgd.schedule)
-        mask = robust_mask(model, pgd, x, y, threat.with_epsilon(eps), domain, cfg.batch_size, generator)
-        stats = proportion(int(mask.sum()), len(y))
-        rows.append({"epsilon": eps, "robust_accuracy": stats["value"], "ci_low": stats["ci"][0],
-                     "ci_high": stats["ci"][1], "n": stats["n"]})
-    return rows
+    return sorted({min(limit, float(f) * threat.epsilon)
+                   for f in np.linspace(0.0, cfg.sweep.max_factor, cfg.sweep.points)})
+
+
+def sweep_attack(cfg, threat: LpBall, eps: float) -> PGD:
+    """PGD with its step size scaled with ε."""
+    scale = eps / threat.epsilon if threat.epsilon > 0 else 0.0
+    return PGD(cfg.pgd.steps, max(cfg.pgd.step_size * scale, 1e-12), cfg.pgd.restarts, schedule=cfg.pgd.schedule)
+
+
+@dataclass(frozen=True)
+class SamplesResult:
+    """The per-sample part of the evaluation of samples [start, start + n) of the test split."""
+
+    suite: SuiteResult
+    sweep_robust: torch.Tensor  # bool (ε points, samples of this range inside the sweep's first `sweep_n`)
+
+
+def attack_samples(model, params, x, y, domain, num_classes: int, seed: int, start: int = 0,
+                   progress=None, data=None) -> SamplesResult:
+    """Attack samples start..start+len(x) of the test split, one block of attack.batch_size at a
+    time, each block drawing from :func:`block_generator` (seed, its first sample index): so the
+    per-sample result does not depend on which process runs which block (see pipeline/runtime.py)."""
+    cfg, threat = params.attack, from_params(params, data)
+    names, _ = resolve_attacks(cfg, num_classes)
+    attacks = build_attacks(cfg, names, num_classes)
+    grid = sweep_grid(cfg, threat, domain)
+    sweep_end = cfg.sweep.max_samples if cfg.sweep.max_samples is not None else start + len(y)  # first samples
+    pieces, sweeps = [], []
+    for offset in range(0, len(y), cfg.batch_size):
+        xb, yb = x[offset:offset + cfg.batch_size], y[offset:offset + cfg.batch_size]
+        generator = block_generator(seed, start + offset, x.device)
+        pieces.append(run_suite(model, attacks, xb, yb, threat, domain, cfg.batch_size, generator,
+                                progress=progress, sequential=cfg.mode == "sequential"))
+        inside = max(0, min(len(yb), sweep_end - start - offset))
+        sweeps.append(torch.stack([
+            robust_mask(model, sweep_attack(cfg, threat, eps), xb[:inside], yb[:inside], threat.with_epsilon(eps),
+                        domain, cfg.batch_size, generator).cpu() for eps in grid])
+            if inside else torch.zeros((len(grid), 0), dtype=torch.bool))
+    return SamplesResult(merge_suites(pieces), torch.cat(sweeps, dim=1))
+
+
+def merge_suites(pieces: list[SuiteResult]) -> SuiteResult:
+    """Consecutive ranges' suite results as one, in sample order, on the CPU."""
+    first = pieces[0]
+    cat = lambda field: torch.cat([getattr(p, field).cpu() for p in pieces])  # noqa: E731
+    return SuiteResult(cat("clean_correct"), {name: torch.cat([p.broken[name].cpu() for p in pieces])
+                                              for name in first.broken},
+                       cat("robust"), [b for p in pieces for b in p.broken_by], cat("x_adv"), cat("adv_pred"),
+                       first.sequential)
+
+
+def merge_samples(parts: list[SamplesResult]) -> SamplesResult:
+    return SamplesResult(merge_suites([p.suite for p in parts]), torch.cat([p.sweep_robust for p in parts], dim=1))
 
 
 # AutoAttack's "standard" suite (Croce & Hein 2020), the reference a reader compares against.
@@ -68,22 +115,33 @@ def reference_coverage(names: list[str]) -> ReferenceCoverage:
 
 
 def evaluate(model, params, x, y, domain, num_classes: int, generator, *, model_sha256: str, data_fingerprint: str,
-             progress=None, data=None) -> tuple[AttackResult, SuiteResult]:
+             progress=None, data=None, samples: SamplesResult | None = None) -> tuple[AttackResult, SuiteResult]:
     """The attack evaluation of one model on (x, y): worst case over the configured attacks, the ε
     sweep and the masking checks. Pure: the stage and `robustgate compare` both call it. `data`: the
-    prepared data, whose tabular statistics turn per-feature budgets into radii."""
+    prepared data, whose tabular statistics turn per-feature budgets into radii. The per-sample
+    part comes from :func:`attack_samples` (seeded by `generator`'s seed and the sample index); the
+    stage passes `samples` when shards computed it; the masking checks then run here on all samples."""
     cfg, threat = params.attack, from_params(params, data)
+    if samples is None:
+        samples = attack_samples(model, params, x, y, domain, num_classes, generator.initial_seed(), 0, progress,
+                                 data=data)
     names, task_notes = resolve_attacks(cfg, num_classes)
     attacks = build_attacks(cfg, names, num_classes)
-    result = run_suite(model, attacks, x, y, threat, domain, cfg.batch_size, generator,
-                       progress=progress, sequential=cfg.mode == "sequential")
+    result = samples.suite
     n = len(y)
-    sweep_n = min(cfg.sweep.max_samples or n, n)
-    sweep = epsilon_sweep(model, cfg, x[:sweep_n], y[:sweep_n], threat, domain, generator)
+    sweep_n = samples.sweep_robust.shape[1]
+    sweep = []
+    for eps, mask in zip(sweep_grid(cfg, threat, domain), samples.sweep_robust):
+        stats = proportion(int(mask.sum()), sweep_n)
+        sweep.append({"epsilon": eps, "robust_accuracy": stats["value"], "ci_low": stats["ci"][0],
+                      "ci_high": stats["ci"][1], "n": stats["n"]})
     masking = []
     if cfg.masking.enabled:
         reference = next((a for a in attacks if isinstance(a, PGD)), PGD(cfg.pgd.steps, cfg.pgd.step_size, 1))
-        masking = run_checks(model, result, attacks, sweep, x, y, threat, domain, generator,
+        suite_here = replace(result, clean_correct=result.clean_correct.to(x.device),
+                             broken={k: v.to(x.device) for k, v in result.broken.items()},
+                             robust=result.robust.to(x.device))
+        masking = run_checks(model, suite_here, attacks, sweep, x, y, threat, domain, generator,
                              cfg.batch_size, cfg.masking.tolerance, domain.diameter(threat.norm),
                              cfg.masking.large_epsilon_max_accuracy, reference)
     names = [a.name for a in attacks]
@@ -101,14 +159,14 @@ def evaluate(model, params, x, y, domain, num_classes: int, generator, *, model_
         )
     per_class = {}
     for label in range(num_classes):
-        members = y == label
+        members = y.cpu() == label
         if int(members.sum()):
             per_class[str(label)] = ClassRecord(
                 n=int(members.sum()),
                 clean_accuracy=share(result.clean_correct[members]),
                 robust_accuracy=share(result.robust[members]))
     confusion = np.zeros((num_classes, num_classes), dtype=int)
-    np.add.at(confusion, (y.numpy(), result.adv_pred.numpy()), 1)
+    np.add.at(confusion, (y.cpu().numpy(), result.adv_pred.numpy()), 1)
     ran = [c for c in masking if c.passed is not None]
     metrics = AttackResult(
         seed=params.seed, dataset_fingerprint=data_fingerprint, model_sha256=model_sha256, n=n,
@@ -139,19 +197,28 @@ def refuse_clean_only(ws: Workspace, params) -> None:
 def main(ws: Workspace) -> int:
     params = ws.params()
     refuse_clean_only(ws, params)
+    runtime = start_runtime(params)
     data, domain, data_fingerprint = load_data(ws, params)
     cfg, threat = params.attack, from_params(params, data)
     model_sha = sha256_file(ws.checkpoint)
-    model, _ = load_model_for(ws, params, data, data_fingerprint)
+    model, _ = load_model_for(ws, params, data, data_fingerprint, runtime.device)
     generator = seed_everything(params.seed)
-    x, y = tensors(data, "test", cfg.max_samples)
+    x, y = tensors(data, "test", cfg.max_samples, runtime.device)
     check_model_outputs(model, x, data.num_classes)
-    bar = tqdm(total=len(x) * len(resolve_attacks(cfg, data.num_classes)[0]), desc="attack", unit="img", file=sys.stderr, mininterval=1.0)
+    samples = None
+    if runtime.processes > 1:  # the per-sample part in shards, merged in sample order; the rest here
+        ranges = shard_ranges(len(y), runtime.processes, cfg.batch_size)
+        print(f"attack: {len(y)} samples in {len(ranges)} processes of {runtime.threads} thread(s)")
+        samples = merge_samples(run_shards(_attack_shard, [(ws, data_fingerprint, a, b) for a, b in ranges],
+                                           runtime.threads))
+    bar = tqdm(total=len(x) * len(resolve_attacks(cfg, data.num_classes)[0]), desc="attack", unit="img",
+               file=sys.stderr, mininterval=1.0, disable=samples is not None)
     metrics, result = evaluate(
-        model, params, x, y, domain, data.num_classes, generator, model_sha256=model_sha,
-        data_fingerprint=data_fingerprint, data=data,
+        model, params, x, y, domain.to(runtime.device), data.num_classes, generator, model_sha256=model_sha,
+        data_fingerprint=data_fingerprint, data=data, samples=samples,
         progress=lambda name, count: (bar.set_postfix_str(name, refresh=False), bar.update(count)))
     bar.close()
+    x, y = x.cpu(), y.cpu()
     names = list(metrics.attacks)
     n = metrics.n
 
@@ -183,3 +250,15 @@ def main(ws: Workspace) -> int:
         status = {"not_run": "not run", "pass": "pass", "fail": "FAIL"}[check.status]
         print(f"  masking check {name}: {status}: {check.detail}")
     return 0
+
+
+def _attack_shard(ws: Workspace, data_fingerprint: str, start: int, stop: int) -> SamplesResult:
+    """One shard of :func:`main`, in its own process: test samples [start, stop)."""
+    params = ws.params()
+    runtime = start_runtime(params)
+    data, domain = load_data(ws, params, data_fingerprint)[:2]
+    model, _ = load_model_for(ws, params, data, data_fingerprint, runtime.device)
+    seed_everything(params.seed)
+    x, y = tensors(data, "test", stop, runtime.device)
+    return attack_samples(model, params, x[start:], y[start:], domain, data.num_classes, params.seed, start,
+                          data=data)

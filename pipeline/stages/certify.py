@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import json
 import time
+from dataclasses import dataclass
+from typing import Callable, Optional
 
 import numpy as np
 import torch
@@ -20,7 +22,8 @@ from pipeline.errors import IntegrityMismatch, SoundnessViolation, UsageError
 from pipeline.io import sha256_file, write_json, write_text
 from pipeline.results import (Accuracy, CertifyMethodRecord, CertifyResult, CertifySweep, CombinedRecord,
                               NotApplicable, Soundness, ThreatRecord)
-from pipeline.stages.common import load_data, load_model_for, seed_everything, tensors
+from pipeline.runtime import block_generator, run_shards, shard_ranges
+from pipeline.stages.common import load_data, load_model_for, seed_everything, start_runtime, tensors
 from pipeline.stats import proportion
 from pipeline.threat import LpBall, from_params
 from pipeline.workspace import Workspace
@@ -37,31 +40,106 @@ def _attack_evidence(ws: Workspace, n: int, threat: LpBall):
 
 
 def containment_violations(cert, model, x, y, x_adv, threat: LpBall, domain, generator, random_points: int,
-                           tolerance: float) -> tuple[int, int]:
-    """Points whose true margins fall outside the certified bounds (must be zero)."""
+                           tolerance: float) -> torch.Tensor:
+    """Per sample, how many of its probe points (the attack's point, random points in the ε-ball)
+    have true margins outside the certified bounds (must be zero everywhere)."""
     lower, upper = cert.lower[: len(x)], cert.upper[: len(x)]
     probes = [x_adv] if x_adv is not None else []
     probes += [threat.random_start(x, domain, generator) for _ in range(random_points)]
-    violations = checked = 0
+    violations = torch.zeros(len(x), dtype=torch.long)
     with torch.no_grad():
         for probe in probes:
             margin = margins_of(model(probe), y)
             bad = (margin < lower - tolerance) | (margin > upper + tolerance)
-            violations += int(bad.any(dim=1).sum())
-            checked += len(probe)
-    return violations, checked
+            violations += bad.any(dim=1).long().cpu()
+    return violations
 
 
-def certified_sweep(computer, x, y, sweep: list[dict], threat: LpBall, num_classes: int, batch_size: int,
-                    tolerance: float, method: str) -> list[dict]:
+@dataclass(frozen=True)
+class MethodSamples:
+    """One method's per-sample part on consecutive samples: fewer than asked when the time budget ran out."""
+
+    margin_lower: torch.Tensor  # float (done,)
+    verified: torch.Tensor  # bool (done,): margin above tolerance (clean correctness is applied later)
+    violations: torch.Tensor  # long (cross-checked,): containment violations per sample
+    points: int  # probe points per cross-checked sample
+    seconds: float
+
+
+@dataclass(frozen=True)
+class BoundsSamples:
+    methods: dict[str, MethodSamples]
+    sweep_verified: Optional[torch.Tensor]  # bool (ε points, samples inside the sweep) for the sweep's method
+
+
+def sweep_method(cfg) -> str:
+    """The fastest configured method, used for the ε sweep."""
+    return next((mth for mth in ("crown", "crown_ibp", "ibp") if mth in cfg.methods), cfg.methods[0])
+
+
+def bound_samples(model, params, x, y, domain, num_classes: int, seed: int, x_adv, start: int = 0,
+                  attack_sweep=None, report=print, data=None) -> BoundsSamples:
+    """Bound samples start..start+len(x) of the test split by every method, one block of
+    certify.batch_size at a time (the batches one process would bound), and cross-check the first
+    `len(x_adv)` against the attack's points and random points drawn from :func:`block_generator`
+    (seed, block start): the per-sample result does not depend on the process that computes it.
+    Raises NotBoundable when auto_LiRPA cannot bound the model."""
+    cfg, threat = params.certify, from_params(params, data)
+    computer = BoundComputer(model, tuple(x.shape[1:]), domain)
+    methods = {}
+    for method in cfg.methods:
+        report(f"certify: {method}: bounding {len(y)} samples at {threat.norm} ε={threat.epsilon:g} ...")
+        started = time.perf_counter()
+        deadline = time.monotonic() + cfg.time_budget_s if cfg.time_budget_s else None
+        margins, verified, violations = [], [], []
+        for offset in range(0, len(y), cfg.batch_size):
+            if deadline is not None and margins and time.monotonic() > deadline:
+                break  # the time budget certifies a prefix
+            xb, yb = x[offset:offset + cfg.batch_size], y[offset:offset + cfg.batch_size]
+            with torch.no_grad():
+                cert = computer.certify(xb, yb, threat, method, num_classes, cfg.batch_size, cfg.tolerance)
+            margins.append(cert.margin_lower.cpu())
+            verified.append(cert.verified.cpu())
+            k = max(0, min(len(yb), len(x_adv) - offset))
+            if k:
+                violations.append(containment_violations(
+                    cert, model, xb[:k], yb[:k], x_adv[offset:offset + k], threat, domain,
+                    block_generator(seed, start + offset, x.device), cfg.random_points, cfg.tolerance))
+        methods[method] = MethodSamples(
+            torch.cat(margins), torch.cat(verified),
+            torch.cat(violations) if violations else torch.zeros(0, dtype=torch.long),
+            1 + cfg.random_points, time.perf_counter() - started)
+    sweep = None
+    if cfg.sweep and attack_sweep:
+        fast, count = sweep_method(cfg), max(0, min(len(y), attack_sweep["n"] - start))
+        report(f"certify: {fast} at {len(attack_sweep['points'])} ε values of the sweep on {count} samples ...")
+        rows = []
+        for point in attack_sweep["points"]:
+            with torch.no_grad():
+                rows.append(computer.certify(x[:count], y[:count], threat.with_epsilon(point["epsilon"]), fast,
+                                             num_classes, cfg.batch_size, cfg.tolerance).verified.cpu()
+                            if count else torch.zeros(0, dtype=torch.bool))
+        sweep = torch.stack(rows)
+    return BoundsSamples(methods, sweep)
+
+
+def merge_bounds(parts: list[BoundsSamples]) -> BoundsSamples:
+    """Consecutive ranges' per-sample bounds as one, in sample order."""
+    cat = lambda get: torch.cat([get(p) for p in parts])  # noqa: E731
+    methods = {m: MethodSamples(cat(lambda p: p.methods[m].margin_lower), cat(lambda p: p.methods[m].verified),
+                                cat(lambda p: p.methods[m].violations), parts[0].methods[m].points,
+                                max(p.methods[m].seconds for p in parts))
+               for m in parts[0].methods}
+    sweep = None if parts[0].sweep_verified is None else torch.cat([p.sweep_verified for p in parts], dim=1)
+    return BoundsSamples(methods, sweep)
+
+
+def certified_sweep(verified: torch.Tensor, sweep: list[dict], method: str) -> list[dict]:
     """Verified accuracy at the attack stage's ε grid, each checked against the attack's robust count."""
     rows = []
-    n = len(y)
-    for point in sweep:
-        with torch.no_grad():
-            verified = computer.certify(x, y, threat.with_epsilon(point["epsilon"]), method, num_classes, batch_size,
-                                        tolerance).verified
-        count = int(verified.sum())
+    n = verified.shape[1]
+    for point, mask in zip(sweep, verified):
+        count = int(mask.sum())
         robust_count = round(point["robust_accuracy"] * point["n"])
         if count > robust_count:
             raise SoundnessViolation(
@@ -87,32 +165,32 @@ def combined(verified: dict[str, torch.Tensor], n: int) -> tuple[int, CombinedRe
 
 
 def certify_model(model, params, x, y, domain, num_classes: int, generator, attack_evidence, *, model_sha256: str,
-                  data_fingerprint: str, attack_sweep=None, report=print, data=None) -> tuple[CertifyResult, dict]:
+                  data_fingerprint: str, attack_sweep=None, report=print, data=None,
+                  samples: Optional[Callable[[], BoundsSamples]] = None) -> tuple[CertifyResult, dict]:
     """Verified accuracy of one model on (x, y) by every configured method, each cross-checked against
     the attack's evidence `(x_adv, attack_robust, m)`. Pure: the stage and `robustgate compare` call it.
-    Returns the result and the per-sample rows."""
+    The per-sample bounds come from :func:`bound_samples` seeded by `generator`'s seed (or from
+    `samples()`, when the stage computed them in shards). Returns the result and the per-sample rows."""
     cfg, threat = params.certify, from_params(params, data)
     x_adv, attack_robust, m = attack_evidence
-    with torch.no_grad():
-        clean_correct = model(x).argmax(1) == y
     n = len(y)
     verified_accuracy: dict = {}
     methods: dict[str, CertifyMethodRecord] = {}
-    per_sample = {i: {"index": i, "label": int(y[i]), "clean_correct": bool(clean_correct[i])} for i in range(n)}
     complete: dict[str, torch.Tensor] = {}  # method -> verified mask, for methods that certified every sample
     extra: dict = {}
     status, reason = "ok", None
+    attack_robust = attack_robust.cpu()
+    with torch.no_grad():
+        clean_correct = (model(x).argmax(1) == y).cpu()
+    per_sample = {i: {"index": i, "label": int(y[i]), "clean_correct": bool(clean_correct[i])} for i in range(n)}
     try:
-        computer = BoundComputer(model, tuple(x.shape[1:]), domain)
-        for method in cfg.methods:
-            report(f"certify: {method}: bounding {n} samples at {threat.norm} ε={threat.epsilon:g} ...")
-            started = time.perf_counter()
-            deadline = time.monotonic() + cfg.time_budget_s if cfg.time_budget_s else None
-            cert = computer.certify(x, y, threat, method, num_classes,
-                                    cfg.batch_size, cfg.tolerance, deadline)
-            done = len(cert.margin_lower)  # fewer than n when the time budget ran out
-            verified = torch.zeros(n, dtype=torch.bool, device=y.device)
-            verified[:done] = cert.verified & clean_correct[:done]
+        bounds = samples() if samples is not None else bound_samples(
+            model, params, x, y, domain, num_classes, generator.initial_seed(), x_adv[:m].to(x.device), 0,
+            attack_sweep, report, data)
+        for method, part in bounds.methods.items():
+            done = len(part.margin_lower)  # fewer than n when the time budget ran out
+            verified = torch.zeros(n, dtype=torch.bool)
+            verified[:done] = part.verified & clean_correct[:done]
             conflicts = int((verified[:m] & ~attack_robust).sum())
             if conflicts:
                 raise SoundnessViolation(
@@ -120,21 +198,19 @@ def certify_model(model, params, x, y, domain, num_classes: int, generator, atta
                     "have an adversarial example from the attack stage; the certificate cannot be trusted"
                 )
             k = min(m, done)
-            violations, checked = containment_violations(
-                cert, model, x[:k], y[:k], x_adv[:k], threat, domain, generator,
-                cfg.random_points, cfg.tolerance)
+            violations, checked = int(part.violations[:k].sum()), k * part.points
             if violations:
                 raise SoundnessViolation(f"{violations} of {checked} points have margins outside the {method} bounds")
             accuracy = Accuracy.of(int(verified[:done].sum()), done, "lower_bound", method)
             verified_accuracy[method] = accuracy
             methods[method] = CertifyMethodRecord(
-                accuracy=accuracy, seconds=time.perf_counter() - started, requested=n, budget_exhausted=done < n,
+                accuracy=accuracy, seconds=part.seconds, requested=n, budget_exhausted=done < n,
                 soundness=Soundness(attack_conflicts=conflicts, containment_violations=violations,
                                     points_checked=checked, samples_cross_checked=k, tolerance=cfg.tolerance))
             if done == n:
                 complete[method] = verified
             for i in range(done):
-                per_sample[i][f"{method}_margin_lower"] = float(cert.margin_lower[i])
+                per_sample[i][f"{method}_margin_lower"] = float(part.margin_lower[i])
                 per_sample[i][f"{method}_verified"] = bool(verified[i])
             budget = f" (time budget: {done} of {n} certified)" if done < n else ""
             report(f"certify: {method} verified {accuracy.value:.3f} [{accuracy.ci[0]:.3f}, {accuracy.ci[1]:.3f}] "
@@ -142,13 +218,10 @@ def certify_model(model, params, x, y, domain, num_classes: int, generator, atta
         if len(complete) > 1:
             count, extra["combined"] = combined(complete, n)
             verified_accuracy["any"] = Accuracy.of(count, n, "lower_bound", "any of " + ", ".join(complete))
-        if cfg.sweep and attack_sweep:
-            fast = next((mth for mth in ("crown", "crown_ibp", "ibp") if mth in cfg.methods), cfg.methods[0])
-            count = attack_sweep["n"]
-            report(f"certify: {fast} at {len(attack_sweep['points'])} ε values of the sweep on {count} samples ...")
-            rows = certified_sweep(computer, x[:count], y[:count], attack_sweep["points"], threat, num_classes,
-                                   cfg.batch_size, cfg.tolerance, fast)
-            extra["sweep"] = CertifySweep(method=fast, n=count, points=rows)
+        if bounds.sweep_verified is not None:
+            fast = sweep_method(cfg)
+            rows = certified_sweep(bounds.sweep_verified, attack_sweep["points"], fast)
+            extra["sweep"] = CertifySweep(method=fast, n=bounds.sweep_verified.shape[1], points=rows)
     except NotBoundable as error:
         status, reason = "not_applicable", f"auto_LiRPA cannot bound this model: {error}"
         verified_accuracy = {method: NotApplicable(status="not_applicable", reason=reason) for method in cfg.methods}
@@ -165,21 +238,43 @@ def certify_model(model, params, x, y, domain, num_classes: int, generator, atta
 def main(ws: Workspace) -> int:
     params = ws.params()
     cfg = params.certify
+    runtime = start_runtime(params)
     data, domain, data_fingerprint = load_data(ws, params)
     model_sha = sha256_file(ws.checkpoint)
-    model, _ = load_model_for(ws, params, data, data_fingerprint)
+    model, _ = load_model_for(ws, params, data, data_fingerprint, runtime.device)
     generator = seed_everything(params.seed)
-    x, y = tensors(data, "test", cfg.max_samples)
+    x, y = tensors(data, "test", cfg.max_samples, runtime.device)
     attack = results.load("attack", ws.metrics("attack"))
     if attack["model_sha256"] != model_sha:
         raise IntegrityMismatch(f"metrics/attack.json speaks of checkpoint {attack['model_sha256'][:12]}, "
                                 f"{ws.checkpoint.name} is {model_sha[:12]}: re-run attack (dvc repro)")
     evidence = _attack_evidence(ws, len(x), from_params(params, data))
-    result, per_sample = certify_model(model, params, x, y, domain, data.num_classes, generator, evidence,
-                                       model_sha256=model_sha, data_fingerprint=data_fingerprint,
-                                       attack_sweep=attack.get("sweep"), data=data)
+    samples = None
+    if runtime.processes > 1 and cfg.time_budget_s is not None:
+        print("certify: one process: a time budget certifies a prefix, which shards cannot share")
+    elif runtime.processes > 1:
+        ranges = shard_ranges(len(y), runtime.processes, cfg.batch_size)
+        print(f"certify: {len(y)} samples in {len(ranges)} processes of {runtime.threads} thread(s)")
+        shards = [(ws, data_fingerprint, a, b, attack.get("sweep")) for a, b in ranges]
+        samples = lambda: merge_bounds(run_shards(_certify_shard, shards, runtime.threads))  # noqa: E731
+    result, per_sample = certify_model(model, params, x, y, domain.to(runtime.device), data.num_classes, generator,
+                                       evidence, model_sha256=model_sha, data_fingerprint=data_fingerprint,
+                                       attack_sweep=attack.get("sweep"), data=data, samples=samples)
     write_text(ws.certify_samples, "".join(json.dumps(row) + "\n" for row in per_sample.values()))
     write_json(ws.root / "plots" / "certify_sweep.json", [p.model_dump() for p in result.sweep.points]
                if result.sweep else [])
     write_json(ws.metrics("certify"), results.dump(result))
     return 0
+
+
+def _certify_shard(ws: Workspace, data_fingerprint: str, start: int, stop: int, attack_sweep) -> BoundsSamples:
+    """One shard of :func:`main`, in its own process: test samples [start, stop)."""
+    params = ws.params()
+    runtime = start_runtime(params)
+    data, domain = load_data(ws, params, data_fingerprint)[:2]
+    model, _ = load_model_for(ws, params, data, data_fingerprint, runtime.device)
+    seed_everything(params.seed)
+    x, y = tensors(data, "test", stop, runtime.device)
+    x_adv, _, m = _attack_evidence(ws, stop, from_params(params, data))
+    return bound_samples(model, params, x[start:], y[start:], domain, data.num_classes, params.seed,
+                         x_adv[start:m].to(runtime.device), start, attack_sweep, report=lambda line: None, data=data)

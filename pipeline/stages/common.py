@@ -7,9 +7,10 @@ import numpy as np
 import torch
 
 from pipeline.data.split import PreparedData, fingerprint
-from pipeline.data.store import load_prepared
+from pipeline.data.store import load_prepared, stored_fingerprint
 from pipeline.errors import UsageError
 from pipeline.models import load_checkpoint
+from pipeline.runtime import Runtime, start
 from pipeline.threat import Domain, from_params
 from pipeline.workspace import Workspace
 
@@ -23,18 +24,26 @@ def seed_everything(seed: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
 
 
-def load_data(ws: Workspace, params) -> tuple[PreparedData, Domain, str]:
+def start_runtime(params, processes: int | None = None) -> Runtime:
+    """The resolved `runtime` section (device refused here, before any work or output)."""
+    return start(params.runtime, processes)
+
+
+def load_data(ws: Workspace, params, known_fingerprint: str | None = None) -> tuple[PreparedData, Domain, str]:
+    """The prepared split (memory-mapped), its domain (checked against the threat) and its fingerprint:
+    the one `prepare` stored (or `known_fingerprint`, a shard's parent's), hashed only for an old file."""
     data = load_prepared(ws.prepared)
     domain = Domain.from_arrays(data.lower, data.upper)
     from_params(params, data).check(domain)
-    return data, domain, fingerprint(data)
+    return data, domain, known_fingerprint or stored_fingerprint(ws.prepared) or fingerprint(data)
 
 
-def load_model_for(ws: Workspace, params, data: PreparedData, data_fingerprint: str):
-    """The trained model, built from the params on the prepared data's shapes, refusing one trained on
+def load_model_for(ws: Workspace, params, data: PreparedData, data_fingerprint: str, device="cpu"):
+    """The trained model on `device`, built from the params on the prepared data's shapes, refusing one trained on
     other data than the prepared split or whose logits are NaN or wrongly shaped."""
     if params.model.supplied:
-        return load_supplied_for(ws, params, data, data_fingerprint)
+        model, meta = load_supplied_for(ws, params, data, data_fingerprint)
+        return model.to(device), meta
     model, meta = load_checkpoint(ws.model_dir, params.model.name, params.model.factory_options(),
                                   data.x["test"].shape[1:], data.num_classes)
     if meta.get("dataset_fingerprint") != data_fingerprint:
@@ -42,7 +51,8 @@ def load_model_for(ws: Workspace, params, data: PreparedData, data_fingerprint: 
             f"{ws.model_dir / 'model.pt'} was trained on data {str(meta.get('dataset_fingerprint', '?'))[:12]}, "
             f"the prepared data is {data_fingerprint[:12]}: re-run `robustgate train`"
         )
-    check_model_outputs(model, tensors(data, "test", 256)[0], data.num_classes)
+    model = model.to(device)
+    check_model_outputs(model, tensors(data, "test", 256, device)[0], data.num_classes)
     return model, meta
 
 
@@ -58,11 +68,13 @@ def check_model_outputs(model, x: torch.Tensor, num_classes: int) -> None:
         raise UsageError("model returns NaN or inf logits on the test split; fix the model before evaluating it")
 
 
-def tensors(data: PreparedData, split: str, limit: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def tensors(data: PreparedData, split: str, limit: int | None = None,
+            device="cpu") -> tuple[torch.Tensor, torch.Tensor]:
     x, y = data.x[split], data.y[split]
     if limit is not None:
         x, y = x[:limit], y[:limit]
-    return torch.as_tensor(x, dtype=torch.float32), torch.as_tensor(y, dtype=torch.int64)
+    return (torch.as_tensor(x, dtype=torch.float32, device=device),
+            torch.as_tensor(y, dtype=torch.int64, device=device))
 
 
 def load_supplied_for(ws: Workspace, params, data: PreparedData, data_fingerprint: str):

@@ -35,7 +35,7 @@ def main(ws: Workspace) -> int:
     params = ws.params()
     cfg = params.data
     path = confine(cfg.path, ws.root, "data.path") if cfg.path else None
-    raw = load_dataset(cfg.dataset, path, ws.root, cfg.csv)
+    raw = load_dataset(cfg.dataset, path, ws.root, cfg.csv, **cfg.loader_options())
     data = prepare(raw, cfg.val_fraction, cfg.test_fraction, params.seed, cfg.max_samples)
     from_params(params, data).check(Domain.from_arrays(data.lower, data.upper))
     input_shape = list(data.x["train"].shape[1:])

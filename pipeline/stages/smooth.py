@@ -17,7 +17,8 @@ from tqdm import tqdm
 from pipeline.certify.smoothing import ABSTAIN, Smooth
 from pipeline.io import sha256_file, write_json, write_text
 from pipeline.results import Accuracy, SmoothPoint, SmoothResult, dump
-from pipeline.stages.common import load_data, load_model_for, seed_everything, tensors
+from pipeline.runtime import block_generator, run_shards, shard_ranges
+from pipeline.stages.common import load_data, load_model_for, seed_everything, start_runtime, tensors
 from pipeline.workspace import Workspace
 
 
@@ -39,6 +40,33 @@ def threat_coverage(r_max: float, dims: int, threat) -> str:
     return f"{limit}; {ball}, so smoothing cannot certify any sample against the whole threat"
 
 
+def certify_samples(model, params, x, y, num_classes: int, seed: int, start: int = 0,
+                    progress: bool = False) -> tuple[list[dict], int]:
+    """CERTIFY for test samples start..start+len(x), each drawing its noise from its own generator
+    (seed, sample index): the result of a sample does not depend on the process that certifies it.
+    Returns the per-sample rows and the number of noisy forward passes."""
+    cfg = params.smoothing
+    smooth = Smooth(model, num_classes, cfg.sigma, block_generator(seed, start, x.device), cfg.batch_size)
+    rows = []
+    for i in tqdm(range(len(y)), desc="smooth", unit="img", file=sys.stderr, mininterval=1.0, disable=not progress):
+        smooth.generator = block_generator(seed, start + i, x.device)
+        cert = smooth.certify(x[i], cfg.n0, cfg.n, cfg.alpha)
+        rows.append({"index": start + i, "label": int(y[i]), "prediction": cert.prediction, "radius": cert.radius,
+                     "p_a_lower": cert.p_a_lower, "correct": cert.prediction == int(y[i])})
+    return rows, smooth.forward_passes
+
+
+def _smooth_shard(ws: Workspace, data_fingerprint: str, start: int, stop: int) -> tuple[list[dict], int]:
+    """One shard of :func:`main`, in its own process: test samples [start, stop)."""
+    params = ws.params()
+    runtime = start_runtime(params)
+    data = load_data(ws, params, data_fingerprint)[0]
+    model, _ = load_model_for(ws, params, data, data_fingerprint, runtime.device)
+    seed_everything(params.seed)
+    x, y = tensors(data, "test", stop, runtime.device)
+    return certify_samples(model, params, x[start:], y[start:], data.num_classes, params.seed, start)
+
+
 def main(ws: Workspace) -> int:
     params = ws.params()
     cfg = params.smoothing
@@ -49,17 +77,20 @@ def main(ws: Workspace) -> int:
         write_text(ws.root / "artifacts" / "smooth" / "samples.jsonl", "")
         print("smooth: not run (smoothing.enabled is false)")
         return 0
+    runtime = start_runtime(params)
     data, _, data_fingerprint = load_data(ws, params)
     model_sha = sha256_file(ws.checkpoint)
-    model, meta = load_model_for(ws, params, data, data_fingerprint)
-    generator = seed_everything(params.seed)
-    x, y = tensors(data, "test", cfg.max_samples)
-    smooth = Smooth(model, data.num_classes, cfg.sigma, generator, cfg.batch_size)
-    rows, started = [], time.perf_counter()
-    for i in tqdm(range(len(y)), desc="smooth", unit="img", file=sys.stderr, mininterval=1.0):
-        cert = smooth.certify(x[i], cfg.n0, cfg.n, cfg.alpha)
-        rows.append({"index": i, "label": int(y[i]), "prediction": cert.prediction, "radius": cert.radius,
-                     "p_a_lower": cert.p_a_lower, "correct": cert.prediction == int(y[i])})
+    model, meta = load_model_for(ws, params, data, data_fingerprint, runtime.device)
+    seed_everything(params.seed)
+    x, y = tensors(data, "test", cfg.max_samples, runtime.device)
+    started = time.perf_counter()
+    ranges = shard_ranges(len(y), runtime.processes, 1)
+    if len(ranges) > 1:
+        print(f"smooth: {len(y)} samples in {len(ranges)} processes of {runtime.threads} thread(s)")
+    parts = run_shards(_smooth_shard, [(ws, data_fingerprint, a, b) for a, b in ranges], runtime.threads) \
+        if len(ranges) > 1 else [certify_samples(model, params, x, y, data.num_classes, params.seed, 0, progress=True)]
+    rows = [row for part, _ in parts for row in part]
+    forward_passes = sum(passes for _, passes in parts)
     seconds = time.perf_counter() - started
     n, dims = len(rows), x[0].numel()
     method = f"randomized smoothing σ={cfg.sigma:g}, n={cfg.n}, α={cfg.alpha:g}"
@@ -80,7 +111,7 @@ def main(ws: Workspace) -> int:
         mean_radius_correct=sum(r["radius"] for r in rows if r["correct"]) / n,
         max_certifiable_radius=r_max,
         threat_coverage=threat_coverage(r_max, dims, params.threat),
-        forward_passes=smooth.forward_passes,
+        forward_passes=forward_passes,
         seconds=seconds,
         base_training_method=meta.get("method"),
         base_trained_with_same_sigma=trained_for_it,
@@ -91,7 +122,7 @@ def main(ws: Workspace) -> int:
     write_json(ws.metrics("smooth"), dump(result))
     print(f"smooth: σ={cfg.sigma} n={n} certified accuracy "
           + ", ".join(f"r={c.radius:g}: {c.certified_accuracy.value:.3f}" for c in curve)
-          + f"; abstained {abstained}; {smooth.forward_passes} forward passes in {seconds:.1f}s; "
+          + f"; abstained {abstained}; {forward_passes} forward passes in {seconds:.1f}s; "
           + f"no radius above {r_max:.3g} is certifiable"
           + ("" if trained_for_it else f" (base model trained with {meta.get('method')}, not gaussian at σ={cfg.sigma})"))
     return 0

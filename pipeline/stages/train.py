@@ -2,8 +2,11 @@
 from __future__ import annotations
 
 import io
+import os
+import subprocess
 import sys
 import time
+from dataclasses import replace
 
 import torch
 
@@ -16,7 +19,8 @@ from pipeline.feasibility import check_runnable
 from pipeline.io import atomic_write, confine, sha256_file, write_json
 from pipeline.models import build_model, load_weights, save_checkpoint, set_input_statistics
 from pipeline.results import TrainResult, dump
-from pipeline.stages.common import load_data, seed_everything, tensors
+from pipeline.runtime import ShardedShuffle, join, rank_seed, torchrun_command, under_torchrun
+from pipeline.stages.common import load_data, seed_everything, start_runtime, tensors
 from pipeline.threat import from_params
 from pipeline.training.loop import FitConfig, TrainingDiverged, TrainState, fit, selection_metric
 from pipeline.workspace import Workspace
@@ -69,6 +73,16 @@ def start_from_checkpoint(model, params, root) -> None:
             parameter.requires_grad_(True)
 
 
+def launch_torchrun(ws: Workspace, params, resume: bool) -> int:
+    """`runtime.processes: N` outside torchrun: re-run this command as N torchrun processes."""
+    if params.train.batch_size < params.runtime.processes:
+        raise UsageError(f"runtime.processes = {params.runtime.processes}: more processes than train.batch_size = "
+                         f"{params.train.batch_size} (each process takes a share of every batch)")
+    argv = ["train", "--workspace", str(ws.root), "--params", ws.params_file.name] + (["--resume"] if resume else [])
+    print(f"train: data-parallel in {params.runtime.processes} processes (torchrun)")
+    return subprocess.run(torchrun_command(params.runtime.processes, argv), check=False).returncode
+
+
 def main(ws: Workspace, resume: bool = False) -> int:
     params = ws.params()
     if params.model.supplied:  # nothing to train: import the supplied file in this stage's place
@@ -76,10 +90,16 @@ def main(ws: Workspace, resume: bool = False) -> int:
         from pipeline.stages import import_model
 
         return import_model.main(ws)
+    runtime = start_runtime(params)  # an unavailable device is refused here, before any work
+    if params.runtime.processes > 1 and not under_torchrun():
+        return launch_torchrun(ws, params, resume)
+    distributed, runtime = join(start_runtime(params, int(os.environ.get("WORLD_SIZE", "1"))))
+    main_rank = distributed is None or distributed.is_main
     data, domain, data_fingerprint = load_data(ws, params)
     if params.train.epsilon is not None:
         from_params(params, data).with_epsilon(params.train.epsilon).check(domain, key="train.epsilon")
-    generator = seed_everything(params.seed)
+    # every rank draws its own random stream (seed, rank); the data order is shared (ShardedShuffle)
+    generator = seed_everything(params.seed if distributed is None else rank_seed(params.seed, distributed.rank))
     input_shape = list(data.x["train"].shape[1:])
     check_runnable(params, data.num_classes, input_shape)  # before training, not at the attack stage
     options = params.model.factory_options()
@@ -87,20 +107,29 @@ def main(ws: Workspace, resume: bool = False) -> int:
     if data.tabular and not set_input_statistics(model, data.mean, data.std):
         print("train: note: the model has no Standardize layer; it receives tabular inputs in raw units")
     start_from_checkpoint(model, params, ws.root)
+    model = model.to(runtime.device)
+    domain = domain.to(runtime.device)
     cfg = fit_config(params, data)
+    hooks = {"autocast": runtime.autocast, "scaler": runtime.grad_scaler()}
+    if distributed is not None:
+        distributed.broadcast_parameters(model)
+        cfg = replace(cfg, batch_size=max(1, cfg.batch_size // distributed.world))  # train.batch_size is global
+        hooks.update(shuffle=ShardedShuffle(len(data.y["train"]), distributed, params.seed),
+                     sync_gradients=distributed.sync_gradients, agree=distributed.from_main)
     state_file = ws.model_dir / "train_state.pt"
     # threat.rationale is report prose: editing it must not invalidate the model (nor a resume)
     fingerprint_now = params.section_hash("seed", "data", "model", "threat", "train",
                                           exclude={"threat": {"rationale"}})
     previous = None
     if resume:
-        previous = load_state(state_file, fingerprint_now)
-        print(f"train: resuming after epoch {previous.epoch} of {cfg.epochs}")
-    x_train, y_train = tensors(data, "train")
-    x_val, y_val = tensors(data, "val")
+        previous = load_state(state_file, fingerprint_now, distributed)
+        if main_rank:
+            print(f"train: resuming after epoch {previous.epoch} of {cfg.epochs}")
+    x_train, y_train = tensors(data, "train", device=runtime.device)
+    x_val, y_val = tensors(data, "val", device=runtime.device)
 
     bar = tqdm(total=cfg.epochs * len(x_train), desc=f"train {cfg.method}", unit="img",
-               file=sys.stderr, mininterval=1.0, dynamic_ncols=True)
+               file=sys.stderr, mininterval=1.0, dynamic_ncols=True, disable=not main_rank)
 
     def on_batch(epoch: int, size: int, loss: float) -> None:
         bar.set_postfix_str(f"epoch {epoch + 1}/{cfg.epochs} loss {loss:.3f}", refresh=False)
@@ -116,24 +145,33 @@ def main(ws: Workspace, resume: bool = False) -> int:
 
     def save_state(state: TrainState) -> None:
         payload = {**state.to_dict(), "params_sha256": fingerprint_now}
+        if distributed is not None:  # each rank's own random stream, so that a resume continues every one
+            payload["rank_generators"] = distributed.gather(state.generator)
+            if not main_rank:
+                return  # rank 0 alone writes
         buffer = io.BytesIO()
         torch.save(payload, buffer)
         atomic_write(state_file, lambda tmp: tmp.write_bytes(buffer.getvalue()))
 
     started = time.perf_counter()
     try:
-        result = fit(model, x_train, y_train, x_val, y_val, domain, cfg, generator, on_batch, on_epoch,
-                     save_state=save_state, resume=previous, num_classes=data.num_classes)
+        result = fit(model, x_train, y_train, x_val, y_val, domain, cfg, generator, on_batch,
+                     on_epoch if main_rank else None, save_state=save_state, resume=previous,
+                     num_classes=data.num_classes, **hooks)
     except TrainingDiverged as error:
         kept = f"; the last good epoch is kept in {state_file.relative_to(ws.root)}" if state_file.is_file() else ""
         raise UsageError(f"training diverged: {error}{kept}; lower train.lr or check the data") from None
     finally:
         bar.close()
     seconds = time.perf_counter() - started
+    if not main_rank:  # rank 0 alone writes the checkpoint, the metrics and the log
+        distributed.barrier()
+        return 0
     if result.stopped != "completed":
         print(f"train: stopped early ({result.stopped.replace('_', ' ')}) after epoch {len(result.history)}; "
               f"keeping epoch {result.best_epoch}")
     model.load_state_dict(result.best_state)
+    model = model.cpu()  # the checkpoint is device-independent
     best = result.history[result.best_epoch - 1]
     save_checkpoint(model, ws.model_dir, {
         "schema_version": results.SCHEMA_VERSION,
@@ -178,15 +216,25 @@ def main(ws: Workspace, resume: bool = False) -> int:
     verified = f" val verified {best['val_verified_accuracy']:.3f}" if "val_verified_accuracy" in best else ""
     print(f"train: best epoch {result.best_epoch}/{cfg.epochs} val clean {best['val_clean_accuracy']:.3f} "
           f"val robust {best['val_robust_accuracy']:.3f}{verified} in {seconds:.1f}s")
+    if distributed is not None:
+        distributed.barrier()
     return 0
 
 
-def load_state(path, params_sha256: str) -> TrainState:
-    """The state of the last finished epoch, refused when the params changed since."""
+def load_state(path, params_sha256: str, distributed=None) -> TrainState:
+    """The state of the last finished epoch, refused when the params or the number of processes
+    changed since; under torchrun each rank continues its own random stream."""
     if not path.is_file():
         raise UsageError(f"nothing to resume: {path} does not exist (the last run finished or never started)")
     payload = torch.load(path, map_location="cpu", weights_only=True)
     if payload.get("params_sha256") != params_sha256:
         raise UsageError(f"{path} was written with other params (seed, data, model, threat or train changed); "
                          "run `robustgate train` without --resume")
+    generators = payload.pop("rank_generators", None)
+    world = 1 if distributed is None else distributed.world
+    if (generators is None and world > 1) or (generators is not None and len(generators) != world):
+        raise UsageError(f"{path} was written by {1 if generators is None else len(generators)} training "
+                         f"process(es), this run has {world}: set runtime.processes back or train without --resume")
+    if generators is not None:
+        payload["generator"] = generators[distributed.rank]
     return TrainState.from_dict(payload)

@@ -8,6 +8,7 @@ the last epoch is often not the most robust one.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 import time
@@ -118,6 +119,20 @@ def verified_accuracy(bounds, x, y, threat: LpBall, num_classes, batch_size: int
     return int(verified.sum()) / len(y)
 
 
+class Shuffle:
+    """The epoch's training order in one process: a permutation drawn from the run's generator.
+    Data-parallel training passes pipeline.runtime.ShardedShuffle instead (this rank's share)."""
+
+    def __init__(self, n: int):
+        self.n = n
+
+    def __len__(self) -> int:
+        return self.n
+
+    def order(self, epoch: int, generator: torch.Generator) -> torch.Tensor:
+        return torch.randperm(self.n, generator=generator)
+
+
 @dataclass
 class TrainState:
     """Everything needed to continue after the last finished epoch with identical results."""
@@ -157,9 +172,19 @@ def fit(
     num_classes: int,
     save_state: Optional[Callable[[TrainState], None]] = None,
     resume: Optional[TrainState] = None,
+    shuffle: Optional[Shuffle] = None,
+    sync_gradients: Optional[Callable[[nn.Module], None]] = None,
+    agree: Optional[Callable[[dict], dict]] = None,
+    autocast: Optional[Callable[[], contextlib.AbstractContextManager]] = None,
+    scaler: Optional[torch.amp.GradScaler] = None,
 ) -> FitResult:
     """Train `model` in place; `num_classes` is the data's, never assumed (certified training
-    builds its margin specification from it)."""
+    builds its margin specification from it). Hooks for the runtime, none of which changes the
+    algorithm: `shuffle` gives each epoch's order (this rank's share under torchrun),
+    `sync_gradients` averages gradients across ranks before each step, `agree` makes every rank
+    take rank 0's epoch row (so all select and stop alike), `autocast`/`scaler` the training precision."""
+    shuffle = shuffle or Shuffle(len(x_train))
+    autocast = autocast or contextlib.nullcontext
     objective = METHODS[cfg.method]
     optimizer = _optimizer(model, cfg)
     result, best_score, stale, first_epoch = FitResult(), -1.0, 0, 0
@@ -173,28 +198,35 @@ def fit(
         from pipeline.certify.bounds import BoundComputer
 
         bounds = BoundComputer(model, tuple(x_train.shape[1:]), domain)
-    batches_per_epoch = math.ceil(len(x_train) / cfg.batch_size)
+    batches_per_epoch = math.ceil(len(shuffle) / cfg.batch_size)
     for epoch in range(first_epoch, cfg.epochs):
         started = time.perf_counter()
         epsilon = epoch_epsilon(cfg, epoch)
         ramp = warmup_progress(cfg, epoch)
         ctx = BatchContext(cfg.threat.with_epsilon(epsilon), domain, cfg.train_pgd, generator, num_classes,
                            noise_sigma=cfg.noise_sigma, ramp=ramp, bounds=bounds, **cfg.context)
-        order = torch.randperm(len(x_train), generator=generator)
+        order = shuffle.order(epoch, generator)
         loss_sum, seen = 0.0, 0
         model.train()
         for batch, start in enumerate(range(0, len(order), cfg.batch_size)):
             for group in optimizer.param_groups:
                 group["lr"] = learning_rate(cfg, (epoch * batches_per_epoch + batch) / (cfg.epochs * batches_per_epoch))
             idx = order[start:start + cfg.batch_size]
-            loss = objective(model, x_train[idx], y_train[idx], ctx)
+            with autocast():
+                loss = objective(model, x_train[idx], y_train[idx], ctx)
             if not math.isfinite(loss.item()):
                 raise TrainingDiverged(f"loss is {loss.item()} at epoch {epoch + 1}, batch {batch + 1}")
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            (scaler.scale(loss) if scaler is not None else loss).backward()
             while ctx.after_backward:
                 ctx.after_backward.pop()()
-            optimizer.step()
+            if sync_gradients is not None:
+                sync_gradients(model)
+            if scaler is not None:
+                scaler.step(optimizer)
+                scaler.update()
+            else:
+                optimizer.step()
             loss_sum += loss.item() * len(idx)
             seen += len(idx)
             if on_batch is not None:
@@ -215,6 +247,8 @@ def fit(
         if bounds is not None:
             row["val_verified_accuracy"] = verified_accuracy(bounds, x_val, y_val, cfg.threat, num_classes)
         row["seconds"] = time.perf_counter() - started
+        if agree is not None:
+            row = agree(row)
         result.history.append(row)
         if cfg.method == "fast_at" and best_score >= 0 and val_robust < best_score - cfg.catastrophic_drop:
             result.stopped = "catastrophic_overfitting"  # Wong et al. 2020: FGSM training collapsed

@@ -220,7 +220,7 @@ def crown_ibp(model: nn.Module, x, y, ctx: BatchContext) -> torch.Tensor:
 
 def gaussian(model: nn.Module, x, y, ctx: BatchContext) -> torch.Tensor:
     """Gaussian-noise augmentation at σ: the base classifier randomized smoothing needs (Cohen et al. 2019)."""
-    noise = torch.randn(x.shape, generator=ctx.generator) * ctx.noise_sigma
+    noise = torch.randn(x.shape, generator=ctx.generator, device=ctx.generator.device).to(x.device) * ctx.noise_sigma
     return F.cross_entropy(model(x + noise), y)
 
 

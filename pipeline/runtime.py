@@ -1,0 +1,232 @@
+"""Where the work runs: the device, torch threads, training precision and evaluation shards.
+
+The algorithms never choose a device: they make every tensor on their input's device. This module
+resolves `runtime.device` once per process (an unavailable device is one line, exit 2, before any
+work), sets the torch thread count so that N processes on C cores do not oversubscribe OpenMP
+(N processes with C threads each slowed each other ~100× on 2 cores), and runs evaluation shards.
+
+Per-sample determinism: evaluation draws its random numbers from :func:`block_generator`, a
+generator seeded from (run seed, index of the first sample of the block), so a sample's random
+stream depends on where it is in the test split, not on which process evaluates it or in what
+order. One process and N shards therefore give identical per-sample results and metrics.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+
+from pipeline.errors import UsageError
+
+
+@dataclass(frozen=True)
+class Runtime:
+    device: torch.device
+    precision: str  # float32 | bf16 | fp16 (training autocast only)
+    threads: int
+    processes: int
+
+    def autocast(self):
+        """The training forward's autocast context: a no-op in float32."""
+        if self.precision == "float32":
+            return contextlib.nullcontext()
+        dtype = torch.bfloat16 if self.precision == "bf16" else torch.float16
+        return torch.autocast(device_type=self.device.type, dtype=dtype)
+
+    def grad_scaler(self):
+        """float16 gradients underflow without loss scaling; bf16 and float32 need none."""
+        return torch.amp.GradScaler(self.device.type) if self.precision == "fp16" else None
+
+
+def resolve_device(name: str) -> torch.device:
+    """`auto` picks cuda, then mps, then cpu; a named device this machine lacks is refused."""
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    device = torch.device(name)
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise UsageError(f"runtime.device = {name!r}: no CUDA device on this machine (use auto or cpu)")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise UsageError(f"runtime.device = {name!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise UsageError(f"runtime.device = {name!r}: MPS is not available on this machine (use auto or cpu)")
+    return device
+
+
+def cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+def default_threads(processes: int) -> int:
+    """The cores (or OMP_NUM_THREADS, when set) shared out among the processes."""
+    available = int(os.environ.get("OMP_NUM_THREADS") or 0) or cores()
+    return max(1, available // max(1, processes))
+
+
+def start(cfg, processes: int | None = None) -> Runtime:
+    """Resolve `runtime` params for this process and apply its thread count."""
+    device = resolve_device(cfg.device)
+    if cfg.precision == "fp16" and device.type == "cpu":
+        raise UsageError("runtime.precision = 'fp16': float16 autocast needs a GPU; use bf16 or float32 on cpu")
+    processes = cfg.processes if processes is None else processes
+    threads = cfg.threads or default_threads(processes)
+    torch.set_num_threads(threads)
+    return Runtime(device, cfg.precision, threads, processes)
+
+
+def block_generator(seed: int, first_index: int, device: torch.device | str = "cpu") -> torch.Generator:
+    """The generator for the block of samples starting at `first_index`: a function of the run seed
+    and the sample index only (SeedSequence mixes the pair, so neighbouring blocks do not share streams)."""
+    state = int(np.random.SeedSequence([seed, first_index]).generate_state(1, np.uint64)[0] >> np.uint64(1))
+    return torch.Generator(device=device).manual_seed(state)
+
+
+def rank_seed(seed: int, rank: int) -> int:
+    """The seed of data-parallel rank `rank` (a 32-bit value, as numpy's seed requires)."""
+    return int(np.random.SeedSequence([seed, rank]).generate_state(1)[0])
+
+
+def shard_ranges(n: int, shards: int, block: int) -> list[tuple[int, int]]:
+    """`shards` contiguous [start, stop) ranges covering 0..n, cut on multiples of `block` so every
+    shard sees the very batches one process would; refused when there are fewer blocks than shards."""
+    blocks = -(-n // block)
+    if shards > blocks:
+        raise UsageError(f"runtime.processes = {shards}: more processes than batches of samples ({blocks} batch(es) "
+                         f"of {block} for {n} sample(s)); lower runtime.processes")
+    cuts = [round(i * blocks / shards) * block for i in range(shards + 1)]
+    return [(cuts[i], min(cuts[i + 1], n)) for i in range(shards)]
+
+
+def _worker_init(threads: int) -> None:
+    torch.set_num_threads(threads)
+    torch.use_deterministic_algorithms(True)
+
+
+def run_shards(task: Callable, shard_args: Sequence[tuple], threads: int) -> list:
+    """Run `task(*args)` for each shard, each in its own spawned process, and return the results in
+    shard order. A shard whose process dies (killed, out of memory) is re-run alone, once."""
+    if len(shard_args) == 1:
+        return [task(*shard_args[0])]
+    context = torch.multiprocessing.get_context("spawn")
+    pools = [ProcessPoolExecutor(1, mp_context=context, initializer=_worker_init, initargs=(threads,))
+             for _ in shard_args]
+    try:
+        futures = [pool.submit(task, *args) for pool, args in zip(pools, shard_args)]
+        results = []
+        for args, future in zip(shard_args, futures):
+            try:
+                results.append(future.result())
+            except BrokenProcessPool:
+                with ProcessPoolExecutor(1, mp_context=context, initializer=_worker_init,
+                                         initargs=(threads,)) as retry:
+                    results.append(retry.submit(task, *args).result())
+        return results
+    finally:
+        for pool in pools:
+            pool.shutdown(cancel_futures=True)
+
+
+@dataclass(frozen=True)
+class Distributed:
+    """This process's place in a torchrun job, and the few collectives training needs. Gradients are
+    averaged by one all-reduce per step, as DistributedDataParallel does; the DDP wrapper itself is not
+    used because the training methods run extra forward/backward passes per step (PGD, auto_LiRPA
+    bounds) that its reducer would try to synchronise."""
+
+    rank: int
+    world: int
+    local_rank: int
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def broadcast_parameters(self, model: torch.nn.Module) -> None:
+        """Every rank starts from rank 0's weights and buffers."""
+        for tensor in model.state_dict().values():
+            torch.distributed.broadcast(tensor, src=0)
+
+    def sync_gradients(self, model: torch.nn.Module) -> None:
+        """Average the gradients over ranks in one flat all-reduce."""
+        grads = [p.grad for p in model.parameters() if p.grad is not None]
+        if not grads:
+            return
+        flat = torch.cat([g.reshape(-1) for g in grads])
+        torch.distributed.all_reduce(flat)
+        flat /= self.world
+        offset = 0
+        for g in grads:
+            g.copy_(flat[offset:offset + g.numel()].view_as(g))
+            offset += g.numel()
+
+    def from_main(self, value):
+        """Rank 0's `value` on every rank (so that every rank takes the same decisions)."""
+        box = [value]
+        torch.distributed.broadcast_object_list(box, src=0)
+        return box[0]
+
+    def gather(self, value) -> list:
+        out = [None] * self.world
+        torch.distributed.all_gather_object(out, value)
+        return out
+
+    def barrier(self) -> None:
+        torch.distributed.barrier()
+
+
+def under_torchrun() -> bool:
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+def join(runtime: Runtime) -> tuple[Distributed | None, Runtime]:
+    """Join the torchrun job this process was started in (gloo on CPU, nccl on CUDA); outside one,
+    (None, runtime). On CUDA each rank takes the device of its local rank."""
+    if not under_torchrun():
+        return None, runtime
+    rank, world, local = (int(os.environ[key]) for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK"))
+    device = runtime.device
+    if device.type == "cuda":
+        device = torch.device("cuda", local % torch.cuda.device_count())
+        torch.cuda.set_device(device)
+    if not torch.distributed.is_initialized():
+        torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return Distributed(rank, world, local), Runtime(device, runtime.precision, runtime.threads, world)
+
+
+class ShardedShuffle:
+    """The epoch's training order of one rank: DistributedSampler's shuffle (seeded from the run seed,
+    so every rank draws the same permutation) split across ranks; the same number of batches on each."""
+
+    def __init__(self, n: int, distributed: Distributed, seed: int):
+        from torch.utils.data import DistributedSampler
+
+        self.sampler = DistributedSampler(range(n), num_replicas=distributed.world, rank=distributed.rank,
+                                          shuffle=True, seed=seed)
+
+    def __len__(self) -> int:
+        return self.sampler.num_samples
+
+    def order(self, epoch: int, generator: torch.Generator) -> torch.Tensor:
+        self.sampler.set_epoch(epoch)
+        return torch.tensor(list(self.sampler), dtype=torch.int64)
+
+
+def torchrun_command(processes: int, argv: Sequence[str]) -> list[str]:
+    """`python -m torch.distributed.run` (torchrun) on this machine, re-running this CLI command."""
+    import sys
+
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}",
+            "-m", "pipeline", *argv]
