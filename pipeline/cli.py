@@ -22,6 +22,7 @@ STAGES = {
     "attack": "robust accuracy under the worst case of FGSM, PGD, APGD and Square, with intervals",
     "certify": "IBP and CROWN verified accuracy through auto_LiRPA, cross-checked",
     "smooth": "randomized-smoothing certificates (Cohen et al. 2019) at σ",
+    "conditions": "worst case and certificates under the triggering conditions (brightness, rotation, ...)",
     "export": "export to ONNX and check onnxruntime parity with torch",
     "report": "render the self-contained HTML audit report",
     "gate": "check the metrics against the policy; exit 1 when a blocking requirement fails",
