@@ -8,7 +8,7 @@ from pipeline import results
 from pipeline.io import sha256_file
 from pipeline.workspace import Workspace
 
-METRIC_STAGES = ("prepare", "train", "attack", "certify", "smooth", "export")
+METRIC_STAGES = ("prepare", "train", "attack", "certify", "smooth", "conditions", "export")
 
 
 def collect_metrics(ws: Workspace, stages=METRIC_STAGES) -> dict[str, dict]:

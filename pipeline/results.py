@@ -344,6 +344,7 @@ class ConditionRecord(_Record):
     search: ConditionSearchRecord
     heat_map: ConditionHeatMap
     sanity: dict[str, ConditionSanity]
+    sanity_all_passed: float = Field(description="1 when no sanity check of the search failed")
     failures: list[ConditionFailure]
     config_sha256: str
     reused: bool = Field(False, description="carried over from the previous run: same settings, model and data")

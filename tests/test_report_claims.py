@@ -162,7 +162,7 @@ def test_pdf_contents_lines_do_not_overlap(pipeline_workspace):
     text = subprocess.run(["pdftotext", "-layout", "-f", "1", "-l", "1", str(pdf), "-"], capture_output=True,
                           text=True, check=True).stdout
     entries = [line for line in text.splitlines() if re.match(r"\s*\d+\. [A-Z]", line) and "...." in line]
-    assert len(entries) == 15
+    assert len(entries) == 16
     for line in entries:
         assert len(re.findall(r"(?<![\d.])\d+\. [A-Z]", line)) == 1, line  # one entry per line, no second column
         assert re.search(r"\.\s*\d+\s*$", line), line  # leader dots, then the page number, nothing after

@@ -173,7 +173,7 @@ def evaluate_condition(model, x, y, condition: Condition, domain: Domain, num_cl
         search=_search_record(outcome, condition, settings.search, seconds),
         heat_map=ConditionHeatMap(axes=grid_axes, points=[[float(v) for v in p] for p in outcome.grid],
                                   accuracy=[float(a) for a in outcome.grid_accuracy], n=n),
-        sanity=checks, failures=failures, config_sha256=config_sha256)
+        sanity=checks, sanity_all_passed=float(all(c.status != "fail" for c in checks.values())), failures=failures, config_sha256=config_sha256)
     return Evaluation(record, rows, images)
 
 
