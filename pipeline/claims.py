@@ -230,11 +230,11 @@ def condition_scope(record: dict) -> list[str]:
     elif certification["method"] == "enumeration":
         between = {"translation": "sub-pixel shifts are not covered",
                    "occlusion": "patch positions between the enumerated ones and other patch sizes are not covered"}
-        notes.append(f"Certified accuracy is complete by enumeration of the {record['set_size']} values; "
+        notes.append(f"Certified accuracy under {label} is complete by enumeration of the {record['set_size']} values; "
                      f"{between.get(record['kind'], 'values outside the set are not covered')}.")
     else:
         unknown = record.get("unknown_share") or 0.0
-        notes.append(f"Certified accuracy is a sound lower bound from CROWN bound propagation over the whole "
+        notes.append(f"Certified accuracy under {label} is a sound lower bound from CROWN bound propagation over the whole "
                      f"parameter box, split by branch and bound into at most {certification['max_boxes_per_sample']} "
                      f"boxes per sample ({certification['boxes']} boxes bounded); {100 * unknown:.1f}% of the "
                      "samples are neither broken by the search nor proven.")
