@@ -160,7 +160,7 @@ def limitations(params, metrics: dict) -> list[str]:
     if threat:
         notes.append(lp_and_conditions_coverage(threat, metrics.get("conditions", {})))
     for name, record in conditions_of(metrics).items():
-        notes += [f"{name}: {sentence}" for sentence in condition_scope(record) if "FAILED" in sentence
+        notes += [f"Condition {name}: {sentence}" for sentence in condition_scope(record) if "FAILED" in sentence
                   or "No certificate" in sentence]
     notes += smoothing_scope(metrics.get("smooth", {}))
     for field in ("intended_purpose", "input_domain", "out_of_scope_use"):
@@ -226,7 +226,8 @@ def condition_scope(record: dict) -> list[str]:
                      "draws made, not over every noise pattern.")
     certified, certification = record["certified_accuracy"], record.get("certification")
     if certified["status"] != "ok":
-        notes.append(f"No certificate for {label}: {certified['reason']}.")
+        notes.append(f"No certificate for {label}: {certified['reason']}; the figure above is the search's upper "
+                     "bound only.")
     elif certification["method"] == "enumeration":
         between = {"translation": "sub-pixel shifts are not covered",
                    "occlusion": "patch positions between the enumerated ones and other patch sizes are not covered"}

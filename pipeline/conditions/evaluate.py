@@ -21,13 +21,10 @@ from pipeline.results import (Accuracy, ConditionCertification, ConditionFailure
 from pipeline.threat import Domain
 
 UNCERTIFIABLE = {
-    "noise": "additive noise has no parameter box to bound (its direction is random); randomized smoothing over "
-             "the noise is not run for conditions",
+    "noise": "additive noise has no parameter box to bound (its direction is random)",
     "blur": "the Gaussian kernel is not bounded over σ_blur here",
-    "rotation": "bilinear interpolation over the angle is not bounded here and randomized smoothing over the "
-                "angle is not implemented",
-    "scaling": "bilinear interpolation over the scale is not bounded here and randomized smoothing over the "
-               "scale is not implemented",
+    "rotation": "bilinear interpolation over the angle is not bounded here",
+    "scaling": "bilinear interpolation over the scale is not bounded here",
 }
 
 
