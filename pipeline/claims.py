@@ -53,6 +53,10 @@ def threat_model(metrics: dict) -> list[ThreatRow]:
     if targeted:
         goal += f"; targeted towards the likeliest wrong classes ({listing(targeted)})"
     norm = {"linf": "L∞", "l2": "L2"}.get(threat.get("norm"), str(threat.get("norm")))
+    conditions = conditions_of(metrics)
+    described = "; ".join(f"{name}: {record['description']}" for name, record in conditions.items())
+    variation = ([ThreatRow("Input variation (triggering conditions)", f"{described} (section 9)")]
+                 if conditions else [])
     return [
         ThreatRow("Attack stage", "deployment (evasion at inference time); training-time attacks (poisoning, "
                                   "backdoors) are not evaluated"),
@@ -63,7 +67,7 @@ def threat_model(metrics: dict) -> list[ThreatRow]:
                                          "training data, model or code"),
         ThreatRow("Perturbation budget", f"{norm} norm, ε = {threat.get('epsilon', '?')} in input units, on the "
                                          f"{attack.get('split', 'test')} split ({attack.get('n', '?')} samples)"),
-    ]
+    ] + variation
 
 
 def attack_scope(attack: dict) -> list[str]:
@@ -235,8 +239,9 @@ def condition_scope(record: dict) -> list[str]:
                      f"{between.get(record['kind'], 'values outside the set are not covered')}.")
     else:
         unknown = record.get("unknown_share") or 0.0
-        notes.append(f"Certified accuracy under {label} is a sound lower bound from CROWN bound propagation over the whole "
-                     f"parameter box, split by branch and bound into at most {certification['max_boxes_per_sample']} "
+        boxes = certification["max_boxes_per_sample"]
+        notes.append(f"Certified accuracy under {label} is a sound lower bound from CROWN bound propagation over "
+                     f"the whole parameter box, split by branch and bound into at most {boxes} "
                      f"boxes per sample ({certification['boxes']} boxes bounded); {100 * unknown:.1f}% of the "
                      "samples are neither broken by the search nor proven.")
         if certification["counterexamples"]:

@@ -318,7 +318,7 @@ class ConditionSearchRecord(_Record):
 
 class ConditionCertification(_Record):
     method: Literal["enumeration", "crown_bab"]
-    complete: bool = Field(description="enumeration of a finite set: certified exactly when the search finds no failure")
+    complete: bool = Field(description="enumeration of a finite set: certified exactly when no element fails")
     boxes: int = 0
     rounds: int = 0
     max_boxes_per_sample: Optional[int] = None

@@ -78,7 +78,8 @@ def sanity_checks(model, x, y, condition: Condition, domain: Domain, settings, f
             detail=f"gradient search {g:.3f} vs random search {r:.3f} robust at {budget} evaluations per sample",
             values={"gradient": g, "random": r, "budget": budget})
     else:
-        why = "the set is finite and enumerated" if full.exhaustive else "the transform is not differentiable in its parameters"
+        why = ("the set is finite and enumerated" if full.exhaustive
+               else "the transform is not differentiable in its parameters")
         checks["gradient_vs_random"] = ConditionSanity(status="not_run", detail=f"no gradient search: {why}")
     shares = []
     for scale in settings.sanity.scales:
@@ -170,7 +171,8 @@ def evaluate_condition(model, x, y, condition: Condition, domain: Domain, num_cl
         search=_search_record(outcome, condition, settings.search, seconds),
         heat_map=ConditionHeatMap(axes=grid_axes, points=[[float(v) for v in p] for p in outcome.grid],
                                   accuracy=[float(a) for a in outcome.grid_accuracy], n=n),
-        sanity=checks, sanity_all_passed=float(all(c.status != "fail" for c in checks.values())), failures=failures, config_sha256=config_sha256)
+        sanity=checks, sanity_all_passed=float(all(c.status != "fail" for c in checks.values())),
+        failures=failures, config_sha256=config_sha256)
     return Evaluation(record, rows, images)
 
 

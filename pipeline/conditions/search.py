@@ -106,7 +106,8 @@ def search(model, x, y, condition: Condition, domain: Domain, cfg, generator: to
     clean_correct = clean_prediction == y
     worst = Worst.start(n, condition.dims, device)
     finite = condition.finite_set()
-    points = grid_points(condition, cfg.grid) if ("grid" in use or finite is not None) else np.zeros((0, condition.dims))
+    gridded = "grid" in use or finite is not None
+    points = grid_points(condition, cfg.grid) if gridded else np.zeros((0, condition.dims))
     grid_accuracy = np.zeros(len(points))
     for i, point in enumerate(points):
         theta = torch.as_tensor(point, device=device).expand(n, -1).contiguous()
