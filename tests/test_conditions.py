@@ -218,3 +218,21 @@ def test_a_policy_pinning_a_condition_fails_a_narrower_or_missing_evaluation():
     assert not rows({"contrast": [0.5, 1.5]}, kind="contrast")["COND-glare"].passed
     missing = {r.id: r for r in evaluate(policy, {"attack": {"threat": {"norm": "linf", "epsilon": 0.1}}}).rows}
     assert not missing["COND-glare"].passed and not missing["R"].passed
+
+
+def test_worst_of_k_training_inputs_are_at_least_as_hard_as_plain_augmentation(digits_model):
+    """The first of the k draws is the augmentation's draw (same generator state), so per sample the
+    worst of k has at least its loss; the ascent refinement only raises it further, inside the box."""
+    import torch.nn.functional as F
+
+    from pipeline.conditions.training import augmented, worst_of_k
+
+    model, x, y, domain = digits_model
+    cond, _ = condition({"kind": "rotation", "range": [-20, 20]})
+    plain = augmented(model, x, y, cond, domain, torch.Generator().manual_seed(3))
+    hardest = worst_of_k(model, x, y, cond, domain, torch.Generator().manual_seed(3), k=6)
+    refined = worst_of_k(model, x, y, cond, domain, torch.Generator().manual_seed(3), k=6, steps=3)
+    with torch.no_grad():
+        losses = [F.cross_entropy(model(v), y, reduction="none") for v in (plain, hardest, refined)]
+    assert (losses[1] >= losses[0] - 1e-6).all() and (losses[2] >= losses[1] - 1e-6).all()
+    assert losses[1].mean() > losses[0].mean()
