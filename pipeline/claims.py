@@ -53,6 +53,10 @@ def threat_model(metrics: dict) -> list[ThreatRow]:
     if targeted:
         goal += f"; targeted towards the likeliest wrong classes ({listing(targeted)})"
     norm = {"linf": "L∞", "l2": "L2"}.get(threat.get("norm"), str(threat.get("norm")))
+    conditions = conditions_of(metrics)
+    described = "; ".join(f"{name}: {record['description']}" for name, record in conditions.items())
+    variation = ([ThreatRow("Input variation (triggering conditions)", f"{described} (section 9)")]
+                 if conditions else [])
     return [
         ThreatRow("Attack stage", "deployment (evasion at inference time); training-time attacks (poisoning, "
                                   "backdoors) are not evaluated"),
@@ -63,7 +67,7 @@ def threat_model(metrics: dict) -> list[ThreatRow]:
                                          "training data, model or code"),
         ThreatRow("Perturbation budget", f"{norm} norm, ε = {threat.get('epsilon', '?')} in input units, on the "
                                          f"{attack.get('split', 'test')} split ({attack.get('n', '?')} samples)"),
-    ]
+    ] + variation
 
 
 def attack_scope(attack: dict) -> list[str]:
@@ -161,9 +165,10 @@ def limitations(params, metrics: dict) -> list[str]:
                      f"accuracy is {100 * (hi - lo):.1f} points wide.")
     threat = attack.get("threat")
     if threat:
-        norm = {"linf": "L∞", "l2": "L2"}[threat["norm"]]
-        notes.append(f"Only the {norm} threat with ε = {threat['epsilon']:g} was evaluated; other variations "
-                     "(rotation, blur, weather, sensor faults, distribution shift) are not covered.")
+        notes.append(lp_and_conditions_coverage(threat, metrics.get("conditions", {})))
+    for name, record in conditions_of(metrics).items():
+        notes += [f"Condition {name}: {sentence}" for sentence in condition_scope(record) if "FAILED" in sentence
+                  or "No certificate" in sentence]
     notes += smoothing_scope(metrics.get("smooth", {}))
     for field in ("intended_purpose", "input_domain", "out_of_scope_use"):
         if getattr(params.report, field) is None:
@@ -243,3 +248,115 @@ def exact_findings(clinical: dict) -> list[str]:
         sentence += (f"; {exact['unknown']} remain unknown (time budget {exact['time_budget_s']:g} s, "
                      f"{exact['case_limit_s']:g} s per case and class)")
     return [sentence + "."]
+
+
+# --- triggering conditions -----------------------------------------------------------------------
+
+CONDITION_LABELS = {
+    "brightness": "brightness", "contrast": "contrast", "brightness_contrast": "brightness and contrast",
+    "gamma": "gamma", "fog": "fog/haze", "noise": "additive Gaussian noise", "blur": "Gaussian blur",
+    "rotation": "rotation", "scaling": "scaling", "translation": "translation", "occlusion": "occlusion patch",
+}
+# The kinds a condition of each kind covers (brightness_contrast covers both of its axes).
+COVERS = {"brightness_contrast": ("brightness", "contrast")}
+SEARCH_LABELS = {"enumeration": "exhaustive enumeration", "grid": "a grid", "random": "random draws",
+                 "gradient": "signed-gradient descent on the parameters"}
+
+
+def conditions_of(metrics: dict) -> dict[str, dict]:
+    """The condition records of metrics/conditions.json, by name (empty when it is absent)."""
+    return {k: v for k, v in metrics.get("conditions", {}).items() if isinstance(v, dict) and "kind" in v}
+
+
+def lp_and_conditions_coverage(threat: dict, conditions_metrics: dict) -> str:
+    """Which input variations the evidence speaks of, and which kinds it does not."""
+    norm = {"linf": "L∞", "l2": "L2"}[threat["norm"]]
+    records = {k: v for k, v in conditions_metrics.items() if isinstance(v, dict) and "kind" in v}
+    covered = {kind for r in records.values() for kind in COVERS.get(r["kind"], (r["kind"],))}
+    missing = [CONDITION_LABELS[k] for k in CONDITION_LABELS if k not in covered and k not in COVERS]
+    if not records:
+        return (f"Only the {norm} threat with ε = {threat['epsilon']:g} was evaluated; no triggering condition "
+                f"was evaluated, so {listing(missing)}, weather, sensor faults and distribution shift are not "
+                "covered.")
+    done = listing([f"{name} ({CONDITION_LABELS[r['kind']]})" for name, r in records.items()])
+    return (f"Besides the {norm} threat with ε = {threat['epsilon']:g}, the triggering conditions {done} were "
+            f"evaluated over the stated ranges only; {listing(missing) if missing else 'no other condition kind'}, "
+            "weather beyond a uniform haze, sensor faults and distribution shift are not covered.")
+
+
+def condition_scope(record: dict) -> list[str]:
+    """What one condition's figures mean and where they stop, from its record."""
+    search = record["search"]
+    label = CONDITION_LABELS[record["kind"]]
+    notes = []
+    if search["exhaustive"]:
+        notes.append(f"Every one of the {record['set_size']} parameter values of {label} was evaluated "
+                     f"({search['copies_per_sample']} transformed copies per sample): the robust accuracy is exact "
+                     "for this finite set.")
+    else:
+        how = listing([SEARCH_LABELS[c] for c in search["components"]])
+        notes.append(f"Robust accuracy under {label} is an upper bound: the worst case found by {how} "
+                     f"({search['copies_per_sample']} transformed copies per sample); a stronger search may lower it.")
+    if record["kind"] == "noise":
+        notes.append("The noise direction is drawn at random for each evaluation: the worst case is over the "
+                     "draws made, not over every noise pattern.")
+    certified, certification = record["certified_accuracy"], record.get("certification")
+    if certified["status"] != "ok":
+        notes.append(f"No certificate for {label}: {certified['reason']}; the figure above is the search's upper "
+                     "bound only.")
+    elif certification["method"] == "enumeration":
+        between = {"translation": "sub-pixel shifts are not covered",
+                   "occlusion": "patch positions between the enumerated ones and other patch sizes are not covered"}
+        notes.append(f"Certified accuracy under {label} is complete by enumeration of the {record['set_size']} values; "
+                     f"{between.get(record['kind'], 'values outside the set are not covered')}.")
+    else:
+        unknown = record.get("unknown_share") or 0.0
+        boxes = certification["max_boxes_per_sample"]
+        notes.append(f"Certified accuracy under {label} is a sound lower bound from CROWN bound propagation over "
+                     f"the whole parameter box, split by branch and bound into at most {boxes} "
+                     f"boxes per sample ({certification['boxes']} boxes bounded); {100 * unknown:.1f}% of the "
+                     "samples are neither broken by the search nor proven.")
+        if certification["counterexamples"]:
+            notes.append(f"Branch and bound found {certification['counterexamples']} failure(s) the search had "
+                         "missed; they are counted in the robust accuracy.")
+        if certification["budget_exhausted"]:
+            notes.append("The box budget or time budget ended before every sample was decided; undecided samples "
+                         "count as not certified.")
+    for check, result in record["sanity"].items():
+        if result["status"] == "fail":
+            notes.append(f"Search sanity check {check} FAILED ({result['detail']}): the robust accuracy may be "
+                         "overstated.")
+    return notes
+
+
+@dataclass(frozen=True)
+class TriggeringConditionRow:
+    """A row of the SOTIF triggering-condition table."""
+
+    name: str
+    condition: str
+    rationale: str
+    parameter_range: str
+    worst_case: dict
+    certified: dict
+    evidence: str
+    requirements: list[str]
+
+
+def triggering_conditions(metrics: dict, requirements: list) -> list[TriggeringConditionRow]:
+    """ISO 21448 triggering conditions as the evaluation exercised them, with the policy rows naming each."""
+    rows = []
+    for name, record in conditions_of(metrics).items():
+        certified = record["certified_accuracy"]
+        if certified["status"] != "ok":
+            evidence = "empirical only (upper bound)"
+        elif record["certification"]["method"] == "enumeration":
+            evidence = "complete enumeration of a finite set"
+        else:
+            evidence = "empirical upper bound and CROWN lower bound"
+        rows.append(TriggeringConditionRow(
+            name=name, condition=CONDITION_LABELS[record["kind"]], rationale=record["rationale"],
+            parameter_range=record["description"].split(": ", 1)[-1], worst_case=record["robust_accuracy"],
+            certified=certified, evidence=evidence,
+            requirements=[r.id for r in requirements if r.metric.startswith(f"conditions.{name}.")]))
+    return rows

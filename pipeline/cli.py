@@ -23,6 +23,7 @@ STAGES = {
     "certify": "IBP and CROWN verified accuracy through auto_LiRPA, cross-checked",
     "smooth": "randomized-smoothing certificates (Cohen et al. 2019) at σ",
     "clinical": "sensitivity, specificity, PPV, NPV clean/robust/verified, calibration, abstention, subgroups",
+    "conditions": "worst case and certificates under the triggering conditions (brightness, rotation, ...)",
     "export": "export to ONNX and check onnxruntime parity with torch",
     "properties": "write the certified claims as VNNLIB and decide the listed VNNLIB instances",
     "report": "render the self-contained HTML audit report",

@@ -581,6 +581,162 @@ class PropertiesConfig(_Section):
     timeout_s: float = Field(60.0, gt=0.0, description="the timeout written into the claims' instances.csv")
 
 
+
+# --- conditions (ISO 21448 triggering conditions; pipeline/conditions) -------------------------
+
+CONDITION_NAME = re.compile(r"^[a-z][a-z0-9_]*$")
+# metrics/conditions.json holds one record per condition next to these keys
+RESERVED_CONDITION_NAMES = ("schema_version", "seed", "dataset_fingerprint", "model_sha256", "n", "split",
+                            "seconds", "reused", "conditions")
+
+
+def _interval(values: list[float], name: str, positive: bool = False) -> list[float]:
+    if len(values) != 2 or not values[0] < values[1]:
+        raise ValueError(f"{name} must be [low, high] with low < high")
+    if positive and values[0] <= 0:
+        raise ValueError(f"{name} must be positive")
+    return values
+
+
+class _ConditionBase(_Section):
+    rationale: str = Field(min_length=1, description="the ODD condition this range stands for, and why this range")
+
+
+class _RangeCondition(_ConditionBase):
+    range: list[float]
+
+    @field_validator("range")
+    @classmethod
+    def _ordered(cls, values: list[float]) -> list[float]:
+        return _interval(values, "range", positive=cls.model_fields["kind"].default in ("contrast", "gamma", "scaling"))
+
+
+class BrightnessCondition(_RangeCondition):
+    kind: Literal["brightness"] = "brightness"
+
+
+class ContrastCondition(_RangeCondition):
+    kind: Literal["contrast"] = "contrast"
+
+
+class GammaCondition(_RangeCondition):
+    kind: Literal["gamma"] = "gamma"
+
+
+class ScalingCondition(_RangeCondition):
+    kind: Literal["scaling"] = "scaling"
+
+
+class RotationCondition(_RangeCondition):
+    kind: Literal["rotation"] = "rotation"
+
+
+class BlurCondition(_RangeCondition):
+    kind: Literal["blur"] = "blur"
+
+    @field_validator("range")
+    @classmethod
+    def _non_negative(cls, values: list[float]) -> list[float]:
+        if values[0] < 0:
+            raise ValueError("a blur sigma must be >= 0")
+        return values
+
+
+class FogCondition(_RangeCondition):
+    kind: Literal["fog"] = "fog"
+    level: Optional[float] = Field(None, description="the haze intensity blended towards; default the domain's upper bound")
+
+    @field_validator("range")
+    @classmethod
+    def _coefficient(cls, values: list[float]) -> list[float]:
+        if values[0] < 0 or values[1] > 1:
+            raise ValueError("the fog blend coefficient lies in [0, 1]")
+        return values
+
+
+class BrightnessContrastCondition(_ConditionBase):
+    kind: Literal["brightness_contrast"] = "brightness_contrast"
+    brightness: list[float]
+    contrast: list[float]
+
+    @field_validator("brightness", "contrast")
+    @classmethod
+    def _ordered(cls, values: list[float], info) -> list[float]:
+        return _interval(values, info.field_name, positive=info.field_name == "contrast")
+
+
+class NoiseCondition(_ConditionBase):
+    kind: Literal["noise"] = "noise"
+    sigma: float = Field(gt=0.0, description="largest noise standard deviation, input units")
+
+
+class TranslationCondition(_ConditionBase):
+    kind: Literal["translation"] = "translation"
+    pixels: int = Field(ge=1, description="integer shifts of up to this many pixels in each direction")
+
+
+class OcclusionCondition(_ConditionBase):
+    kind: Literal["occlusion"] = "occlusion"
+    size: int = Field(ge=1, description="side of the square patch, pixels")
+    stride: int = Field(1, ge=1, description="distance between enumerated patch positions, pixels")
+    fill: Optional[float] = Field(None, description="patch value; default the domain's lower bound")
+
+
+CONDITION_SETTINGS = (BrightnessCondition, ContrastCondition, BrightnessContrastCondition, GammaCondition,
+                      FogCondition, NoiseCondition, BlurCondition, RotationCondition, ScalingCondition,
+                      TranslationCondition, OcclusionCondition)
+CONDITION_KINDS = tuple(cls.model_fields["kind"].default for cls in CONDITION_SETTINGS)
+ConditionConfig = Annotated[Union[CONDITION_SETTINGS], Field(discriminator="kind")]
+
+
+class ConditionSearchConfig(_Section):
+    grid: int = Field(9, ge=2, description="grid points per parameter axis (and the heat map's resolution)")
+    random: int = Field(16, ge=0, description="random parameter draws per sample")
+    steps: int = Field(10, ge=0, description="gradient-ascent steps on the parameters (differentiable kinds)")
+    step_fraction: float = Field(0.1, gt=0.0, le=1.0, description="ascent step as a share of each axis' range")
+    restarts: int = Field(1, ge=1, description="gradient ascents per sample (from the worst point found, then random)")
+
+
+class ConditionCertifyConfig(_Section):
+    enabled: bool = True
+    max_boxes: int = Field(32, ge=1, description="parameter boxes per sample branch and bound may split into")
+    batch_size: int = Field(256, ge=1)
+    time_budget_s: Optional[float] = Field(None, gt=0.0, description="per condition; the rest stays unknown")
+    tolerance: float = Field(1e-4, gt=0.0, description="margins within this of zero are not verified")
+
+
+class ConditionSanityConfig(_Section):
+    enabled: bool = True
+    tolerance: float = Field(0.02, ge=0.0, le=1.0, description="accuracy slack before a check fails")
+    scales: list[float] = Field(default_factory=lambda: [0.5], description="shares of the range, each re-searched")
+
+    @field_validator("scales")
+    @classmethod
+    def _shares(cls, scales: list[float]) -> list[float]:
+        if any(not 0 < s < 1 for s in scales):
+            raise ValueError("scales are shares of the range, strictly between 0 and 1")
+        return sorted(scales)
+
+
+class ConditionsConfig(_Section):
+    max_samples: Optional[int] = Field(200, ge=1)
+    batch_size: int = Field(512, ge=1)
+    failures: int = Field(4, ge=0, description="failure examples kept per condition (the report's gallery)")
+    search: ConditionSearchConfig = ConditionSearchConfig()
+    certify: ConditionCertifyConfig = ConditionCertifyConfig()
+    sanity: ConditionSanityConfig = ConditionSanityConfig()
+    threats: dict[str, ConditionConfig] = Field(default_factory=dict)
+
+    @field_validator("threats")
+    @classmethod
+    def _names(cls, threats: dict) -> dict:
+        for name in threats:
+            if not CONDITION_NAME.match(name) or name in RESERVED_CONDITION_NAMES:
+                raise ValueError(f"condition name {name!r}: use lower-case letters, digits and _ (not "
+                                 f"{', '.join(RESERVED_CONDITION_NAMES)})")
+        return threats
+
+
 class Params(_Section):
     seed: int = Field(0, ge=0)
     data: DataConfig = DataConfig()
@@ -590,6 +746,7 @@ class Params(_Section):
     attack: AttackConfig = AttackConfig()
     certify: CertifyConfig = CertifyConfig()
     smoothing: SmoothingConfig = SmoothingConfig()
+    conditions: ConditionsConfig = ConditionsConfig()
     export: ExportConfig = ExportConfig()
     properties: PropertiesConfig = PropertiesConfig()
     clinical: Optional[ClinicalConfig] = None
@@ -631,6 +788,8 @@ def format_validation_error(source: str, error: ValidationError) -> str:
     method = None
     if loc[:1] == ["train"] and len(loc) > 1 and loc[1] in TRAIN_SETTINGS:
         method = loc.pop(1)  # the union's tag, not a key the user wrote
+    if loc[:2] == ["conditions", "threats"] and len(loc) > 3 and loc[3] in CONDITION_KINDS:
+        loc.pop(3)  # the condition kind's tag, not a key the user wrote
     path = ".".join(loc) or "<root>"
     message = first["msg"]
     value = first.get("input")

@@ -8,7 +8,8 @@ from pipeline import results
 from pipeline.io import sha256_file
 from pipeline.workspace import Workspace
 
-METRIC_STAGES = ("prepare", "train", "attack", "certify", "smooth", "export", "properties", "clinical")
+METRIC_STAGES = ("prepare", "train", "attack", "certify", "smooth", "conditions", "export", "properties",
+                 "clinical")
 
 
 def collect_metrics(ws: Workspace, stages=METRIC_STAGES) -> dict[str, dict]:

@@ -78,3 +78,49 @@ def epsilon_curve(points: list[dict], epsilon: float, xlabel: str, title: str) -
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     return _data_url(fig)
+
+
+def _axis_values(points: list[list[float]], axis: int) -> list[float]:
+    return sorted({round(p[axis], 6) for p in points})
+
+
+def condition_heat_map(heat_map: dict, title: str) -> str:
+    """Accuracy over a grid of one parameter (a curve) or two (a heat map with the values written in)."""
+    axes, points, accuracy = heat_map["axes"], heat_map["points"], heat_map["accuracy"]
+    if len(axes) == 1:
+        fig, ax = plt.subplots(figsize=(6, 3))
+        order = sorted(range(len(points)), key=lambda i: points[i][0])
+        ax.plot([points[i][0] for i in order], [accuracy[i] for i in order], marker="o")
+        ax.set(xlabel=axes[0], ylabel="accuracy at this value", ylim=(0, 1.02), title=title)
+        ax.grid(alpha=0.3)
+        return _data_url(fig)
+    rows, cols = _axis_values(points, 1), _axis_values(points, 0)
+    grid = [[float("nan")] * len(cols) for _ in rows]
+    for point, value in zip(points, accuracy):
+        grid[rows.index(round(point[1], 6))][cols.index(round(point[0], 6))] = value
+    fig, ax = plt.subplots(figsize=(1.2 + 0.55 * len(cols), 1.0 + 0.45 * len(rows)))
+    image = ax.imshow(grid, vmin=0, vmax=1, cmap="RdYlGn", origin="lower", aspect="auto")
+    ax.set_xticks(range(len(cols)), [f"{v:g}" for v in cols], fontsize=7)
+    ax.set_yticks(range(len(rows)), [f"{v:g}" for v in rows], fontsize=7)
+    for r, row in enumerate(grid):
+        for c, value in enumerate(row):
+            if value == value:
+                ax.text(c, r, f"{100 * value:.0f}", ha="center", va="center", fontsize=6)
+    ax.set(xlabel=axes[0], ylabel=axes[1], title=title)
+    fig.colorbar(image, ax=ax, fraction=0.046, label="accuracy")
+    return _data_url(fig)
+
+
+def condition_gallery(x, x_condition, labels, predictions, params: list[list[float]], axes: list[str]) -> str:
+    """Each failure: the clean input and the input under the condition's worst parameters found."""
+    count = len(x)
+    fig, grid = plt.subplots(count, 2, figsize=(3.8, 1.6 * count), squeeze=False)
+    for row in range(count):
+        setting = ", ".join(f"{a} {v:.3g}" for a, v in zip(axes, params[row]))
+        for ax, (image, title) in zip(grid[row], [(x[row], f"clean: label {labels[row]}"),
+                                                  (x_condition[row], f"{setting}: pred {predictions[row]}")]):
+            ax.imshow(image.mean(axis=0) if image.ndim == 3 else image, cmap="gray", vmin=0, vmax=1)
+            ax.set_title(title, fontsize=7)
+            ax.axis("off")
+    fig.tight_layout()
+    return _data_url(fig)

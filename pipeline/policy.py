@@ -59,12 +59,24 @@ class ThreatPin(BaseModel):
     clause: str = Field("threat model pinned by the policy", min_length=1)
 
 
+class ConditionPin(BaseModel):
+    """A triggering condition the evidence must cover: its kind, and a range per parameter axis that
+    the evaluated range must contain (a narrower evaluation fails the gate)."""
+
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+
+    kind: str = Field(min_length=1)
+    range: dict[str, list[float]] = Field(default_factory=dict)
+    clause: str = Field("triggering condition pinned by the policy", min_length=1)
+
+
 class Policy(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
 
     name: str = Field(min_length=1)
     description: str = ""
     threat: Optional[ThreatPin] = None
+    conditions: dict[str, ConditionPin] = Field(default_factory=dict)
     allow_clean_only: bool = Field(False, description="accept evidence produced at ε = 0 (clean accuracy only)")
     requirements: list[Requirement] = Field(min_length=1)
 
@@ -197,6 +209,28 @@ def threat_rows(policy: Policy, metrics: dict[str, dict]) -> list[Row]:
     return rows
 
 
+def condition_rows(policy: Policy, metrics: dict[str, dict]) -> list[Row]:
+    """One blocking row per pinned condition: evaluated, of the pinned kind, over at least the pinned range."""
+    rows = []
+    for name, pin in policy.conditions.items():
+        record = lookup(metrics, f"conditions.{name}")
+        shown, passed, reason = "missing", False, f"no condition {name!r} in metrics/conditions.json"
+        if isinstance(record, dict) and "kind" in record:
+            evaluated = record.get("axes", {})
+            shown = "; ".join(f"{a} [{lo:g}, {hi:g}]" for a, (lo, hi) in evaluated.items())
+            narrow = [a for a, (lo, hi) in pin.range.items()
+                      if a not in evaluated or evaluated[a][0] > lo or evaluated[a][1] < hi]
+            passed = record["kind"] == pin.kind and not narrow
+            reason = (f"{record['kind']} evaluated over at least the pinned range" if passed else
+                      f"kind {record['kind']!r}, pinned {pin.kind!r}" if record["kind"] != pin.kind else
+                      f"evaluated range narrower than pinned on {', '.join(narrow)}")
+        title = f"Condition {name} ({pin.kind}) covers " + (", ".join(
+            f"{a} [{lo:g}, {hi:g}]" for a, (lo, hi) in pin.range.items()) or "its kind")
+        rows.append(Row(f"COND-{name}", title, f"conditions.{name}", "point", shown, None, "==", 1.0, "blocking",
+                        pin.clause, passed, reason))
+    return rows
+
+
 INTEGRITY_CHECKS = {
     "model_hash_consistent": "Every piece of evidence speaks of the checkpoint on disk",
     "dataset_fingerprint_consistent": "Every piece of evidence speaks of the prepared data",
@@ -231,6 +265,7 @@ def evaluate(policy: Policy, metrics: dict[str, dict]) -> Verdict:
     """The policy's requirements, then the threat and integrity rows every policy carries."""
     rows = [evaluate_requirement(req, metrics) for req in policy.requirements]
     rows += threat_rows(policy, metrics)
+    rows += condition_rows(policy, metrics)
     if "trace" in metrics:
         rows += integrity_rows(metrics)
     return Verdict(all(r.passed for r in rows if r.severity == "blocking"), rows)

@@ -411,6 +411,90 @@ class ClinicalResult(_Record):
     feature_handling: list[str] = Field(default_factory=list, description="how integer and categorical features "
                                         "were treated")
 
+# --- conditions (triggering conditions: parametric input variations) --------------------------
+
+class ConditionSanity(_Record):
+    status: Literal["pass", "fail", "not_run"]
+    detail: str
+    values: dict[str, Any] = Field(default_factory=dict)
+
+
+class ConditionFailure(_Record):
+    """A test sample the search broke, with the parameters that broke it."""
+
+    index: int
+    label: int
+    prediction: int
+    params: list[float]
+
+
+class ConditionHeatMap(_Record):
+    """Accuracy at each point of a grid over one or two parameters (the whole set when it is finite)."""
+
+    axes: list[str]
+    points: list[list[float]]
+    accuracy: list[float]
+    n: int
+
+
+class ConditionSearchRecord(_Record):
+    components: list[Literal["enumeration", "grid", "random", "gradient"]]
+    grid_points: int
+    random_draws: int
+    gradient_steps: int
+    restarts: int
+    copies_per_sample: int = Field(description="transformed copies evaluated per sample")
+    exhaustive: bool
+    seconds: float
+
+
+class ConditionCertification(_Record):
+    method: Literal["enumeration", "crown_bab"]
+    complete: bool = Field(description="enumeration of a finite set: certified exactly when no element fails")
+    boxes: int = 0
+    rounds: int = 0
+    max_boxes_per_sample: Optional[int] = None
+    budget_exhausted: bool = False
+    counterexamples: int = Field(0, description="box centres branch and bound found misclassified")
+    samples_cross_checked: int
+    conflicts: int
+    seconds: float
+
+
+class ConditionRecord(_Record):
+    kind: str
+    rationale: str
+    description: str
+    axes: dict[str, list[float]] = Field(description="parameter name -> [low, high]")
+    set_size: Optional[int] = Field(None, description="elements of a finite parameter set")
+    n: int
+    clean_accuracy: Accuracy
+    robust_accuracy: Accuracy
+    certified_accuracy: MaybeAccuracy
+    certification: Optional[ConditionCertification] = None
+    unknown_share: Optional[float] = Field(None, description="robust minus certified: neither broken nor proven")
+    search: ConditionSearchRecord
+    heat_map: ConditionHeatMap
+    sanity: dict[str, ConditionSanity]
+    sanity_all_passed: float = Field(description="1 when no sanity check of the search failed")
+    failures: list[ConditionFailure]
+    config_sha256: str
+    reused: bool = Field(False, description="carried over from the previous run: same settings, model and data")
+
+
+class ConditionsResult(_ModelResult):
+    """metrics/conditions.json: one record per named condition, keyed by its name, so a policy names
+    `conditions.<name>.robust_accuracy`."""
+
+    model_config = ConfigDict(extra="allow", frozen=True)
+    __pydantic_extra__: dict[str, ConditionRecord] = Field(init=False)
+    extra_record: typing.ClassVar[type] = ConditionRecord  # what metric_kind walks into for a name
+    n: int
+    split: Literal["test"] = "test"
+
+    def conditions(self) -> dict[str, ConditionRecord]:
+        return dict(self.__pydantic_extra__ or {})
+
 
 # --- export ----------------------------------------------------------------------------------
 
@@ -514,6 +598,7 @@ STAGE_RESULTS: dict[str, type[BaseModel]] = {
     "attack": AttackResult,
     "certify": CertifyResult,
     "smooth": SmoothResult,
+    "conditions": ConditionsResult,
     "export": ExportResult,
     "properties": PropertiesResult,
     "clinical": ClinicalResult,
@@ -586,6 +671,8 @@ def metric_kind(path: str) -> MetricKind:
                 fields = {f.alias or name: f for name, f in node.model_fields.items()}
                 if key in fields:
                     following += _members(fields[key].annotation)
+                elif getattr(node, "extra_record", None) is not None:  # a record per user-chosen name
+                    following.append(node.extra_record)
             elif typing.get_origin(node) is dict:
                 following += _members(typing.get_args(node)[1])
         following = [f for f in following if f is not NotApplicable and f is not type(None)]

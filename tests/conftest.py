@@ -24,6 +24,9 @@ TINY_PARAMS = {
                "apgd": {"steps": 20}, "square": {"queries": 200}, "sweep": {"points": 3}},
     "certify": {"methods": ["ibp", "crown"], "random_points": 4},
     "smoothing": {"n0": 20, "n": 200, "max_samples": 20, "alpha": 0.01},
+    "conditions": {"max_samples": 40, "search": {"grid": 3, "random": 4, "steps": 3}, "certify": {"max_boxes": 8},
+                   "threats": {"glare": {"kind": "brightness", "range": [-0.05, 0.05], "rationale": "sun glare"},
+                               "jitter": {"kind": "translation", "pixels": 1, "rationale": "crop jitter"}}},
     "export": {"opset": 17},
     "properties": {"max_claims": 20},
     "gate": {"policy": "policies/tiny.yaml"},
@@ -94,7 +97,7 @@ def run_stage(stage: str, root: Path) -> int:
 def pipeline_workspace(tmp_path_factory) -> Path:
     """Every stage up to the gate, run once in-process on the tiny config."""
     root = make_workspace(tmp_path_factory.mktemp("ws"))
-    for stage in ("prepare", "train", "attack", "certify", "smooth", "export", "report", "gate"):
+    for stage in ("prepare", "train", "attack", "certify", "smooth", "conditions", "export", "report", "gate"):
         assert run_stage(stage, root) == 0, stage
     return root
 

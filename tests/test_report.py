@@ -14,9 +14,9 @@ from tests.conftest import run_stage
 
 SECTIONS = ("1. Summary", "2. Identification and traceability", "3. Intended use and operating domain",
             "4. Threat model and perturbation budget", "5. Pre-registered acceptance criteria", "6. Empirical results",
-            "7. Formal results", "8. Randomized smoothing", "9. ONNX artifact", "10. Training",
-            "11. Limitations and residual risk", "12. Change since the previously approved model", "13. Integrity",
-            "14. Sign-off", "Appendix: adversarial examples")
+            "7. Formal results", "8. Randomized smoothing", "9. Triggering conditions", "10. ONNX artifact",
+            "11. Training", "12. Limitations and residual risk", "13. Change since the previously approved model",
+            "14. Integrity", "15. Sign-off", "Appendix: adversarial examples")
 
 
 @pytest.fixture

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.claims import ATTACK_NAMES, GRADIENT_FREE, METHOD_NAMES
+from pipeline.claims import ATTACK_NAMES, CONDITION_LABELS, COVERS, GRADIENT_FREE, METHOD_NAMES
 from tests.conftest import TINY_PARAMS, make_workspace, run_stage
 
 NEGATIONS = ("not run", "did not run", "were not run", "was not run", "not covered", "no sweep", "is off",
@@ -59,6 +59,14 @@ VARIANTS = {
         "attack.pgd": {"steps": 10, "step_size": 0.2, "restarts": 1},
         "clinical": {"positive_class": "malignant", "bootstrap": 200},
         "report": {"profile": "medical"}, "gate.policy": "policies/medical.yaml"}),
+    # triggering conditions: empirical-only kinds, certification switched off, enumeration (TINY_PARAMS
+    # itself has a certified brightness and an enumerated translation); and none at all
+    "conditions_uncertified": variant(**{"conditions.certify": {"enabled": False}, "conditions.threats": {
+        "roll": {"kind": "rotation", "range": [-5.0, 5.0], "rationale": "mount"},
+        "haze": {"kind": "fog", "range": [0.0, 0.2], "rationale": "haze"},
+        "grain": {"kind": "noise", "sigma": 0.05, "rationale": "sensor noise"},
+        "dirt": {"kind": "occlusion", "size": 2, "stride": 3, "rationale": "dirt on the lens"}}}),
+    "no_conditions": variant(**{"conditions.threats": {}}),
 }
 
 
@@ -130,6 +138,51 @@ def contradictions(html: str, metrics: dict[str, dict]) -> list[str]:
         needed = threat["epsilon"] * dims ** 0.5 if threat["norm"] == "linf" else threat["epsilon"]
         if ("cannot certify" in limit) != (r_max < needed):
             found.append(f"smoothing limit says the opposite of r_max {r_max:.3g} vs needed {needed:.3g}: {limit!r}")
+    found += condition_contradictions(text, metrics.get("conditions", {}))
+    return found
+
+
+def condition_contradictions(text: list[str], conditions: dict) -> list[str]:
+    """Sentences about triggering conditions that metrics/conditions.json refutes."""
+    found = []
+    records = {k: v for k, v in conditions.items() if isinstance(v, dict) and "kind" in v}
+    covered = {kind for r in records.values() for kind in COVERS.get(r["kind"], (r["kind"],))}
+    joined = " ".join(text)
+    for sentence in text:
+        lowered = sentence.lower()
+        for clause in (c for c in lowered.split(";") if "not covered" in c):
+            for kind in covered:
+                if re.search(rf"(?<![\w/-]){re.escape(CONDITION_LABELS[kind])}(?![\w/-])", clause):
+                    found.append(f"says {kind} is not covered, but a {kind} condition ran: {sentence!r}")
+        if records and "no triggering condition was evaluated" in lowered:
+            found.append(f"denies the conditions that ran ({sorted(records)}): {sentence!r}")
+        for name, record in records.items():
+            label = CONDITION_LABELS[record["kind"]]
+            certified = record["certified_accuracy"]["status"] == "ok"
+            if f"no certificate for {label}" in lowered and any(
+                    r["certified_accuracy"]["status"] == "ok" for r in records.values() if r["kind"] == record["kind"]):
+                found.append(f"denies the certificate of {name}: {sentence!r}")
+            match = re.search(rf"Certified accuracy under {re.escape(label)} is a sound lower bound .*? "
+                              r"([\d.]+)% of the samples are neither broken", sentence)
+            shares = [100 * (r["unknown_share"] or 0) for r in records.values() if r["kind"] == record["kind"]]
+            if match and all(abs(float(match.group(1)) - share) > 0.051 for share in shares):
+                found.append(f"states an unknown share other than the metrics' {shares}: {sentence!r}")
+    for name, record in records.items():
+        label = CONDITION_LABELS[record["kind"]]
+        status = record["certified_accuracy"]["status"]
+        if status != "ok" and f"No certificate for {label}: {record['certified_accuracy']['reason']}" not in joined:
+            found.append(f"never says why {name} has no certificate")
+        if status == "ok" and record["certification"]["method"] == "enumeration" and \
+                f"Certified accuracy under {label} is complete by enumeration" not in joined:
+            found.append(f"never says {name} is certified by enumeration")
+        if status == "ok" and record["certification"]["method"] == "crown_bab" and \
+                f"Certified accuracy under {label} is a sound lower bound from CROWN" not in joined:
+            found.append(f"never states how {name} is certified")
+        for check, result in record["sanity"].items():
+            if result["status"] == "fail" and f"Search sanity check {check} FAILED" not in joined:
+                found.append(f"hides the failed search sanity check {check} of {name}")
+    if not records and conditions and "no triggering condition was evaluated" not in joined.lower():
+        found.append("never says that no triggering condition was evaluated")
     return found
 
 
@@ -168,7 +221,7 @@ def clinical_contradictions(text: list[str], clinical: dict) -> list[str]:
 @pytest.fixture(scope="module", params=sorted(VARIANTS))
 def rendered(request, tmp_path_factory) -> tuple[str, dict]:
     root = make_workspace(tmp_path_factory.mktemp(request.param), VARIANTS[request.param])
-    for stage in ("prepare", "train", "attack", "certify", "smooth", "clinical", "export", "report"):
+    for stage in ("prepare", "train", "attack", "certify", "smooth", "clinical", "conditions", "export", "report"):
         assert run_stage(stage, root) == 0, (request.param, stage)
     metrics = {p.stem: json.loads(p.read_text()) for p in (root / "metrics").glob("*.json")}
     return (root / "reports/build/report.html").read_text(), metrics
@@ -201,6 +254,23 @@ def test_the_checker_catches_the_sentences_the_first_report_shipped(rendered):
         assert any("positive-case counts" in problem for problem in contradictions(wrong, metrics))
 
 
+def test_the_checker_catches_condition_sentences_the_metrics_refute(rendered):
+    """The condition rules are not vacuous: the limitation sentence the report printed before
+    conditions existed, and a denial that any condition ran, fail them whenever conditions ran."""
+    html, metrics = rendered
+    records = {k: v for k, v in metrics["conditions"].items() if isinstance(v, dict) and "kind" in v}
+    if not records:
+        return
+    kind = next(iter(records.values()))["kind"]
+    label = CONDITION_LABELS[COVERS.get(kind, (kind,))[0]]
+    planted = html.replace("<h2 id=\"limitations\">", "<p>Only the L∞ threat with ε = 0.05 was evaluated; other "
+                           f"variations ({label}, rotation, blur, weather, sensor faults, distribution shift) are not "
+                           "covered.</p><p>No triggering condition was evaluated.</p><h2 id=\"limitations\">")
+    problems = contradictions(planted, metrics)
+    assert any(f"is not covered, but a" in p for p in problems), problems
+    assert any("denies the conditions that ran" in p for p in problems), problems
+
+
 def test_pdf_contents_lines_do_not_overlap(pipeline_workspace):
     """The table of contents is one column: each entry's page number ends its own line."""
     import subprocess
@@ -209,7 +279,7 @@ def test_pdf_contents_lines_do_not_overlap(pipeline_workspace):
     text = subprocess.run(["pdftotext", "-layout", "-f", "1", "-l", "1", str(pdf), "-"], capture_output=True,
                           text=True, check=True).stdout
     entries = [line for line in text.splitlines() if re.match(r"\s*\d+\. [A-Z]", line) and "...." in line]
-    assert len(entries) == 15
+    assert len(entries) == 16
     for line in entries:
         assert len(re.findall(r"(?<![\d.])\d+\. [A-Z]", line)) == 1, line  # one entry per line, no second column
         assert re.search(r"\.\s*\d+\s*$", line), line  # leader dots, then the page number, nothing after

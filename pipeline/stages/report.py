@@ -22,7 +22,8 @@ from pipeline import __version__, claims
 from pipeline.evidence import artifact_paths, collect_metrics, hash_artifacts, model_hashes, traceability
 from pipeline.io import atomic_write, confine, read_json, write_json, write_text
 from pipeline.manifest import build_manifest, canonical_bytes, sign
-from pipeline.plots import accuracy_bars, adversarial_gallery, epsilon_curve, training_curves
+from pipeline.plots import (accuracy_bars, adversarial_gallery, condition_gallery, condition_heat_map, epsilon_curve,
+                            training_curves)
 from pipeline.policy import evaluate, load_policy
 from pipeline.registry import flatten
 from pipeline.results import KIND_MEANING
@@ -80,6 +81,26 @@ def gallery(ws: Workspace, count: int = 4) -> str | None:
     if x.ndim != 4 or x.shape[1] not in (1, 3) or len(broken) == 0:
         return None
     return adversarial_gallery(x[broken], x_adv[broken], y[broken], y[broken], adv_pred[broken], count)
+
+
+def condition_sections(ws: Workspace, metrics: dict) -> list[dict]:
+    """Per condition: its record, the sentences derived from it, its heat map and its failures as images."""
+    sections = []
+    for name, record in claims.conditions_of(metrics).items():
+        images_path = ws.root / "artifacts" / "conditions" / f"{name}.npz"
+        failures_png = None
+        if record["failures"] and images_path.is_file():
+            with np.load(images_path, allow_pickle=False) as images:
+                if images["x"].ndim == 4 and images["x"].shape[1] in (1, 3):
+                    failures_png = condition_gallery(images["x"], images["x_condition"], images["y"],
+                                                     images["prediction"], [f["params"] for f in record["failures"]],
+                                                     list(record["axes"]))
+        sections.append({
+            "name": name, "record": record, "label": claims.CONDITION_LABELS[record["kind"]],
+            "scope": claims.condition_scope(record), "failures_png": failures_png,
+            "heat_png": condition_heat_map(record["heat_map"], f"{name}: accuracy at each grid point"),
+        })
+    return sections
 
 
 def evidence_records(ws: Workspace, metrics: dict) -> list[dict]:
@@ -155,6 +176,9 @@ def build_context(ws: Workspace) -> dict:
         "limitations": claims.limitations(params, metrics),
         "clinical_findings": claims.clinical_findings(metrics),
         "threat_rows": claims.threat_model(metrics),
+        "conditions": condition_sections(ws, metrics),
+        "conditions_ran": "conditions" in metrics,
+        "condition_rows": claims.triggering_conditions(metrics, policy.requirements),
         "model_hashes": model_hashes(metrics),
         "attack_scope": claims.attack_scope(attack),
         "training_selection": claims.training_selection(metrics["train"]),

@@ -1,0 +1,137 @@
+"""Triggering conditions, measured in one run on digits and (with --mnist) on the MNIST test split in
+../shared/data/mnist:
+
+* the empirical search's throughput per condition against its floor: the same number of
+  transformed copies (random parameters, transform, forward) in plain batched forwards without
+  the search's bookkeeping or gradients (goal >= 0.9 of the floor's throughput);
+* for brightness + contrast, the share certified by CROWN branch and bound against the share the
+  search leaves robust: the gap is what remains unknown.
+
+Writes bench/results/conditions_<data>.md. The models are small CNNs trained here for seconds
+(standard training): the figures speak of the method's cost and gap, not of a release model.
+"""
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from pipeline.conditions.certify import branch_and_bound
+from pipeline.conditions.search import search
+from pipeline.conditions.threats import from_config
+from pipeline.config import parse_params
+from pipeline.data.datasets import load_dataset
+from pipeline.data.split import prepare
+from pipeline.models import cnn_small
+from pipeline.threat import Domain
+
+REPO = Path(__file__).resolve().parents[1]
+THREATS = {
+    "brightness": {"kind": "brightness", "range": [-0.1, 0.1]},
+    "brightness_contrast": {"kind": "brightness_contrast", "brightness": [-0.1, 0.1], "contrast": [0.8, 1.2]},
+    "gamma": {"kind": "gamma", "range": [0.8, 1.25]},
+    "fog": {"kind": "fog", "range": [0.0, 0.2]},
+    "noise": {"kind": "noise", "sigma": 0.1},
+    "blur": {"kind": "blur", "range": [0.0, 1.0]},
+    "rotation": {"kind": "rotation", "range": [-10.0, 10.0]},
+    "scaling": {"kind": "scaling", "range": [0.9, 1.1]},
+    "translation": {"kind": "translation", "pixels": 1},
+    "occlusion": {"kind": "occlusion", "size": 3, "stride": 2},
+}
+
+
+def train(data, epochs: int, batch: int = 128):
+    torch.manual_seed(0)
+    x, y = torch.as_tensor(data.x["train"]), torch.as_tensor(data.y["train"])
+    model = cnn_small(tuple(x.shape[1:]), data.num_classes, channels=(16, 32), dense=100)
+    optimizer = torch.optim.Adam(model.parameters(), lr=2e-3)
+    for _ in range(epochs):
+        order = torch.randperm(len(x))
+        for start in range(0, len(x), batch):
+            idx = order[start:start + batch]
+            optimizer.zero_grad()
+            torch.nn.functional.cross_entropy(model(x[idx]), y[idx]).backward()
+            optimizer.step()
+    return model.eval()
+
+
+def floor(model, x, condition, domain, copies: int, batch: int) -> float:
+    """Plain batched forwards of `copies` transformed copies of every sample."""
+    generator = torch.Generator().manual_seed(0)
+    low, high = condition.box()
+    started = time.perf_counter()
+    with torch.no_grad():
+        for _ in range(copies):
+            theta = low + torch.rand(len(x), condition.dims, generator=generator) * (high - low)
+            if condition.finite_set() is not None:
+                theta = theta.round()
+            noise = torch.randn(x.shape, generator=generator) if condition.stochastic else None
+            for start in range(0, len(x), batch):
+                part = slice(start, start + batch)
+                model(condition.transform(x[part], theta[part], domain,
+                                          None if noise is None else noise[part])).argmax(1)
+    return time.perf_counter() - started
+
+
+def run(name: str, data, epochs: int, samples: int, bound_batch: int = 256,
+        certified=("brightness", "brightness_contrast", "gamma", "fog"), budgets=(8, 64)) -> str:
+    model = train(data, epochs)
+    x, y = torch.as_tensor(data.x["test"][:samples]), torch.as_tensor(data.y["test"][:samples])
+    domain = Domain.from_arrays(data.lower, data.upper)
+    shape = tuple(x.shape[1:])
+    params = parse_params({"conditions": {"threats": {k: {**v, "rationale": "bench"} for k, v in THREATS.items()}}})
+    cfg = params.conditions
+    lines = [f"# Triggering conditions on {name}", "",
+             f"{samples} test samples, cnn_small trained {epochs} epochs (standard), {torch.get_num_threads()} "
+             f"threads. Search: grid {cfg.search.grid}, random {cfg.search.random}, gradient steps "
+             f"{cfg.search.steps}. Throughput ratio = floor time / search time for the same number of "
+             "transformed copies (goal >= 0.9; gradient steps pay a backward pass the floor does not).", "",
+             "| condition | copies/sample | search s | floor s | ratio | robust (upper bound) |",
+             "|---|---|---|---|---|---|"]
+    for key in THREATS:
+        condition = from_config(key, cfg.threats[key], shape)
+        condition.check(domain, shape, key)
+        best, outcome = float("inf"), None
+        for _ in range(3):
+            started = time.perf_counter()
+            outcome = search(model, x, y, condition, domain, cfg.search, torch.Generator().manual_seed(0),
+                             cfg.batch_size)
+            best = min(best, time.perf_counter() - started)
+        base = min(floor(model, x, condition, domain, outcome.copies_per_sample, cfg.batch_size) for _ in range(3))
+        lines.append(f"| {key} | {outcome.copies_per_sample} | {best:.3f} | {base:.3f} | {base / best:.2f} | "
+                     f"{float(outcome.robust.float().mean()):.3f} |")
+        print(lines[-1], flush=True)
+    lines += ["", "Certified (CROWN, branch and bound over the parameter box) against the search's robust share:", "",
+              "| condition | max boxes | robust (upper) | certified (lower) | unknown gap | boxes | seconds |",
+              "|---|---|---|---|---|---|---|"]
+    for key in certified:
+        condition = from_config(key, cfg.threats[key], shape)
+        outcome = search(model, x, y, condition, domain, cfg.search, torch.Generator().manual_seed(0), cfg.batch_size)
+        for max_boxes in budgets:
+            settings = cfg.certify.model_copy(update={"max_boxes": max_boxes, "batch_size": bound_batch})
+            bab = branch_and_bound(model, x, y, condition, domain, data.num_classes, settings)
+            robust = outcome.robust & ~bab.counterexample
+            certified = bab.verified & outcome.clean_correct
+            r, c = float(robust.float().mean()), float(certified.float().mean())
+            lines.append(f"| {key} | {max_boxes} | {r:.3f} | {c:.3f} | {r - c:.3f} | {bab.boxes} | {bab.seconds:.1f} |")
+            print(lines[-1], flush=True)
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    out = REPO / "bench" / "results"
+    if "--mnist-only" not in sys.argv:
+        digits = prepare(load_dataset("digits"), 0.15, 0.25, seed=0)
+        (out / "conditions_digits.md").write_text(run("digits", digits, epochs=30, samples=450))
+    if "--mnist" in sys.argv or "--mnist-only" in sys.argv:
+        # CROWN in matrix mode keeps (batch x neurons x 784) coefficients: small bound batches on 28x28
+        mnist = prepare(load_dataset("idx", REPO.parent / "shared" / "data" / "mnist"), 0.1, 0.2, seed=0)
+        (out / "conditions_mnist.md").write_text(run("MNIST (t10k split)", mnist, epochs=3, samples=200,
+                                                     bound_batch=16, certified=("brightness_contrast",),
+                                                     budgets=(8, 32)))
+
+
+if __name__ == "__main__":
+    main()

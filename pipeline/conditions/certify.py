@@ -1,0 +1,148 @@
+"""What can be proven about a condition, and the cross-check that keeps the proof honest.
+
+Two complete or sound methods:
+
+* enumeration, for finite parameter sets (integer translations, patch positions on a stride):
+  a sample is certified when every element is classified correctly. Complete for that set,
+  and only for it (patch positions between the stride's are not covered).
+* bound propagation over the parameter box: the transform and the network are one module whose
+  input is the low-dimensional parameter vector θ; auto_LiRPA (CROWN) bounds the margin
+  f_y − f_j over the box, and the box is split along its widest axis (branch and bound) until
+  every piece is verified, a piece's centre is misclassified (a counter-example), or the
+  sample's box budget ends (unknown: not counted). Sound for the transform as the search
+  evaluates it, including the clipping to the data domain.
+
+The empirical search's failures are checked against every certificate: a certified sample with a
+failure found is a :class:`~pipeline.errors.SoundnessViolation`.
+"""
+from __future__ import annotations
+
+import time
+import warnings
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from pipeline import lirpa_compat
+from pipeline.certify.bounds import NotBoundable, specification
+from pipeline.conditions.search import margin_and_prediction
+from pipeline.conditions.threats import Condition
+from pipeline.errors import SoundnessViolation
+from pipeline.threat import Domain
+
+
+class _Composed(nn.Module):
+    """(θ, x) ↦ model(T(x, θ)), one row of θ per row of x. x is a second, unperturbed input (auto_LiRPA
+    takes buffers to be shared across the batch, so a per-sample constant must be an input)."""
+
+    def __init__(self, model: nn.Module, condition: Condition, domain: Domain):
+        super().__init__()
+        self.model, self.condition, self.domain = model, condition, domain
+
+    def forward(self, theta, x):
+        return self.model(self.condition.transform(x, theta, self.domain))
+
+
+@dataclass
+class BoundsOutcome:
+    verified: torch.Tensor  # (N,) bool
+    counterexample: torch.Tensor  # (N,) bool: a box centre misclassified (an empirical failure)
+    counter_theta: torch.Tensor  # (N, d)
+    boxes: int  # boxes bounded in all
+    rounds: int
+    budget_exhausted: bool
+    seconds: float
+
+
+def _bound(model, condition, x, y, low, high, domain, num_classes) -> torch.Tensor:
+    """Lower bounds of f_y − f_j over each row's box [low, high], shape (B, K−1)."""
+    lirpa = lirpa_compat.load()
+    from auto_LiRPA.perturbations import PerturbationLpNorm
+
+    centre = (low + high) / 2
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
+            bounded = lirpa.BoundedModule(_Composed(model, condition, domain), (centre, x), device=str(x.device),
+                                          bound_opts={"verbosity": 0, "conv_mode": "matrix"})
+            theta = lirpa.BoundedTensor(centre, PerturbationLpNorm(norm=float("inf"), x_L=low, x_U=high))
+            lower, _ = bounded.compute_bounds(x=(theta, x), C=specification(y, num_classes), method="CROWN",
+                                              bound_upper=False)
+    except NotImplementedError as error:
+        raise NotBoundable(str(error).splitlines()[0] if str(error) else type(error).__name__) from error
+    return lower.detach()
+
+
+def branch_and_bound(model, x, y, condition: Condition, domain: Domain, num_classes: int, cfg) -> BoundsOutcome:
+    """Certify each sample of (x, y) over the whole parameter box by CROWN with input splitting."""
+    started = time.perf_counter()
+    deadline = time.monotonic() + cfg.time_budget_s if cfg.time_budget_s else None
+    n, device = len(x), x.device
+    full_low, full_high = condition.box(device)
+    span = (full_high - full_low).clamp_min(1e-12)
+    owner = torch.arange(n, device=device)
+    low, high = full_low.expand(n, -1).clone(), full_high.expand(n, -1).clone()
+    open_boxes = torch.ones(n, dtype=torch.long, device=device)  # undecided boxes per sample
+    used = torch.ones(n, dtype=torch.long, device=device)
+    given_up = torch.zeros(n, dtype=torch.bool, device=device)
+    counterexample = torch.zeros(n, dtype=torch.bool, device=device)
+    counter_theta = torch.zeros(n, condition.dims, device=device)
+    boxes = rounds = 0
+    exhausted = False
+    while len(owner):
+        if deadline is not None and rounds and time.monotonic() > deadline:
+            exhausted = True
+            given_up[owner] = True
+            break
+        rounds += 1
+        keep_low, keep_high, keep_owner = [], [], []
+        for start in range(0, len(owner), cfg.batch_size):
+            part = slice(start, start + cfg.batch_size)
+            o, lo, hi = owner[part], low[part], high[part]
+            lower = _bound(model, condition, x[o], y[o], lo, hi, domain, num_classes)
+            boxes += len(o)
+            proven = lower.min(dim=1).values > cfg.tolerance
+            with torch.no_grad():
+                centre = (lo + hi) / 2
+                _, prediction = margin_and_prediction(model(condition.transform(x[o], centre, domain)), y[o])
+            wrong = prediction != y[o]
+            counter_theta[o[wrong]] = centre[wrong]
+            counterexample[o[wrong]] = True
+            open_boxes.index_add_(0, o[proven], -torch.ones_like(o[proven]))
+            split = ~proven & ~wrong
+            keep_low.append(lo[split])
+            keep_high.append(hi[split])
+            keep_owner.append(o[split])
+        owner, low, high = torch.cat(keep_owner), torch.cat(keep_low), torch.cat(keep_high)
+        alive = ~counterexample[owner] & ~given_up[owner]
+        owner, low, high = owner[alive], low[alive], high[alive]
+        over = used[owner] + 1 > cfg.max_boxes  # splitting a box adds one
+        if over.any():
+            exhausted = True
+            given_up[owner[over]] = True
+            alive = ~given_up[owner]
+            owner, low, high = owner[alive], low[alive], high[alive]
+        if not len(owner):
+            break
+        axis = ((high - low) / span).argmax(dim=1)  # widest axis relative to the full range
+        middle = ((low + high) / 2).gather(1, axis[:, None]).squeeze(1)
+        left_high, right_low = high.clone(), low.clone()
+        left_high.scatter_(1, axis[:, None], middle[:, None])
+        right_low.scatter_(1, axis[:, None], middle[:, None])
+        owner = torch.cat([owner, owner])
+        low, high = torch.cat([low, right_low]), torch.cat([left_high, high])
+        used.index_add_(0, owner[: len(owner) // 2], torch.ones(len(owner) // 2, dtype=torch.long, device=device))
+        open_boxes.index_add_(0, owner[: len(owner) // 2], torch.ones(len(owner) // 2, dtype=torch.long, device=device))
+    verified = (open_boxes == 0) & ~counterexample & ~given_up
+    return BoundsOutcome(verified, counterexample, counter_theta, boxes, rounds, exhausted,
+                         time.perf_counter() - started)
+
+
+def cross_check(certified: torch.Tensor, empirically_broken: torch.Tensor, condition: Condition, method: str) -> int:
+    """No certified sample may have a failure the search found; returns the samples cross-checked."""
+    conflicts = int((certified & empirically_broken).sum())
+    if conflicts:
+        raise SoundnessViolation(f"{conflicts} sample(s) certified by {method} under condition {condition.name!r} "
+                                 "have a failure found by the empirical search; the certificate cannot be trusted")
+    return len(certified)
