@@ -58,7 +58,7 @@ VARIANTS = {
         "train.pgd": {"steps": 3, "step_size": 0.5}, "train.val_pgd": {"steps": 3, "step_size": 0.5},
         "attack.pgd": {"steps": 10, "step_size": 0.2, "restarts": 1},
         "clinical": {"positive_class": "malignant", "bootstrap": 200},
-        "report": {"profile": "medical"}, "gate.policy": "policies/medical.yaml"}),
+        "report": {"profile": "medical"}, "gate.policy": "policies/medical.yaml", "conditions.threats": {}}),
     # triggering conditions: empirical-only kinds, certification switched off, enumeration (TINY_PARAMS
     # itself has a certified brightness and an enumerated translation); and none at all
     "conditions_uncertified": variant(**{"conditions.certify": {"enabled": False}, "conditions.threats": {
