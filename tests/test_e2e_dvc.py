@@ -31,9 +31,12 @@ def ran(output: str) -> list[str]:
 
 
 def copy_repository(root: Path, params: dict, prepare=lambda root: None) -> Path:
-    """The tracked files of the repository in `root` with `params`, a git repo with DVC."""
+    """The tracked files of the repository in `root` with `params`, a git repo with DVC; without the
+    committed figures of the default run (metrics/, plots/), which speak of other params."""
     tracked = subprocess.run(["git", "ls-files"], cwd=REPO, capture_output=True, text=True, check=True).stdout
     for name in tracked.splitlines():
+        if name.startswith(("metrics/", "plots/")):
+            continue
         if (REPO / name).is_file():
             (root / name).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(REPO / name, root / name)
