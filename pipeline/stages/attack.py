@@ -22,8 +22,8 @@ from pipeline.policy import load_policy
 from pipeline.results import (Accuracy, AttackRecord, AttackResult, AttackSweep, ClassRecord, NotApplicable,
                               ReferenceCoverage, ThreatRecord, dump)
 from pipeline.runtime import block_generator, run_shards, shard_ranges
-from pipeline.stages.common import (check_model_outputs, load_data, load_model_for, seed_everything, start_runtime,
-                                    tensors)
+from pipeline.stages.common import (check_model_outputs, load_data, load_model_for, seed_everything, shard_setup,
+                                    start_runtime, tensors)
 from pipeline.stats import proportion
 from pipeline.threat import LpBall, from_params
 from pipeline.workspace import Workspace
@@ -254,11 +254,6 @@ def main(ws: Workspace) -> int:
 
 def _attack_shard(ws: Workspace, data_fingerprint: str, start: int, stop: int) -> SamplesResult:
     """One shard of :func:`main`, in its own process: test samples [start, stop)."""
-    params = ws.params()
-    runtime = start_runtime(params)
-    data, domain = load_data(ws, params, data_fingerprint)[:2]
-    model, _ = load_model_for(ws, params, data, data_fingerprint, runtime.device)
-    seed_everything(params.seed)
-    x, y = tensors(data, "test", stop, runtime.device)
-    return attack_samples(model, params, x[start:], y[start:], domain, data.num_classes, params.seed, start,
-                          data=data)
+    s = shard_setup(ws, data_fingerprint, stop)
+    return attack_samples(s.model, s.params, s.x[start:], s.y[start:], s.domain, s.data.num_classes, s.params.seed,
+                          start, data=s.data)

@@ -23,7 +23,7 @@ from pipeline.io import sha256_file, write_json, write_text
 from pipeline.results import (Accuracy, CertifyMethodRecord, CertifyResult, CertifySweep, CombinedRecord,
                               NotApplicable, Soundness, ThreatRecord)
 from pipeline.runtime import block_generator, run_shards, shard_ranges
-from pipeline.stages.common import load_data, load_model_for, seed_everything, start_runtime, tensors
+from pipeline.stages.common import load_data, load_model_for, seed_everything, shard_setup, start_runtime, tensors
 from pipeline.stats import proportion
 from pipeline.threat import LpBall, from_params
 from pipeline.workspace import Workspace
@@ -269,12 +269,8 @@ def main(ws: Workspace) -> int:
 
 def _certify_shard(ws: Workspace, data_fingerprint: str, start: int, stop: int, attack_sweep) -> BoundsSamples:
     """One shard of :func:`main`, in its own process: test samples [start, stop)."""
-    params = ws.params()
-    runtime = start_runtime(params)
-    data, domain = load_data(ws, params, data_fingerprint)[:2]
-    model, _ = load_model_for(ws, params, data, data_fingerprint, runtime.device)
-    seed_everything(params.seed)
-    x, y = tensors(data, "test", stop, runtime.device)
-    x_adv, _, m = _attack_evidence(ws, stop, from_params(params, data))
-    return bound_samples(model, params, x[start:], y[start:], domain, data.num_classes, params.seed,
-                         x_adv[start:m].to(runtime.device), start, attack_sweep, report=lambda line: None, data=data)
+    s = shard_setup(ws, data_fingerprint, stop)
+    x_adv, _, m = _attack_evidence(ws, stop, from_params(s.params, s.data))
+    return bound_samples(s.model, s.params, s.x[start:], s.y[start:], s.domain, s.data.num_classes, s.params.seed,
+                         x_adv[start:m].to(s.runtime.device), start, attack_sweep, report=lambda line: None,
+                         data=s.data)

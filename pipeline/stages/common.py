@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import random
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -94,3 +95,29 @@ def load_supplied_for(ws: Workspace, params, data: PreparedData, data_fingerprin
     model, _, _ = load_supplied(ws.checkpoint, params.model.layout, data.x["test"].shape[1:], data.num_classes)
     check_model_outputs(model, tensors(data, "test", 256)[0], data.num_classes)
     return model, meta
+
+
+@dataclass(frozen=True)
+class Shard:
+    """What a shard process rebuilds from the workspace: params, runtime, data, model and the test
+    samples up to its `stop` (it evaluates [start, stop) of them)."""
+
+    params: object
+    runtime: Runtime
+    data: PreparedData
+    domain: Domain
+    model: torch.nn.Module
+    x: torch.Tensor
+    y: torch.Tensor
+
+
+def shard_setup(ws: Workspace, data_fingerprint: str, stop: int) -> Shard:
+    """The set-up every sharded stage repeats in its worker process, in the parent's order (runtime,
+    data, model, then the seed), so a shard draws exactly what one process would."""
+    params = ws.params()
+    runtime = start_runtime(params)
+    data, domain = load_data(ws, params, data_fingerprint)[:2]
+    model, _ = load_model_for(ws, params, data, data_fingerprint, runtime.device)
+    seed_everything(params.seed)
+    x, y = tensors(data, "test", stop, runtime.device)
+    return Shard(params, runtime, data, domain, model, x, y)

@@ -18,7 +18,7 @@ from pipeline.certify.smoothing import ABSTAIN, Smooth
 from pipeline.io import sha256_file, write_json, write_text
 from pipeline.results import Accuracy, SmoothPoint, SmoothResult, dump
 from pipeline.runtime import block_generator, run_shards, shard_ranges
-from pipeline.stages.common import load_data, load_model_for, seed_everything, start_runtime, tensors
+from pipeline.stages.common import load_data, load_model_for, seed_everything, shard_setup, start_runtime, tensors
 from pipeline.workspace import Workspace
 
 
@@ -58,13 +58,8 @@ def certify_samples(model, params, x, y, num_classes: int, seed: int, start: int
 
 def _smooth_shard(ws: Workspace, data_fingerprint: str, start: int, stop: int) -> tuple[list[dict], int]:
     """One shard of :func:`main`, in its own process: test samples [start, stop)."""
-    params = ws.params()
-    runtime = start_runtime(params)
-    data = load_data(ws, params, data_fingerprint)[0]
-    model, _ = load_model_for(ws, params, data, data_fingerprint, runtime.device)
-    seed_everything(params.seed)
-    x, y = tensors(data, "test", stop, runtime.device)
-    return certify_samples(model, params, x[start:], y[start:], data.num_classes, params.seed, start)
+    s = shard_setup(ws, data_fingerprint, stop)
+    return certify_samples(s.model, s.params, s.x[start:], s.y[start:], s.data.num_classes, s.params.seed, start)
 
 
 def main(ws: Workspace) -> int:
