@@ -17,6 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from pipeline import results
 from pipeline.config import format_validation_error, read_yaml
 from pipeline.errors import UsageError
+from pipeline.results import Row
 
 COMPARATORS = {">=": operator.ge, ">": operator.gt, "<=": operator.le, "<": operator.lt, "==": operator.eq}
 
@@ -103,22 +104,6 @@ def load_policy(path: Path) -> Policy:
             except (KeyError, IndexError, TypeError, AttributeError):
                 pass
         raise UsageError(message) from None
-
-
-@dataclass(frozen=True)
-class Row:
-    id: str
-    title: str
-    metric: str
-    bound: str
-    measured: Any  # point estimate, or "missing" / "not_applicable"
-    compared: Optional[float]  # the value actually compared (point or CI bound)
-    comparator: str
-    threshold: float
-    severity: str
-    clause: str
-    passed: bool
-    reason: str
 
 
 def lookup(metrics: dict[str, dict], path: str) -> Any:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import re
 import typing
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal, Optional, Union
 
@@ -549,13 +550,16 @@ class TraceResult(_Record):
 
 # --- gate and register (records of decisions, not metrics a policy may name) ------------------
 
-class GateRow(_Record):
+@dataclass(frozen=True)
+class Row:
+    """One requirement of a policy as evaluated: what the gate prints, writes and the report shows."""
+
     id: str
     title: str
     metric: str
     bound: str
-    measured: Any
-    compared: Optional[float]
+    measured: Any  # point estimate, or "missing" / "not_applicable"
+    compared: Optional[float]  # the value actually compared (point or CI bound)
     comparator: str
     threshold: float
     severity: str
@@ -570,7 +574,7 @@ class GateResult(_Record):
     policy: str
     policy_name: str
     policy_sha256: str
-    rows: list[GateRow]
+    rows: list[Row]
     blocking_failures: list[str]
     trace: TraceResult
     artifacts: dict[str, str]
