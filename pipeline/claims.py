@@ -153,6 +153,30 @@ def training_selection(train: dict) -> str:
     return f"Checkpoint from epoch {train['best_epoch']} of {train['epochs_run']} run: {train['selection_rule']}."
 
 
+RUNTIME_STAGES = ("train", "attack", "certify", "smooth")
+
+
+def runtime_used(metrics: dict) -> str:
+    """Where each stage computed, from its metrics: the figures are reproducible bit for bit only
+    with the same thread count, torch build and CPU kernel set, so the report names them."""
+    groups: dict[tuple, list[str]] = {}
+    for stage in RUNTIME_STAGES:
+        record = (metrics.get(stage) or {}).get("runtime")
+        if record:
+            key = (record["device"], record["threads"], record["processes"], record["precision"], record["torch"],
+                   record["cpu_capability"])
+            groups.setdefault(key, []).append(stage)
+    if not groups:
+        return "not recorded (metrics from before the runtime record)"
+    parts = []
+    for (device, threads, processes, precision, torch_version, capability), stages in groups.items():
+        parts.append(f"{listing(stages)}: {device}, {processes} process{'es' if processes > 1 else ''} of "
+                     f"{threads} thread{'s' if threads > 1 else ''}, {precision}, torch {torch_version}, "
+                     f"CPU kernels {capability}")
+    return ("; ".join(parts) + ". Re-running with the same params and seed reproduces these figures bit for bit "
+            "only with the same threads, torch build and CPU kernels: floating-point reductions are ordered by them.")
+
+
 def limitations(params, metrics: dict) -> list[str]:
     """Residual risk, each sentence computed from the metrics (or, for the gaps the reviewer must
     fill, from what params.yaml leaves unstated)."""

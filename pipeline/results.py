@@ -77,10 +77,23 @@ class _StageResult(_Record):
     dataset_fingerprint: str
 
 
+class RuntimeRecord(_Record):
+    """Where a stage computed: same params and seed give the same figures only with the same
+    threads, torch build and CPU kernel set (pipeline.runtime.Runtime.record)."""
+
+    device: str
+    threads: int = Field(ge=1)
+    processes: int = Field(ge=1)
+    precision: str
+    torch: str
+    cpu_capability: str
+
+
 class _ModelResult(_StageResult):
     """Evidence about one checkpoint: the SHA-256 of the `model.pt` it evaluated."""
 
     model_sha256: str = Field(min_length=64, max_length=64)
+    runtime: Optional[RuntimeRecord] = None
 
 
 # --- prepare ---------------------------------------------------------------------------------
@@ -294,6 +307,7 @@ class SmoothResult(_Record):
     seconds: Optional[float] = None
     base_training_method: Optional[str] = None
     base_trained_with_same_sigma: Optional[bool] = None
+    runtime: Optional[RuntimeRecord] = None
 
 
 # --- clinical --------------------------------------------------------------------------------

@@ -39,6 +39,14 @@ class Runtime:
         dtype = torch.bfloat16 if self.precision == "bf16" else torch.float16
         return torch.autocast(device_type=self.device.type, dtype=dtype)
 
+    def record(self) -> dict:
+        """What shaped the figures besides params and seed: the thread count changes the order of
+        floating-point reductions (a 1-thread and a 2-thread run train numerically different models),
+        and the CPU kernel set and torch build change them too."""
+        return {"device": str(self.device), "threads": self.threads, "processes": self.processes,
+                "precision": self.precision, "torch": torch.__version__,
+                "cpu_capability": torch.backends.cpu.get_cpu_capability()}
+
     def grad_scaler(self):
         """float16 gradients underflow without loss scaling; bf16 and float32 need none."""
         return torch.amp.GradScaler(self.device.type) if self.precision == "fp16" else None

@@ -20,7 +20,7 @@ from pipeline.feasibility import apgd_targets, resolve_attacks
 from pipeline.io import atomic_write, confine, sha256_file, write_json, write_text
 from pipeline.policy import load_policy
 from pipeline.results import (Accuracy, AttackRecord, AttackResult, AttackSweep, ClassRecord, NotApplicable,
-                              ReferenceCoverage, ThreatRecord, dump)
+                              ReferenceCoverage, RuntimeRecord, ThreatRecord, dump)
 from pipeline.runtime import block_generator, run_shards, shard_ranges
 from pipeline.stages.common import (check_model_outputs, load_data, load_model_for, seed_everything, shard_setup,
                                     start_runtime, tensors)
@@ -242,7 +242,7 @@ def main(ws: Workspace) -> int:
     atomic_write(ws.adversarial, save_adversarial)
     write_text(ws.attack_samples, "\n".join(rows) + "\n")
     write_json(ws.root / "plots" / "attack_sweep.json", [p.model_dump() for p in metrics.sweep.points])
-    write_json(ws.metrics("attack"), dump(metrics))
+    write_json(ws.metrics("attack"), dump(metrics.model_copy(update={"runtime": RuntimeRecord(**runtime.record())})))
     robust = metrics.robust_accuracy
     print(f"attack: clean {metrics.clean_accuracy.value:.3f} robust {robust.value:.3f} "
           f"[{robust.ci[0]:.3f}, {robust.ci[1]:.3f}] n={n} ({', '.join(names)}, {threat.norm} ε={threat.epsilon})")

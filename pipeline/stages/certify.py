@@ -263,7 +263,8 @@ def main(ws: Workspace) -> int:
     write_text(ws.certify_samples, "".join(json.dumps(row) + "\n" for row in per_sample.values()))
     write_json(ws.root / "plots" / "certify_sweep.json", [p.model_dump() for p in result.sweep.points]
                if result.sweep else [])
-    write_json(ws.metrics("certify"), results.dump(result))
+    recorded = result.model_copy(update={"runtime": results.RuntimeRecord(**runtime.record())})
+    write_json(ws.metrics("certify"), results.dump(recorded))
     return 0
 
 

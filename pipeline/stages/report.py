@@ -192,6 +192,7 @@ def build_context(ws: Workspace) -> dict:
                ("torch", "numpy", "onnx", "onnxruntime", "auto-LiRPA", "mlflow", "dvc", "weasyprint")},
         },
         "hardware": f"{platform.machine()} {platform.system()} ({os.cpu_count()} CPUs)",
+        "runtime_used": claims.runtime_used(metrics),
     }
 
 

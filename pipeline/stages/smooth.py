@@ -110,6 +110,7 @@ def main(ws: Workspace) -> int:
         seconds=seconds,
         base_training_method=meta.get("method"),
         base_trained_with_same_sigma=trained_for_it,
+        runtime=runtime.record(),
     )
     write_text(ws.root / "artifacts" / "smooth" / "samples.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
     write_json(plot, [{"radius": c.radius, "certified_accuracy": c.certified_accuracy.value,

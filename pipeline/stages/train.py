@@ -212,6 +212,7 @@ def main(ws: Workspace, resume: bool = False) -> int:
         seed=params.seed,
         dataset_fingerprint=data_fingerprint,
         params=params.train.model_dump(mode="json"),
+        runtime=runtime.record(),
     )))
     verified = f" val verified {best['val_verified_accuracy']:.3f}" if "val_verified_accuracy" in best else ""
     print(f"train: best epoch {result.best_epoch}/{cfg.epochs} val clean {best['val_clean_accuracy']:.3f} "

@@ -1,0 +1,49 @@
+"""The thread count, torch build and CPU kernel set shape the figures (a 1-thread and a 2-thread
+run of the default params train different models), so every computing stage records them and the
+report names them. Before this record the report said only which machine rendered it."""
+from __future__ import annotations
+
+import copy
+import json
+
+import torch
+
+from pipeline import claims, results
+from tests.conftest import TINY_PARAMS, make_workspace, run_stage
+
+
+def test_every_computing_stage_records_its_runtime(pipeline_workspace):
+    for stage in claims.RUNTIME_STAGES:
+        record = json.loads((pipeline_workspace / "metrics" / f"{stage}.json").read_text())["runtime"]
+        assert record["device"] == "cpu"
+        assert record["threads"] >= 1 and record["processes"] == 1
+        assert record["torch"] == torch.__version__
+        assert record["cpu_capability"] == torch.backends.cpu.get_cpu_capability()
+        results.load(stage, pipeline_workspace / "metrics" / f"{stage}.json")  # the schema accepts it
+    html = (pipeline_workspace / "reports" / "build" / "report.html").read_text()
+    assert "Computed with" in html and f"torch {torch.__version__}" in html
+
+
+def test_threads_from_params_are_the_ones_recorded(tmp_path):
+    params = copy.deepcopy(TINY_PARAMS)
+    params["runtime"] = {"threads": 1}
+    params["train"]["epochs"] = 1
+    root = make_workspace(tmp_path, params)
+    previous = torch.get_num_threads()
+    try:
+        assert run_stage("prepare", root) == 0 and run_stage("train", root) == 0
+    finally:
+        torch.set_num_threads(previous)
+    assert json.loads((root / "metrics" / "train.json").read_text())["runtime"]["threads"] == 1
+
+
+def test_runtime_sentence_groups_stages_that_computed_alike():
+    one = {"device": "cpu", "threads": 2, "processes": 1, "precision": "float32", "torch": "2.13.0+cpu",
+           "cpu_capability": "AVX2"}
+    sharded = {**one, "threads": 1, "processes": 2}
+    text = claims.runtime_used({"train": {"runtime": one}, "attack": {"runtime": sharded},
+                                "certify": {"runtime": one}, "smooth": {}})
+    assert "train and certify: cpu, 1 process of 2 threads" in text
+    assert "attack: cpu, 2 processes of 1 thread," in text
+    assert "smooth" not in text.split(".")[0]
+    assert claims.runtime_used({}).startswith("not recorded")
