@@ -220,9 +220,12 @@ def clinical_findings(metrics: dict) -> list[str]:
         notes.append(f"The smoothed classifier abstains on {smoothed['abstained']} of {smoothed['n']} cases "
                      f"(coverage {100 * smoothed['coverage']:.1f}%).")
     if clinical["subgroup_columns"]:
-        notes.append(f"The positive-class figures are repeated for {len(clinical['subgroups'])} subgroups of "
-                     f"{listing(clinical['subgroup_columns'])}; the smallest subgroup has n = "
-                     f"{clinical['smallest_subgroup_n']}.")
+        smallest = clinical.get("smallest_subgroup")
+        notes.append(f"Every diagnostic figure (sensitivity, specificity, PPV and NPV clean, robust and verified; "
+                     f"calibration; selective prediction) is repeated for {len(clinical['subgroups'])} subgroups of "
+                     f"{listing(clinical['subgroup_columns'])}; the smallest subgroup"
+                     f"{f' ({smallest})' if smallest else ''} has n = {clinical['smallest_subgroup_n']}, so its "
+                     "intervals are the widest.")
     else:
         notes.append("Subgroup figures are not shown because params name no subgroup column (clinical.subgroups).")
     budgets = clinical.get("feature_budgets") or []
