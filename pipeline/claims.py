@@ -221,11 +221,11 @@ def clinical_findings(metrics: dict) -> list[str]:
                      f"(coverage {100 * smoothed['coverage']:.1f}%).")
     if clinical["subgroup_columns"]:
         smallest = clinical.get("smallest_subgroup")
-        notes.append(f"Every diagnostic figure (sensitivity, specificity, PPV and NPV clean, robust and verified; "
-                     f"calibration; selective prediction) is repeated for {len(clinical['subgroups'])} subgroups of "
-                     f"{listing(clinical['subgroup_columns'])}; the smallest subgroup"
-                     f"{f' ({smallest})' if smallest else ''} has n = {clinical['smallest_subgroup_n']}, so its "
-                     "intervals are the widest.")
+        notes.append(f"Every diagnostic figure (sensitivity and specificity clean, robust and verified; PPV and NPV "
+                     f"clean and at the attacks' worst inputs; calibration; selective prediction) is repeated for "
+                     f"{len(clinical['subgroups'])} subgroups of {listing(clinical['subgroup_columns'])}, each with "
+                     f"its n; the smallest subgroup{f' ({smallest})' if smallest else ''} has n = "
+                     f"{clinical['smallest_subgroup_n']}.")
     else:
         notes.append("Subgroup figures are not shown because params name no subgroup column (clinical.subgroups).")
     budgets = clinical.get("feature_budgets") or []
