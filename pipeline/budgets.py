@@ -3,8 +3,9 @@ the radii of an L∞ box (one number per feature, ε multiplies them all).
 
 Without declared budgets, a tabular feature's radius is one training standard deviation, so
 `threat.epsilon` reads in standard deviations. Categorical features are immutable (a code has no
-neighbourhood); integer features are certified and attacked over the continuous box, a superset
-of the integer points, so their robust and verified figures are conservative.
+neighbourhood); integer features take integer values only: adversarial examples are rounded into
+the integer points of the box (`LpBall.to_lattice`) and the MILP treats them as integer variables,
+while bound propagation certifies the continuous box, a superset (conservative for them).
 """
 from __future__ import annotations
 

@@ -244,8 +244,11 @@ def clinical_findings(metrics: dict) -> list[str]:
         notes.append(f"The smoothed classifier abstains on {smoothed['abstained']} of {smoothed['n']} cases "
                      f"(coverage {100 * smoothed['coverage']:.1f}%).")
     if clinical["subgroup_columns"]:
-        notes.append(f"The positive-class figures are repeated for {len(clinical['subgroups'])} subgroups of "
-                     f"{listing(clinical['subgroup_columns'])}; the smallest subgroup has n = "
+        smallest = clinical.get("smallest_subgroup")
+        notes.append(f"Every diagnostic figure (sensitivity and specificity clean, robust and verified; PPV and NPV "
+                     f"clean and at the attacks' worst inputs; calibration; selective prediction) is repeated for "
+                     f"{len(clinical['subgroups'])} subgroups of {listing(clinical['subgroup_columns'])}, each with "
+                     f"its n; the smallest subgroup{f' ({smallest})' if smallest else ''} has n = "
                      f"{clinical['smallest_subgroup_n']}.")
     else:
         notes.append("Subgroup figures are not shown because params name no subgroup column (clinical.subgroups).")

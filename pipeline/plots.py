@@ -124,3 +124,53 @@ def condition_gallery(x, x_condition, labels, predictions, params: list[list[flo
             ax.axis("off")
     fig.tight_layout()
     return _data_url(fig)
+
+
+def reliability_diagram(bins: list[dict], ece: float, ece_ci: tuple[float, float]) -> str:
+    """Accuracy against mean confidence per confidence bin (the diagonal is perfect calibration),
+    with the number of cases per bin underneath."""
+    filled = [b for b in bins if b["n"]]
+    fig, (top, bottom) = plt.subplots(2, 1, figsize=(5, 4.6), sharex=True, gridspec_kw={"height_ratios": [3, 1]})
+    top.plot([0, 1], [0, 1], color="gray", linestyle="--", label="perfect calibration")
+    top.bar([(b["lower"] + b["upper"]) / 2 for b in filled], [b["accuracy"] for b in filled],
+            width=[b["upper"] - b["lower"] for b in filled], edgecolor="black", alpha=0.7, label="accuracy in the bin")
+    top.plot([b["confidence"] for b in filled], [b["accuracy"] for b in filled], marker="o", color="tab:red",
+             linestyle="none", label="(mean confidence, accuracy)")
+    top.set(ylabel="accuracy", xlim=(0, 1), ylim=(0, 1.02),
+            title=f"Reliability diagram (ECE {ece:.3f}, 95% [{ece_ci[0]:.3f}, {ece_ci[1]:.3f}])")
+    top.grid(alpha=0.3)
+    top.legend(fontsize=7, loc="upper left")
+    bottom.bar([(b["lower"] + b["upper"]) / 2 for b in bins], [b["n"] for b in bins],
+               width=[b["upper"] - b["lower"] for b in bins], color="tab:blue", alpha=0.6, edgecolor="black")
+    bottom.set(xlabel="confidence (top-label probability)", ylabel="cases")
+    bottom.grid(alpha=0.3)
+    fig.tight_layout()
+    return _data_url(fig)
+
+
+def coverage_risk(points: list[dict]) -> str:
+    """Selective prediction: the error among answered cases against the share answered, one point
+    per confidence threshold (labelled), from abstaining on everything to answering everything."""
+    answered = [p for p in points if p["risk"] is not None]
+    fig, ax = plt.subplots(figsize=(5, 3.4))
+    ax.plot([p["coverage"] for p in answered], [p["risk"] for p in answered], marker="o", drawstyle="default")
+    for p in answered:
+        ax.annotate(f"≥{p['threshold']:g}", (p["coverage"], p["risk"]), textcoords="offset points", xytext=(4, 4),
+                    fontsize=7)
+    top = max([p["risk"] for p in answered] + [0.05])
+    ax.set(xlabel="coverage (share of cases answered)", ylabel="risk (error among answered)", xlim=(0, 1.02),
+           ylim=(0, 1.1 * top), title="Selective prediction: coverage against risk")
+    ax.grid(alpha=0.3)
+    return _data_url(fig)
+
+
+def clinical_plots(clinical: dict) -> dict[str, str]:
+    """The clinical stage's two plots (metrics/clinical.json): `reliability` and `coverage_risk`;
+    none when the stage did not apply."""
+    if clinical.get("status") != "ok" or not clinical.get("calibration"):
+        return {}
+    calibration = clinical["calibration"]
+    plots = {"reliability": reliability_diagram(calibration["bins"], calibration["ece"], calibration["ece_ci"])}
+    if any(p["risk"] is not None for p in clinical.get("selective") or []):
+        plots["coverage_risk"] = coverage_risk(clinical["selective"])
+    return plots

@@ -394,10 +394,14 @@ class FeatureBudgetRecord(_Record):
 
 
 class SubgroupRecord(_Record):
+    """Every diagnostic figure again for the test cases with `column` = `value`."""
+
     column: str
     value: float
     n: int = Field(ge=1)
     positive: ClassFigures
+    calibration: Optional[CalibrationRecord] = None
+    selective: list[SelectivePoint] = Field(default_factory=list)
 
 
 class ClinicalResult(_Record):
@@ -421,6 +425,7 @@ class ClinicalResult(_Record):
     subgroup_columns: list[str] = Field(default_factory=list)
     subgroups: list[SubgroupRecord] = Field(default_factory=list)
     smallest_subgroup_n: Optional[int] = None
+    smallest_subgroup: Optional[str] = Field(None, description="`column = value` of the smallest subgroup")
     exact: Union[ExactRecord, NotApplicable, None] = None
     feature_budgets: list[FeatureBudgetRecord] = Field(default_factory=list)
     feature_handling: list[str] = Field(default_factory=list, description="how integer and categorical features "

@@ -81,7 +81,12 @@ class LpBall(Threat):
 
     `scale` (L∞ only; one input's shape) gives each feature its own radius ε·s_i, e.g. a
     measurement uncertainty in the feature's own units, with s_i = 0 for a feature that cannot
-    change. Without it the ball is the usual one."""
+    change. Without it the ball is the usual one.
+
+    `integer` (one input's shape, bool) marks features that only take integer values (declared
+    integer; categorical ones are immutable already): an adversarial example is an input, so
+    `to_lattice` rounds them into the integer points of the box before a candidate is judged.
+    Without it nothing is rounded."""
 
     norm: str
     epsilon: float
@@ -89,6 +94,7 @@ class LpBall(Threat):
     rationale: Optional[str] = None
     kind: str = "lp_ball"
     scale: Optional[torch.Tensor] = None
+    integer: Optional[torch.Tensor] = None
 
     def __post_init__(self):
         if self.norm not in NORMS:
@@ -97,13 +103,16 @@ class LpBall(Threat):
             raise UsageError(f"threat.epsilon = {self.epsilon}: must be >= 0")
         if self.scale is not None and (self.norm != "linf" or bool((self.scale < 0).any())):
             raise UsageError("a per-feature scale needs the L∞ norm and non-negative entries")
+        if self.integer is not None and self.norm != "linf":
+            raise UsageError("integer features need the L∞ norm (a box whose integer points can be enumerated)")
 
     def record(self) -> dict:
         return {"norm": self.norm, "epsilon": self.epsilon}
 
     def describe(self) -> str:
         per_feature = " per feature (scaled)" if self.scale is not None else ""
-        return f"{NORM_LABELS[self.norm]} ball of radius ε = {self.epsilon:g}{per_feature}"
+        lattice = "; integer features at integer values" if self.integer is not None else ""
+        return f"{NORM_LABELS[self.norm]} ball of radius ε = {self.epsilon:g}{per_feature}{lattice}"
 
     def radius(self, like: torch.Tensor):
         """ε, or the per-feature radii ε·s on `like`'s device (L∞)."""
@@ -141,6 +150,15 @@ class LpBall(Threat):
             norms = lp_norm(delta, "l2").clamp_min(1e-12)
             delta = delta * _per_sample((self.epsilon / norms).clamp(max=1.0), delta)
         return domain.clamp(x + delta)
+
+    def to_lattice(self, x_adv: torch.Tensor, x: torch.Tensor, domain: Domain) -> torch.Tensor:
+        """The integer features of `x_adv` rounded to the nearest integer of their box (x integer
+        there, so the box holds one); the other features unchanged. The identity without `integer`."""
+        if self.integer is None:
+            return x_adv
+        low, high = self.box(x, domain)
+        rounded = torch.minimum(torch.maximum(torch.round(x_adv), torch.ceil(low)), torch.floor(high))
+        return torch.where(self.integer.to(x_adv.device), rounded, x_adv)
 
     def random_start(self, x: torch.Tensor, domain: Domain, generator: torch.Generator) -> torch.Tensor:
         """Uniform point in the ε-ball (L∞ cube or L2 ball), clipped to the domain."""
@@ -182,7 +200,8 @@ def lp_norm(delta: torch.Tensor, norm: str) -> torch.Tensor:
 def from_params(params, data=None) -> LpBall:
     """The Lp threat `params.yaml` names. For tabular data (`data`: the prepared data, with its
     feature names and training statistics) in L∞, every feature gets its own radius ε·s_i from
-    the declared budgets (pipeline/budgets.py), one standard deviation when none are declared."""
+    the declared budgets (pipeline/budgets.py), one standard deviation when none are declared;
+    integer features are marked to take integer values only."""
     cfg = params.threat
     if data is None or not getattr(data, "tabular", False):
         if cfg.features is not None:
@@ -194,4 +213,6 @@ def from_params(params, data=None) -> LpBall:
 
     radii = feature_radii(cfg, data.feature_names, data.feature_types, data.std, data.absmax)
     scale = torch.tensor([r.radius for r in radii], dtype=torch.float32)
-    return LpBall(cfg.norm, cfg.epsilon, rationale=cfg.rationale, scale=scale)
+    integer = torch.tensor([r.type == "integer" for r in radii])
+    return LpBall(cfg.norm, cfg.epsilon, rationale=cfg.rationale, scale=scale,
+                  integer=integer if bool(integer.any()) else None)

@@ -203,6 +203,17 @@ def test_the_pipeline_writes_clinical_metrics_in_raw_units(clinical_workspace):
     assert delta.max() > 0
 
 
+def test_summary_states_robust_sensitivity_and_ece(clinical_workspace, capsys):
+    """`robustgate summary` of a clinical run (before: no clinical line)."""
+    assert cli(["summary", "--workspace", str(clinical_workspace)]) == 0
+    text = capsys.readouterr().out
+    clinical = json.loads((clinical_workspace / "metrics/clinical.json").read_text())
+    robust, calibration = clinical["positive"]["robust_sensitivity"], clinical["calibration"]
+    assert (f"“malignant”: robust sensitivity {robust['value']:.3f} [{robust['ci'][0]:.3f}, {robust['ci'][1]:.3f}] "
+            f"n={robust['n']} (upper bound)") in text
+    assert f"ECE {calibration['ece']:.3f} [{calibration['ece_ci'][0]:.3f}, {calibration['ece_ci'][1]:.3f}]" in text
+
+
 def test_the_onnx_file_takes_raw_units(clinical_workspace):
     import onnxruntime as ort
 

@@ -6,12 +6,13 @@ from pipeline.cli import main as cli
 from pipeline.summary import accuracy
 
 
-def test_accuracy_reads_both_metric_shapes():
-    assert accuracy({"robust_accuracy": 0.5, "robust_accuracy_ci": [0.4, 0.6], "n": 100}, "robust_accuracy") == \
-        "0.500 [0.400, 0.600] n=100"
-    typed = {"robust_accuracy": {"value": 0.5, "ci": [0.4, 0.6], "n": 100, "kind": "upper_bound"}}
-    assert accuracy(typed, "robust_accuracy") == "0.500 [0.400, 0.600] n=100"
-    assert accuracy({"verified_accuracy": {"crown": "not_applicable"}}, "verified_accuracy", "crown") is None
+def test_accuracy_reads_the_typed_shape_only():
+    """Metrics are schema v2: a bare number with a sibling `_ci` is no accuracy any more (before:
+    `accuracy(section, key)` also read that pre-schema shape)."""
+    typed = {"status": "ok", "value": 0.5, "ci": [0.4, 0.6], "n": 100, "kind": "upper_bound"}
+    assert accuracy(typed) == "0.500 [0.400, 0.600] n=100"
+    assert accuracy({"status": "not_applicable", "reason": "no certifier"}) is None
+    assert accuracy(0.5) is None and accuracy(None) is None
 
 
 def test_summary_prints_a_dozen_headline_lines(pipeline_workspace, capsys):
@@ -21,10 +22,17 @@ def test_summary_prints_a_dozen_headline_lines(pipeline_workspace, capsys):
     assert 6 <= len(lines) <= 14, lines
     text = "\n".join(lines)
     attack = json.loads((pipeline_workspace / "metrics/attack.json").read_text())
-    robust = attack["robust_accuracy"]
-    robust = robust["value"] if isinstance(robust, dict) else robust
-    assert f"robust       {robust:.3f}" in text
+    assert f"robust       {attack['robust_accuracy']['value']:.3f}" in text
     assert text.startswith("verdict      ") and "data         digits: 10 classes" in text
+    # one line for the triggering conditions (before: none), robust / certified accuracy per condition
+    conditions = json.loads((pipeline_workspace / "metrics/conditions.json").read_text())
+    line = next(l for l in lines if l.startswith("conditions   "))
+    for name in ("glare", "jitter"):
+        record = conditions[name]
+        certified = record["certified_accuracy"]
+        shown = f"{certified['value']:.3f}" if certified["status"] == "ok" else "n/a"
+        assert f"{name} {record['robust_accuracy']['value']:.3f}/{shown}" in line
+    assert not any(l.startswith("clinical") for l in lines)  # not applicable to digits: no line
 
 
 def test_plots_page_is_self_contained(pipeline_workspace, capsys):

@@ -8,6 +8,8 @@ therefore an upper bound on true robust accuracy, valid for these attacks only.
 attack's own robust accuracy is known; `sequential` runs each attack only on the
 samples still robust, as AutoAttack does: the same worst-case verdict for less
 work (the gradient-masking checks then run the few attacks they compare on their own).
+Every final candidate passes through the threat's `to_lattice` (integer features rounded; the
+identity when none are declared), so an adversarial example is a point of the threat's domain.
 """
 from __future__ import annotations
 
@@ -67,7 +69,7 @@ def run_suite(
             progress(attack.name, len(x) - len(targets))  # nothing to attack there
         for start in range(0, len(targets), batch_size):
             idx = targets[start:start + batch_size]
-            candidate = attack(model, x[idx], y[idx], threat, domain, generator)
+            candidate = threat.to_lattice(attack(model, x[idx], y[idx], threat, domain, generator), x[idx], domain)
             pred = predict(model, candidate, batch_size)
             hit[idx] = pred != y[idx]
             keep = ~broken_any[idx]  # keep the first breaking point, else the latest candidate
@@ -95,5 +97,6 @@ def robust_mask(model, attack: Attack, x, y, threat: LpBall, domain, batch_size,
         idx = torch.arange(start, min(start + batch_size, len(x)), device=x.device)
         idx = idx[keep[idx]]
         if len(idx):
-            keep[idx] = predict(model, attack(model, x[idx], y[idx], threat, domain, generator), batch_size) == y[idx]
+            candidate = threat.to_lattice(attack(model, x[idx], y[idx], threat, domain, generator), x[idx], domain)
+            keep[idx] = predict(model, candidate, batch_size) == y[idx]
     return keep

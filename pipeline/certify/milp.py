@@ -5,7 +5,9 @@ tens of features) every test case can be decided: the margin of the true class o
 class is minimised over the box exactly (big-M encoding with interval bounds per neuron, solved
 by HiGHS through `scipy.optimize.milp`). A positive minimum proves the case ("verified"); a
 non-positive one comes with an input that the model itself misclassifies ("counterexample",
-checked by a forward pass); a solver that runs out of time leaves the case "unknown".
+checked by a forward pass); a solver that runs out of time leaves the case "unknown". Features
+marked integer are integer variables, so "verified" then means over the integer points of the
+box (the exact domain of such a feature), not the continuous box around them.
 Self-contained: knows nothing of stages or files.
 """
 from __future__ import annotations
@@ -65,11 +67,21 @@ def _interval(layers, lower: np.ndarray, upper: np.ndarray) -> list[tuple[np.nda
     return bounds
 
 
-def min_margin(layers, lower: np.ndarray, upper: np.ndarray, label: int, other: int, time_limit: float):
-    """(status, minimum margin or None, minimising input or None) of logit[label] - logit[other]."""
+def integer_box(lower: np.ndarray, upper: np.ndarray, integer: np.ndarray | None):
+    """The box with the bounds of integer features moved in to the integers they enclose."""
+    if integer is None:
+        return lower, upper
+    return np.where(integer, np.ceil(lower), lower), np.where(integer, np.floor(upper), upper)
+
+
+def min_margin(layers, lower: np.ndarray, upper: np.ndarray, label: int, other: int, time_limit: float,
+               integer: np.ndarray | None = None):
+    """(status, minimum margin or None, minimising input or None) of logit[label] - logit[other];
+    `integer` (bool per input feature) makes those inputs integer variables."""
     from scipy.optimize import Bounds, LinearConstraint, milp
     from scipy.sparse import lil_matrix
 
+    lower, upper = integer_box(lower, upper, integer)
     pre = _interval(layers, lower, upper)
     sizes = [len(lower)] + [len(b) for _, b in layers[:-1]]
     # variables: x, then per hidden layer its activations a_k and indicators d_k
@@ -81,6 +93,8 @@ def min_margin(layers, lower: np.ndarray, upper: np.ndarray, label: int, other: 
     lb, ub = np.zeros(count), np.zeros(count)
     lb[:len(lower)], ub[:len(lower)] = lower, upper
     integrality = np.zeros(count)
+    if integer is not None:
+        integrality[:len(lower)] = integer
     rows, row_lb, row_ub = [], [], []
     previous = (0, len(lower))
     for k, ((w, b), (low, high)) in enumerate(zip(layers[:-1], pre)):
@@ -127,17 +141,20 @@ class ExactOutcome:
 
 
 def decide(model: nn.Module, x: torch.Tensor, y: torch.Tensor, lower: torch.Tensor, upper: torch.Tensor,
-           num_classes: int, time_limit: float, deadline: float | None = None) -> list[ExactOutcome]:
-    """Every case of (x, y) over its box [lower, upper] (one box per case): verified, a counterexample
-    the model itself confirms, or unknown (time limit, or no time left before `deadline`)."""
+           num_classes: int, time_limit: float, deadline: float | None = None,
+           integer: torch.Tensor | None = None) -> list[ExactOutcome]:
+    """Every case of (x, y) over its box [lower, upper] (one box per case), with the features marked
+    in `integer` (one input's shape, bool) restricted to integers: verified, a counterexample the
+    model itself confirms, or unknown (time limit, or no time left before `deadline`)."""
     layers = affine_layers(model)
+    mask = None if integer is None else integer.flatten().numpy().astype(bool)
     outcomes = []
     for i in range(len(x)):
         started = time.perf_counter()
         if deadline is not None and time.monotonic() > deadline:
             outcomes.append(ExactOutcome(UNKNOWN, 0.0))
             continue
-        low, high = lower[i].flatten().double().numpy(), upper[i].flatten().double().numpy()
+        low, high = integer_box(lower[i].flatten().double().numpy(), upper[i].flatten().double().numpy(), mask)
         with torch.no_grad():
             if int(model(x[i:i + 1]).argmax(1)) != int(y[i]):
                 outcomes.append(ExactOutcome(COUNTEREXAMPLE, time.perf_counter() - started))
@@ -146,8 +163,10 @@ def decide(model: nn.Module, x: torch.Tensor, y: torch.Tensor, lower: torch.Tens
         for other in range(num_classes):
             if other == int(y[i]):
                 continue
-            found, _, witness = min_margin(layers, low, high, int(y[i]), other, time_limit)
+            found, _, witness = min_margin(layers, low, high, int(y[i]), other, time_limit, mask)
             if found == COUNTEREXAMPLE:
+                if mask is not None:
+                    witness = np.where(mask, np.round(witness), witness)  # the solver's 0.9999999 is 1
                 point = torch.as_tensor(np.clip(witness, low, high), dtype=x.dtype).view_as(x[i:i + 1])
                 with torch.no_grad():
                     wrong = int(model(point).argmax(1)) != int(y[i])

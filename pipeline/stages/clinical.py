@@ -4,7 +4,7 @@ Reads the attack stage's per-sample outcomes (adversarial prediction, robust), t
 stage's per-sample verified flags (a sample counts when any certifier run verified it), the
 smooth stage's abstentions, and the model's probabilities on the clean test split, and writes
 sensitivity, specificity, PPV and NPV per class (the positive class first), calibration,
-selective prediction and the same figures per subgroup to `metrics/clinical.json`. Without a
+selective prediction and all of these again per subgroup (with its n) to `metrics/clinical.json`. Without a
 `clinical` section it records that it does not apply.
 """
 from __future__ import annotations
@@ -44,10 +44,12 @@ def _bound_to(ws: Workspace, stage: str, model_sha: str) -> dict:
     return metrics
 
 
-def _subgroups(x: np.ndarray, outcomes: Outcomes, columns, names, positive: int, label: str, attacks: str,
-               certifiers: str) -> list[SubgroupRecord]:
+def _subgroups(x: np.ndarray, outcomes: Outcomes, probabilities: np.ndarray, cfg, names, positive: int,
+               attacks: str, certifiers: str, seed: int) -> list[SubgroupRecord]:
+    """Per value of each subgroup column: the positive class's figures, calibration and selective
+    prediction on that subgroup's test cases alone."""
     groups = []
-    for column in columns:
+    for column in cfg.subgroups:
         values = x[:, names.index(column)]
         distinct = np.unique(values)
         if len(distinct) > MAX_SUBGROUP_VALUES:
@@ -55,9 +57,12 @@ def _subgroups(x: np.ndarray, outcomes: Outcomes, columns, names, positive: int,
                              f"(at most {MAX_SUBGROUP_VALUES}); name a categorical column")
         for value in distinct:
             members = values == value
-            groups.append(SubgroupRecord(column=column, value=float(value), n=int(members.sum()),
-                                         positive=class_figures(outcomes.subset(members), positive, label,
-                                                                attacks, certifiers)))
+            probs, y = probabilities[members], outcomes.y[members]
+            groups.append(SubgroupRecord(
+                column=column, value=float(value), n=int(members.sum()),
+                positive=class_figures(outcomes.subset(members), positive, cfg.positive_class, attacks, certifiers),
+                calibration=calibration(probs, y, cfg.calibration_bins, cfg.bootstrap, seed),
+                selective=selective(probs, y, positive, cfg.thresholds)))
     return groups
 
 
@@ -82,7 +87,7 @@ def exact_verification(model, params, data, domain, x, y, outcomes: Outcomes, po
     low, high = threat.box(x, domain)
     started = time.perf_counter()
     decided = decide(model, x, y, low, high, data.num_classes, cfg.exact_case_limit_s,
-                     deadline=time.monotonic() + cfg.exact_time_budget_s)
+                     deadline=time.monotonic() + cfg.exact_time_budget_s, integer=threat.integer)
     status = np.array([d.status for d in decided])
     proved_but_broken = np.flatnonzero((status == VERIFIED) & ~outcomes.robust)
     if len(proved_but_broken):
@@ -93,7 +98,8 @@ def exact_verification(model, params, data, domain, x, y, outcomes: Outcomes, po
                                  "which a certifier verified")
     pos = outcomes.y == positive
     return ExactRecord(
-        method="MILP (big-M, interval pre-activation bounds), HiGHS via scipy.optimize.milp",
+        method="MILP (big-M, interval pre-activation bounds), HiGHS via scipy.optimize.milp"
+               + ("; integer features as integer variables" if threat.integer is not None else ""),
         n=len(status), verified=int((status == VERIFIED).sum()), counterexample=int((status == COUNTEREXAMPLE).sum()),
         unknown=int((status == UNKNOWN).sum()), seconds=time.perf_counter() - started,
         time_budget_s=cfg.exact_time_budget_s, case_limit_s=cfg.exact_case_limit_s,
@@ -151,12 +157,18 @@ def main(ws: Workspace) -> int:
                    for r in radii]
         kinds = set(data.feature_types)
         if "integer" in kinds:
-            handling.append("integer features: attacked and certified over the continuous box, a superset of the "
-                            "integer points, so robust and verified figures are conservative for them")
+            names = [r.name for r in radii if r.type == "integer"]
+            handling.append(
+                f"integer features ({', '.join(names)}): their domain is the integers x_i + k, |k| <= r_i, inside the "
+                "data range; every adversarial example is rounded onto them (robust figures are over integer inputs), "
+                "and the complete MILP verification treats them as integer variables (its verified figures are "
+                "over exactly that set), while the bound-propagation certifiers prove the continuous box around "
+                "them, a superset, so their verified figures are conservative")
         if "categorical" in kinds:
             handling.append("categorical features: immutable (radius 0)")
-    subgroups = _subgroups(x.numpy(), outcomes, cfg.subgroups, list(data.feature_names or ()), positive,
-                           cfg.positive_class, attacks, certified_by)
+    subgroups = _subgroups(x.numpy(), outcomes, probabilities, cfg, list(data.feature_names or ()), positive,
+                           attacks, certified_by, params.seed)
+    smallest = min(subgroups, key=lambda g: g.n, default=None)
     exact = exact_verification(model, params, data, domain, x, y, outcomes, positive)
     result = ClinicalResult(
         status="ok", seed=params.seed, dataset_fingerprint=data_fingerprint, model_sha256=model_sha, n=n,
@@ -166,7 +178,8 @@ def main(ws: Workspace) -> int:
         calibration=calibration(probabilities, y_np, cfg.calibration_bins, cfg.bootstrap, params.seed),
         selective=selective(probabilities, y_np, positive, cfg.thresholds),
         smoothed=smoothed_selective(smooth_rows, ABSTAIN), subgroup_columns=list(cfg.subgroups),
-        subgroups=subgroups, smallest_subgroup_n=min((g.n for g in subgroups), default=None),
+        subgroups=subgroups, smallest_subgroup_n=None if smallest is None else smallest.n,
+        smallest_subgroup=None if smallest is None else f"{smallest.column} = {smallest.value:g}",
         exact=exact, feature_budgets=budgets, feature_handling=handling)
     write_json(ws.metrics("clinical"), results.dump(result))
     write_json(ws.root / "plots" / "reliability.json", [b.model_dump() for b in result.calibration.bins])

@@ -58,6 +58,7 @@ def main(ws: Workspace) -> int:
     x, y = tensors(data, "test", cfg.max_samples)
     previous = _previous(ws)
     folder = ws.root / ARTIFACTS
+    folder.mkdir(parents=True, exist_ok=True)  # the DVC output exists also when no condition is named
     records = {}
     for name, condition in conditions.items():
         digest = config_sha256(params, name, model_sha, data_fingerprint)

@@ -22,8 +22,8 @@ from pipeline import __version__, claims
 from pipeline.evidence import artifact_paths, collect_metrics, hash_artifacts, model_hashes, traceability
 from pipeline.io import atomic_write, confine, read_json, write_json, write_text
 from pipeline.manifest import build_manifest, canonical_bytes, sign
-from pipeline.plots import (accuracy_bars, adversarial_gallery, condition_gallery, condition_heat_map, epsilon_curve,
-                            training_curves)
+from pipeline.plots import (accuracy_bars, adversarial_gallery, clinical_plots, condition_gallery, condition_heat_map,
+                            epsilon_curve, training_curves)
 from pipeline.policy import evaluate, load_policy
 from pipeline.registry import flatten
 from pipeline.results import KIND_MEANING
@@ -175,6 +175,7 @@ def build_context(ws: Workspace) -> dict:
         "gallery_png": gallery(ws),
         "limitations": claims.limitations(params, metrics),
         "clinical_findings": claims.clinical_findings(metrics),
+        "clinical_png": clinical_plots(metrics.get("clinical") or {}),
         "threat_rows": claims.threat_model(metrics),
         "conditions": condition_sections(ws, metrics),
         "conditions_ran": "conditions" in metrics,
