@@ -104,12 +104,17 @@ def main() -> int:
     parser.add_argument("--timeout", type=float, default=60.0)
     parser.add_argument("--epochs", type=int, default=1)
     parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "prove_bench.json"))
+    parser.add_argument("--only", default=None, metavar="MODEL:IMAGE:EPSILON",
+                        help="run this one instance (e.g. mlp4x256:1:0.02) and print it; nothing is written")
     args = parser.parse_args()
     torch.set_num_threads(1)
     images, labels = load_mnist(Path(args.mnist))
     x_train, y_train, x_test, y_test = images[:8000], labels[:8000], images[8000:], labels[8000:]
     torch.manual_seed(0)  # the initial weights too: same numbers on every run
     models = {"mlp2x256": mlp(2), "mlp4x256": mlp(4), "mlp6x256": mlp(6), "cnn_small": cnn_small((1, 28, 28), 10)}
+    only = args.only.split(":") if args.only else None
+    if only:  # the same weights: every model is built above under one seed, and trained under its own
+        models = {only[0]: models[only[0]]}
     rows, costs = [], {}
     with tempfile.TemporaryDirectory() as tmp:
         for name, net in models.items():
@@ -122,8 +127,8 @@ def main() -> int:
             print(f"{name}: trained in {time.perf_counter() - started:.1f}s, test accuracy {accuracy:.3f}", flush=True)
             with torch.no_grad():
                 correct = np.flatnonzero(net(torch.as_tensor(x_test[:50])).argmax(1).numpy() == y_test[:50])
-            for index in correct[:args.images]:
-                for epsilon in (0.02, 0.05):
+            for index in correct[:args.images] if not only else [int(only[1])]:
+                for epsilon in (0.02, 0.05) if not only else [float(only[2])]:
                     prop = Path(tmp) / f"{name}_{index}_{epsilon}.vnnlib"
                     prop.write_text(vnnlib.robustness_property(x_test[index], epsilon, 0.0, 1.0, int(y_test[index]), 10))
                     answer = prove_files(path, prop, args.timeout)
@@ -131,6 +136,8 @@ def main() -> int:
                                  "phase": answer.phase, "seconds": round(answer.seconds, 3), "notes": answer.notes})
                     print(f"  image {index} ε={epsilon}: {answer.status} ({answer.phase}, {answer.seconds:.2f}s)",
                           flush=True)
+            if only:
+                return 0
             costs[name] = bound_cost(path, x_test[correct[0]], 0.02, int(y_test[correct[0]]))
             print(f"  CROWN bound: prover {costs[name]['prover_s']:.3f}s vs bare auto_LiRPA "
                   f"{costs[name]['bare_auto_lirpa_s']:.3f}s (x{costs[name]['ratio']:.2f})", flush=True)
