@@ -2,8 +2,10 @@
 
 Order (cheapest answer first): PGD with restarts on the torch form for a
 counterexample; IBP and CROWN on the whole input box, then α-CROWN; then branch
-and bound by input splitting on CROWN bounds until the deadline (complete for
-low-dimensional inputs). Soundness rules: `unsat` only when every output
+and bound until the deadline: by input splitting on CROWN bounds for
+low-dimensional inputs (complete there), by ReLU splitting beyond
+`max_split_dims` inputs (pipeline/certify/relu_split.py: β-CROWN on
+fully-connected chains, auto_LiRPA with clamped bounds otherwise). Soundness rules: `unsat` only when every output
 conjunct is refuted by a lower bound above `tolerance` on every box of a cover
 of the input set (bounds in float64); `sat` only for a point inside the input
 box whose onnxruntime outputs meet a conjunct exactly as written. Everything
@@ -322,7 +324,8 @@ class Prover:
 
         with _default_dtype(torch.float64):
             try:
-                splitter = ReluSplitter(self._wrap(dense=True), self.lirpa, tolerance=self.options.tolerance)
+                splitter = ReluSplitter(self._wrap(dense=True), self.lirpa, tuple(core(lower).shape[1:]),
+                                        tolerance=self.options.tolerance, iterations=self.options.alpha_iterations)
                 outcome = splitter.decide(core(lower), core(upper), rows[None], offset,
                                           lambda bounds: self._refuted(bounds, conj64), try_points, out_of_time,
                                           batch=self.options.relu_batch)

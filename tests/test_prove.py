@@ -354,3 +354,85 @@ def test_beta_crown_bound_holds_on_its_sub_domain():
         assert torch.all(bound[0] <= values[inside].min(0).values + 1e-9), (bound, values[inside].min(0).values)
         checked += 1
     assert checked >= 3
+
+
+class _Normalised(nn.Module):
+    def __init__(self, net):
+        super().__init__()
+        self.net = net
+
+    def forward(self, x):
+        return self.net((x - 0.5) / 2.0)
+
+
+class _Skip(nn.Module):
+    """y = L3 relu(L2 relu(L1 x)) + V x: the input skips to the output, so no chain."""
+
+    def __init__(self, seed: int):
+        super().__init__()
+        self.body = _mlp(seed, [24, 16, 16, 2])
+        torch.manual_seed(seed + 100)
+        self.skip = nn.Linear(24, 2, bias=False)
+
+    def forward(self, x):
+        return self.body(x) + self.skip(x)
+
+    def as_sequential(self, shift: float = 10.0) -> nn.Sequential:
+        """The same function on boxes inside [-shift, shift]: x rides along as relu(x + shift)."""
+        l1, l2, l3 = [m for m in self.body if isinstance(m, nn.Linear)]
+        eye = torch.eye(24)
+        first, second, last = nn.Linear(24, 40), nn.Linear(40, 40), nn.Linear(40, 2)
+        with torch.no_grad():
+            first.weight.copy_(torch.cat([l1.weight, eye]))
+            first.bias.copy_(torch.cat([l1.bias, torch.full((24,), shift)]))
+            second.weight.copy_(torch.block_diag(l2.weight, eye))
+            second.bias.copy_(torch.cat([l2.bias, torch.zeros(24)]))
+            last.weight.copy_(torch.cat([l3.weight, self.skip.weight], dim=1))
+            last.bias.copy_(l3.bias - shift * self.skip.weight.sum(dim=1))
+        return nn.Sequential(first, nn.ReLU(), second, nn.ReLU(), last).eval()
+
+
+def _is_chain(model: Path) -> bool:
+    from pipeline.certify.beta_crown import chain_of
+    from pipeline.prove import _default_dtype
+    from pipeline.prove_cli import load_network
+
+    prover = load_network(model).prover
+    with _default_dtype(torch.float64):
+        return chain_of(prover._wrap(dense=True), prover.input_shape) is not None
+
+
+def test_relu_splitting_reads_a_normalised_net_as_a_chain(tmp_path):
+    """Normalisation by constants ((x - 0.5) / 2, Sub and Div nodes) before the first Linear is an
+    affine segment: β-CROWN and the LP apply, and 1e-3 either side of the MILP's m* is decided."""
+    net = _wide_net(0)
+    model = _export(_Normalised(net), (24,), tmp_path / "m.onnx")
+    assert _is_chain(model)
+    lower, upper = -np.ones(24), np.ones(24)
+    m_star = exact_minimum(net, np.array([1.0, -1.0]), (lower - 0.5) / 2, (upper - 0.5) / 2)
+    prop = tmp_path / "p.vnnlib"
+    for delta, expected in [(-1e-3, "unsat"), (1e-3, "sat")]:
+        prop.write_text(_linear_property(24, 2, lower, upper, 0, 1, m_star + delta))
+        answer = prove_files(model, prop, timeout=30, options=Options(max_split_dims=0))
+        assert answer.status == expected, (delta, answer)
+
+
+def test_relu_splitting_through_auto_lirpa_where_the_net_is_no_chain(tmp_path):
+    """A skip connection from the input to the output is no chain (the segment prober refuses it):
+    splits then go through auto_LiRPA's reference bounds. Its answers agree with the MILP of an
+    equivalent sequential net: unsat below m* where α-CROWN alone did not prove it (phase relu_bab),
+    sat above; the old prover answered unknown."""
+    net = _Skip(0).eval()
+    model = _export(net, (24,), tmp_path / "m.onnx")
+    assert not _is_chain(model)
+    lower, upper = -np.ones(24), np.ones(24)
+    m_star = exact_minimum(net.as_sequential(), np.array([1.0, -1.0]), lower, upper)
+    prop = tmp_path / "p.vnnlib"
+    prop.write_text(_linear_property(24, 2, lower, upper, 0, 1, m_star - DELTA_NO_CHAIN))
+    answer = prove_files(model, prop, timeout=30, options=Options(max_split_dims=0))
+    assert (answer.status, answer.phase) == ("unsat", "relu_bab"), answer
+    prop.write_text(_linear_property(24, 2, lower, upper, 0, 1, m_star + 1e-3))
+    assert prove_files(model, prop, timeout=30, options=Options(max_split_dims=0)).status == "sat"
+
+
+DELTA_NO_CHAIN = 0.3  # the reference path has neither β nor the LP: it needs a wider margin

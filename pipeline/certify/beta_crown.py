@@ -24,39 +24,69 @@ import torch
 
 @dataclass(frozen=True)
 class Chain:
-    """Affine layers [(W (out, in), b (out,))] with a ReLU between consecutive ones, float64."""
+    """Affine layers [(W (out, in), b (out,))] with a ReLU between consecutive ones, float64; the
+    first reads the flattened network input."""
     layers: list[tuple[torch.Tensor, torch.Tensor]]
 
 
-def chain_of(bounded) -> Chain | None:
-    """The network of an auto_LiRPA BoundedModule as a Chain, or None when it is not
-    input -> [Flatten] -> Linear -> ReLU -> ... -> Linear (then the caller uses auto_LiRPA only)."""
-    from auto_LiRPA.bound_ops import BoundFlatten, BoundInput, BoundLinear, BoundRelu
+def chain_of(bounded, input_shape: tuple[int, ...]) -> Chain | None:
+    """The network of an auto_LiRPA BoundedModule as a Chain, or None when it is not one.
 
-    layers = []
-    node = bounded[bounded.final_name]
-    while True:
-        if type(node) is not BoundLinear or len(node.inputs) not in (2, 3):
-            return None
-        values = [i.forward() if not hasattr(i, "param") else i.param for i in node.inputs[1:]]
-        if any(not isinstance(v, torch.Tensor) for v in values) or any(i.perturbed for i in node.inputs[1:]):
-            return None
-        n_in = values[0].shape[int(node.transB)] if values[0].ndim == 2 else None
-        if n_in is None or node.transA:
-            return None
-        with torch.no_grad():  # the affine map, read off by probing (covers transB, alpha, beta)
-            probe = torch.cat([torch.zeros(1, n_in, dtype=values[0].dtype), torch.eye(n_in, dtype=values[0].dtype)])
-            out = node.forward(probe, *values)
-        layers.append(((out[1:] - out[:1]).t().contiguous(), out[0].clone()))
-        source = node.inputs[0]
-        if type(source) is BoundRelu:
-            node = source.inputs[0]
-            continue
-        if type(source) is BoundFlatten and type(source.inputs[0]) is BoundInput:
-            source = source.inputs[0]
-        if type(source) is BoundInput:
-            return Chain(layers[::-1])
+    The graph must be ReLUs separated by segments that read only the previous ReLU's output (the
+    first: only the input) and are affine (Linear, Conv, Flatten, Reshape, BatchNorm, a
+    normalisation by constants...). Each segment is read off by probing it with the unit vectors
+    (evaluating auto_LiRPA's own nodes), and accepted only if it reproduces random points too."""
+    try:
+        with torch.no_grad():
+            example = torch.zeros(1, *input_shape, dtype=torch.float64)
+            bounded(example)  # every node's value at one input: constants are read from here
+            sources = [bounded[bounded.input_name[0]]] + list(bounded.relus)
+            targets = [relu.inputs[0] for relu in bounded.relus] + [bounded[bounded.final_name]]
+            layers = [_segment(source, target, sources) for source, target in zip(sources, targets)]
+    except Exception:  # a node that cannot be evaluated on a probe batch: not a chain we read
         return None
+    return None if any(layer is None for layer in layers) else Chain(layers)
+
+
+def _segment(source, target, sources):
+    """(W, b) of the map from `source`'s value to `target`'s, or None when it is not affine or
+    reads another source (a skip connection)."""
+    shape = source.forward_value.shape[1:]
+    n = int(torch.tensor(shape).prod()) if len(shape) else 1
+    generator = torch.Generator().manual_seed(0)
+    checks = torch.rand(3, n, generator=generator, dtype=torch.float64) * 2 - 1
+    probe = torch.cat([torch.zeros(1, n, dtype=torch.float64), torch.eye(n, dtype=torch.float64), checks])
+    values = {source.name: probe.reshape(-1, *shape)}
+    memo: dict[tuple[str, str], bool] = {}
+
+    def depends(node, on) -> bool:
+        key = (node.name, on.name)
+        if key not in memo:
+            memo[key] = node is on or any(depends(i, on) for i in node.inputs)
+        return memo[key]
+
+    def value(node):
+        if node.name in values:
+            return values[node.name]
+        if not depends(node, source):
+            if depends(node, sources[0]):  # varies with the input, yet not through `source`: a skip
+                raise _NotAChain
+            return node.forward_value  # a constant of the network
+        if node in sources:
+            raise _NotAChain
+        values[node.name] = node.forward(*[value(i) for i in node.inputs])
+        return values[node.name]
+
+    out = value(target).reshape(len(probe), -1)
+    weight, bias = (out[1:n + 1] - out[:1]).t().contiguous(), out[0].clone()
+    predicted = checks @ weight.t() + bias
+    if not torch.allclose(predicted, out[n + 1:], rtol=1e-9, atol=1e-9):
+        return None
+    return weight, bias
+
+
+class _NotAChain(Exception):
+    pass
 
 
 def _backward(chain: Chain, spec, lowers, uppers, splits, alphas, betas, x_lower, x_upper):

@@ -66,7 +66,8 @@ class ReluSplitter:
     `bounded` is built once for this network; `method` is "CROWN" or "CROWN-Optimized" (α-CROWN).
     """
 
-    def __init__(self, bounded, lirpa, method: str = "CROWN", tolerance: float = 1e-6, iterations: int = 20):
+    def __init__(self, bounded, lirpa, input_shape: tuple[int, ...], method: str = "CROWN", tolerance: float = 1e-6,
+                 iterations: int = 20):
         from auto_LiRPA.bound_ops import BoundConv, BoundInput, BoundLinear
 
         self.bounded, self.lirpa, self.method, self.tolerance = bounded, lirpa, method, tolerance
@@ -76,7 +77,7 @@ class ReluSplitter:
         self.fixed = {node.name for node in self.pre
                       if type(node) in (BoundLinear, BoundConv) and type(node.inputs[0]) is BoundInput}
         self.input_name = bounded.input_name[0]
-        self.chain = chain_of(bounded)  # a fully-connected chain is bounded by our β-CROWN (far tighter)
+        self.chain = chain_of(bounded, input_shape)  # a ReLU chain is bounded by our β-CROWN (far tighter)
         self.iterations = iterations
 
     # --- one batch of sub-domains -----------------------------------------------------------------
