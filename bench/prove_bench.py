@@ -6,6 +6,7 @@ Counts unsat / sat / unknown / timeout and the seconds per answer, and the cost 
 bound through the prover against bare auto_LiRPA on the same network and box.
 
     PYTHONPATH=. python bench/prove_bench.py [--images 2] [--timeout 60] [--epochs 1]
+    PYTHONPATH=. python bench/prove_bench.py --only mlp4x256:1:0.02   # one instance, nothing written
 """
 from __future__ import annotations
 
@@ -133,7 +134,8 @@ def main() -> int:
                     prop.write_text(vnnlib.robustness_property(x_test[index], epsilon, 0.0, 1.0, int(y_test[index]), 10))
                     answer = prove_files(path, prop, args.timeout)
                     rows.append({"model": name, "image": int(index), "epsilon": epsilon, "status": answer.status,
-                                 "phase": answer.phase, "seconds": round(answer.seconds, 3), "notes": answer.notes})
+                                 "phase": answer.phase, "seconds": round(answer.seconds, 3), "boxes": answer.boxes,
+                                 "notes": answer.notes})
                     print(f"  image {index} ε={epsilon}: {answer.status} ({answer.phase}, {answer.seconds:.2f}s)",
                           flush=True)
             if only:

@@ -436,3 +436,29 @@ def test_relu_splitting_through_auto_lirpa_where_the_net_is_no_chain(tmp_path):
 
 
 DELTA_NO_CHAIN = 0.3  # the reference path has neither β nor the LP: it needs a wider margin
+
+
+def test_relu_splitting_on_a_convolutional_chain(tmp_path):
+    """Conv (stride 2) -> ReLU -> Flatten -> Linear -> ReLU -> Linear is read as a chain (the convolution probed
+    into a dense matrix, checked on random points) and decided 1e-3 either side of the exact minimum
+    of the same network written with a dense first layer (MILP): a layout slip in the probe would
+    break one side."""
+    torch.manual_seed(7)
+    conv = nn.Conv2d(1, 2, 3, stride=2, padding=1)
+    net = nn.Sequential(conv, nn.ReLU(), nn.Flatten(), nn.Linear(2 * 3 * 3, 8), nn.ReLU(), nn.Linear(8, 2)).eval()
+    with torch.no_grad():
+        eye = torch.eye(25).reshape(25, 1, 5, 5)
+        dense = nn.Linear(25, 18)
+        dense.bias.copy_(conv(torch.zeros(1, 1, 5, 5)).flatten())
+        dense.weight.copy_((conv(eye).flatten(1) - dense.bias).t())
+    sequential = nn.Sequential(dense, nn.ReLU(), net[3], nn.ReLU(), net[5]).eval()
+    model = _export(net, (1, 5, 5), tmp_path / "m.onnx")
+    assert _is_chain(model)
+    lower, upper = -np.ones(25), np.ones(25)
+    m_star = exact_minimum(sequential, np.array([1.0, -1.0]), lower, upper)
+    prop = tmp_path / "p.vnnlib"
+    weak = Options(max_split_dims=0, pgd_steps=0, pgd_restarts=1)
+    for delta, expected in [(-1e-3, "unsat"), (1e-3, "sat")]:
+        prop.write_text(_linear_property(25, 2, lower, upper, 0, 1, m_star + delta))
+        answer = prove_files(model, prop, timeout=30, options=weak)
+        assert answer.status == expected, (delta, m_star, answer)

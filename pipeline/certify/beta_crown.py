@@ -22,6 +22,9 @@ from dataclasses import dataclass
 import torch
 
 
+MAX_DENSE_ENTRIES = 25_000_000  # 200 MB of float64 per segment matrix
+
+
 @dataclass(frozen=True)
 class Chain:
     """Affine layers [(W (out, in), b (out,))] with a ReLU between consecutive ones, float64; the
@@ -53,6 +56,8 @@ def _segment(source, target, sources):
     reads another source (a skip connection)."""
     shape = source.forward_value.shape[1:]
     n = int(torch.tensor(shape).prod()) if len(shape) else 1
+    if n * target.forward_value[0].numel() > MAX_DENSE_ENTRIES:
+        return None  # a dense matrix this size would not fit: auto_LiRPA bounds it instead
     generator = torch.Generator().manual_seed(0)
     checks = torch.rand(3, n, generator=generator, dtype=torch.float64) * 2 - 1
     probe = torch.cat([torch.zeros(1, n, dtype=torch.float64), torch.eye(n, dtype=torch.float64), checks])
