@@ -4,8 +4,8 @@ Order (cheapest answer first): PGD with restarts on the torch form for a
 counterexample; IBP and CROWN on the whole input box, then α-CROWN; then branch
 and bound until the deadline: by input splitting on CROWN bounds for
 low-dimensional inputs (complete there), by ReLU splitting beyond
-`max_split_dims` inputs (pipeline/certify/relu_split.py: β-CROWN on
-fully-connected chains, auto_LiRPA with clamped bounds otherwise). Soundness rules: `unsat` only when every output
+`max_split_dims` inputs (pipeline/certify/relu_split.py: β-CROWN on ReLU
+chains, auto_LiRPA with clamped bounds otherwise). Soundness rules: `unsat` only when every output
 conjunct is refuted by a lower bound above `tolerance` on every box of a cover
 of the input set (bounds in float64); `sat` only for a point inside the input
 box whose onnxruntime outputs meet a conjunct exactly as written. Everything
@@ -296,8 +296,9 @@ class Prover:
         return Answer(UNSAT, "bab", boxes=boxes)
 
     def _relu_branch_and_bound(self, region, lower, upper, conj64, deadline) -> Answer:
-        """ReLU splitting (pipeline/certify/relu_split.py) on CROWN bounds: the answer for inputs
-        too many to split. Each sub-domain's CROWN minimiser (a box corner) seeds a short PGD."""
+        """ReLU splitting (pipeline/certify/relu_split.py): the answer for inputs too many to split.
+        Each open sub-domain's bound minimiser (a box corner, or the LP's point where the net is
+        affine) seeds a short PGD over the whole box; onnxruntime confirms any hit."""
         from pipeline.certify.relu_split import ReluSplitter
 
         shape = self.input_shape
@@ -329,11 +330,9 @@ class Prover:
                 outcome = splitter.decide(core(lower), core(upper), rows[None], offset,
                                           lambda bounds: self._refuted(bounds, conj64), try_points, out_of_time,
                                           batch=self.options.relu_batch)
-            except _NotBoundable:
-                raise
             except _Deadline:
                 raise
-            except Exception as error:  # an auto_LiRPA rule that fails under split bounds: say so, never guess
+            except Exception as error:  # auto_LiRPA cannot wrap or bound it under split bounds: say so, never guess
                 return Answer(UNKNOWN, "relu_bab", notes=[f"ReLU splitting failed: {_first_line(error)}"])
         if outcome.status == "verified":
             return Answer(UNSAT, "relu_bab", boxes=outcome.domains)

@@ -17,6 +17,13 @@ identity or zero. Every bound is thus valid on its sub-domain: a lower bound of 
 property's rows above the tolerance refutes the sub-domain, and a sub-domain whose lower
 bound of some neuron exceeds its upper bound (by more than the tolerance) is empty.
 
+That is the general path (no β: weak). Where the network is a ReLU chain with affine segments
+(`beta_crown.chain_of`), the root's intermediate bounds come from auto_LiRPA and every
+sub-domain is bounded by our β-CROWN (split constraints as Lagrangian terms, α and β
+optimised); a sub-domain left with no unstable ReLU is affine and is settled by an LP whose
+duals, used as β, give the bound (`beta_crown.linear_piece_bound`), its minimiser a candidate
+counterexample.
+
 The neuron to split is the unstable one whose relaxation costs the open rows' lower bound
 most (an intercept score in the manner of BaBSR: the negative part of the final bound's
 coefficient on the ReLU output times the upper relaxation's intercept -l u / (u - l)).
@@ -63,7 +70,7 @@ class _Batch:
 class ReluSplitter:
     """One auto_LiRPA BoundedModule (float64) of a ReLU network; decides properties over a box by splitting.
 
-    `bounded` is built once for this network; `method` is "CROWN" or "CROWN-Optimized" (α-CROWN).
+    `bounded` is built once for this network; `method` is auto_LiRPA's, for the general path.
     """
 
     def __init__(self, bounded, lirpa, input_shape: tuple[int, ...], method: str = "CROWN", tolerance: float = 1e-6,
