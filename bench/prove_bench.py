@@ -6,6 +6,7 @@ Counts unsat / sat / unknown / timeout and the seconds per answer, and the cost 
 bound through the prover against bare auto_LiRPA on the same network and box.
 
     PYTHONPATH=. python bench/prove_bench.py [--images 2] [--timeout 60] [--epochs 1]
+    PYTHONPATH=. python bench/prove_bench.py --only mlp4x256:1:0.02   # one instance, nothing written
 """
 from __future__ import annotations
 
@@ -104,12 +105,17 @@ def main() -> int:
     parser.add_argument("--timeout", type=float, default=60.0)
     parser.add_argument("--epochs", type=int, default=1)
     parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "prove_bench.json"))
+    parser.add_argument("--only", default=None, metavar="MODEL:IMAGE:EPSILON",
+                        help="run this one instance (e.g. mlp4x256:1:0.02) and print it; nothing is written")
     args = parser.parse_args()
     torch.set_num_threads(1)
     images, labels = load_mnist(Path(args.mnist))
     x_train, y_train, x_test, y_test = images[:8000], labels[:8000], images[8000:], labels[8000:]
     torch.manual_seed(0)  # the initial weights too: same numbers on every run
     models = {"mlp2x256": mlp(2), "mlp4x256": mlp(4), "mlp6x256": mlp(6), "cnn_small": cnn_small((1, 28, 28), 10)}
+    only = args.only.split(":") if args.only else None
+    if only:  # the same weights: every model is built above under one seed, and trained under its own
+        models = {only[0]: models[only[0]]}
     rows, costs = [], {}
     with tempfile.TemporaryDirectory() as tmp:
         for name, net in models.items():
@@ -122,15 +128,18 @@ def main() -> int:
             print(f"{name}: trained in {time.perf_counter() - started:.1f}s, test accuracy {accuracy:.3f}", flush=True)
             with torch.no_grad():
                 correct = np.flatnonzero(net(torch.as_tensor(x_test[:50])).argmax(1).numpy() == y_test[:50])
-            for index in correct[:args.images]:
-                for epsilon in (0.02, 0.05):
+            for index in correct[:args.images] if not only else [int(only[1])]:
+                for epsilon in (0.02, 0.05) if not only else [float(only[2])]:
                     prop = Path(tmp) / f"{name}_{index}_{epsilon}.vnnlib"
                     prop.write_text(vnnlib.robustness_property(x_test[index], epsilon, 0.0, 1.0, int(y_test[index]), 10))
                     answer = prove_files(path, prop, args.timeout)
                     rows.append({"model": name, "image": int(index), "epsilon": epsilon, "status": answer.status,
-                                 "phase": answer.phase, "seconds": round(answer.seconds, 3), "notes": answer.notes})
+                                 "phase": answer.phase, "seconds": round(answer.seconds, 3), "boxes": answer.boxes,
+                                 "notes": answer.notes})
                     print(f"  image {index} ε={epsilon}: {answer.status} ({answer.phase}, {answer.seconds:.2f}s)",
                           flush=True)
+            if only:
+                return 0
             costs[name] = bound_cost(path, x_test[correct[0]], 0.02, int(y_test[correct[0]]))
             print(f"  CROWN bound: prover {costs[name]['prover_s']:.3f}s vs bare auto_LiRPA "
                   f"{costs[name]['bare_auto_lirpa_s']:.3f}s (x{costs[name]['ratio']:.2f})", flush=True)

@@ -2,8 +2,10 @@
 
 Order (cheapest answer first): PGD with restarts on the torch form for a
 counterexample; IBP and CROWN on the whole input box, then α-CROWN; then branch
-and bound by input splitting on CROWN bounds until the deadline (complete for
-low-dimensional inputs). Soundness rules: `unsat` only when every output
+and bound until the deadline: by input splitting on CROWN bounds for
+low-dimensional inputs (complete there), by ReLU splitting beyond
+`max_split_dims` inputs (pipeline/certify/relu_split.py: β-CROWN on ReLU
+chains, auto_LiRPA with clamped bounds otherwise). Soundness rules: `unsat` only when every output
 conjunct is refuted by a lower bound above `tolerance` on every box of a cover
 of the input set (bounds in float64); `sat` only for a point inside the input
 box whose onnxruntime outputs meet a conjunct exactly as written. Everything
@@ -33,7 +35,8 @@ class Options:
     pgd_restarts: int = 8
     tolerance: float = 1e-6  # a float64 lower bound must clear this to count as a proof
     bab_batch: int = 256
-    max_split_dims: int = 64  # input splitting beyond this many inputs cannot finish: answer unknown
+    max_split_dims: int = 64  # beyond this many inputs, split ReLUs instead of inputs
+    relu_batch: int = 64  # sub-domains bounded at once by ReLU splitting
     alpha_iterations: int = 20
     seed: int = 0
 
@@ -131,26 +134,32 @@ class Prover:
         except _NotBoundable as error:  # CROWN works: go on without α-CROWN, and say so
             notes.append(str(error))
         if lower.numel() > self.options.max_split_dims:
-            return Answer(UNKNOWN, "alpha_crown", notes=notes + [
-                f"{lower.numel()} inputs: input splitting cannot cover them and ReLU splitting is not implemented"])
-        answer = self._branch_and_bound(region, lower, upper, conj64, deadline)
+            answer = self._relu_branch_and_bound(region, lower, upper, conj64, deadline)
+        else:
+            answer = self._branch_and_bound(region, lower, upper, conj64, deadline)
         answer.notes += notes
         return answer
 
     # --- counterexample search --------------------------------------------------------------------
-    def _attack(self, region: Region, lower, upper, deadline) -> Answer | None:
+    def _attack(self, region: Region, lower, upper, deadline, starts: torch.Tensor | None = None,
+                targets: torch.Tensor | None = None, steps: int | None = None) -> Answer | None:
+        """PGD over the whole input box, from random starts (the first of each conjunct's restarts at
+        the centre) or from given `starts` aimed at the conjuncts `targets`."""
         opts = self.options
-        generator = torch.Generator().manual_seed(opts.seed)
+        steps = opts.pgd_steps if steps is None else steps
         conj32 = [(torch.as_tensor(a, dtype=torch.float32), torch.as_tensor(b, dtype=torch.float32))
                   for a, b in region.conjuncts]
         lo, hi = lower.float(), upper.float()
-        k = len(conj32)
-        # one row of restarts per conjunct (at most 16 aimed at), the first restart at the centre
-        targets = torch.arange(min(k, 16)).repeat_interleave(opts.pgd_restarts)
-        x = lo + (hi - lo) * torch.rand(len(targets), lo.numel(), generator=generator)
-        x[:: opts.pgd_restarts] = (lo + hi) / 2
+        if starts is None:
+            generator = torch.Generator().manual_seed(opts.seed)
+            # one row of restarts per conjunct (at most 16 aimed at), the first restart at the centre
+            targets = torch.arange(min(len(conj32), 16)).repeat_interleave(opts.pgd_restarts)
+            x = lo + (hi - lo) * torch.rand(len(targets), lo.numel(), generator=generator)
+            x[:: opts.pgd_restarts] = (lo + hi) / 2
+        else:
+            x = starts.float()
         step = (hi - lo) / 4
-        for iteration in range(opts.pgd_steps + 1):
+        for iteration in range(steps + 1):
             self._check(deadline)
             x = x.detach().requires_grad_(True)
             out = self._forward32(x)
@@ -160,11 +169,11 @@ class Prover:
                 confirmed = self._confirm(x.detach()[met], region)
                 if confirmed is not None:
                     return confirmed
-            if iteration == opts.pgd_steps:
+            if iteration == steps:
                 break
             loss = violation.gather(1, targets[:, None]).sum()
             (grad,) = torch.autograd.grad(loss, x)
-            decay = 0.5 * (1 + np.cos(np.pi * iteration / opts.pgd_steps))
+            decay = 0.5 * (1 + np.cos(np.pi * iteration / steps))
             x = torch.minimum(torch.maximum(x - step * decay * grad.sign(), lo), hi)
         return None
 
@@ -286,6 +295,55 @@ class Prover:
             queue_hi = torch.cat([left_hi, hi, queue_hi])
         return Answer(UNSAT, "bab", boxes=boxes)
 
+    def _relu_branch_and_bound(self, region, lower, upper, conj64, deadline) -> Answer:
+        """ReLU splitting (pipeline/certify/relu_split.py): the answer for inputs too many to split.
+        Each open sub-domain's bound minimiser (a box corner, or the LP's point where the net is
+        affine) seeds a short PGD over the whole box; onnxruntime confirms any hit."""
+        from pipeline.certify.relu_split import ReluSplitter
+
+        shape = self.input_shape
+
+        def core(flat):
+            return self.to_bound(flat.reshape(-1, *shape)).contiguous()
+
+        # the core layout is a permutation of the flat input: where each core position reads from
+        order = core(torch.arange(lower.numel(), dtype=torch.float64)).flatten().long()
+        rows = torch.cat([a for a, _ in conj64])
+        offset = torch.cat([b for _, b in conj64])
+        conjunct_of_row = torch.cat([torch.full((len(a),), k) for k, (a, _) in enumerate(conj64)])
+
+        def try_points(corners, open_rows):
+            self._check(deadline)
+            flat = torch.empty(len(corners), lower.numel(), dtype=torch.float64)
+            flat[:, order] = corners.flatten(1)
+            # aim each start at a conjunct not yet refuted on its sub-domain (its first open row's)
+            targets = conjunct_of_row[open_rows.double().argmax(dim=1)]
+            return self._attack(region, lower, upper, deadline, starts=flat, targets=targets, steps=10)
+
+        def out_of_time():
+            return time.monotonic() > deadline
+
+        with _default_dtype(torch.float64):
+            try:
+                splitter = ReluSplitter(self._wrap(dense=True), self.lirpa, tuple(core(lower).shape[1:]),
+                                        tolerance=self.options.tolerance, iterations=self.options.alpha_iterations)
+                outcome = splitter.decide(core(lower), core(upper), rows[None], offset,
+                                          lambda bounds: self._refuted(bounds, conj64), try_points, out_of_time,
+                                          batch=self.options.relu_batch)
+            except _Deadline:
+                raise
+            except Exception as error:  # auto_LiRPA cannot wrap or bound it under split bounds: say so, never guess
+                return Answer(UNKNOWN, "relu_bab", notes=[f"ReLU splitting failed: {_first_line(error)}"])
+        if outcome.status == "verified":
+            return Answer(UNSAT, "relu_bab", boxes=outcome.domains)
+        if outcome.status == "found":
+            found = outcome.found
+            found.phase, found.boxes = "relu_bab", outcome.domains
+            return found
+        if outcome.status == "deadline":
+            raise _Deadline
+        return Answer(UNKNOWN, "relu_bab", boxes=outcome.domains, notes=[outcome.note])
+
     def _check(self, deadline: float) -> None:
         if time.monotonic() > deadline:
             raise _Deadline
@@ -295,7 +353,7 @@ class _NotBoundable(Exception):
     pass
 
 
-_PHASES = ["attack", "ibp", "crown", "alpha_crown", "bab"]
+_PHASES = ["attack", "ibp", "crown", "alpha_crown", "bab", "relu_bab"]
 
 
 @contextmanager

@@ -262,3 +262,203 @@ def test_cli_bad_input_one_line_exit_2_nothing_written(tmp_path, case, message):
 
 def test_options_default_is_sound_tolerance():
     assert Options().tolerance > 0
+
+
+# --- ReLU splitting (inputs too many to split) ---------------------------------------------------------
+
+def _wide_net(seed: int) -> nn.Sequential:
+    return _mlp(seed, [24, 16, 16, 2])
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_relu_splitting_decides_what_input_splitting_cannot(tmp_path, seed):
+    """24 inputs: input splitting with α-CROWN does not settle Y_0 - Y_1 <= m* - δ (m* the MILP's exact
+    minimum) within 5 s; ReLU splitting proves it unsat, and m* + δ is sat with a point onnxruntime
+    confirms. Before ReLU splitting the prover answered `unknown` for inputs beyond max_split_dims."""
+    net = _wide_net(seed)
+    model = _export(net, (24,), tmp_path / "m.onnx")
+    lower, upper = -np.ones(24), np.ones(24)
+    m_star = exact_minimum(net, np.array([1.0, -1.0]), lower, upper)
+    prop = tmp_path / "p.vnnlib"
+    prop.write_text(_linear_property(24, 2, lower, upper, 0, 1, m_star - 0.02))
+    by_inputs = prove_files(model, prop, timeout=5, options=Options(max_split_dims=64))
+    assert by_inputs.status in ("timeout", "unknown"), by_inputs
+    by_relus = prove_files(model, prop, timeout=60, options=Options(max_split_dims=0))
+    assert (by_relus.status, by_relus.phase) == ("unsat", "relu_bab"), by_relus
+    prop.write_text(_linear_property(24, 2, lower, upper, 0, 1, m_star + 0.02))
+    found = prove_files(model, prop, timeout=60, options=Options(max_split_dims=0))
+    assert found.status == "sat", found
+    session = ort.InferenceSession(str(model), providers=["CPUExecutionProvider"])
+    y = session.run(None, {"x": found.x.reshape(1, 24).astype(np.float32)})[0][0]
+    assert np.all(found.x >= lower) and np.all(found.x <= upper) and y[0] - y[1] <= m_star + 0.02
+
+
+@pytest.mark.parametrize("seed", [2, 3, 4])
+def test_relu_splitting_complete_both_sides_of_the_exact_minimum(tmp_path, seed):
+    """1e-3 above m* the property is sat, 1e-3 below it unsat: ReLU splitting alone (the attack phase
+    cut to one start and no steps) decides both, sub-domains on which the net is affine through the LP,
+    and every sat point is confirmed by onnxruntime. The old prover answered unknown to both."""
+    net = _wide_net(seed)
+    model = _export(net, (24,), tmp_path / "m.onnx")
+    lower, upper = -np.ones(24), np.ones(24)
+    m_star = exact_minimum(net, np.array([1.0, -1.0]), lower, upper)
+    prop = tmp_path / "p.vnnlib"
+    weak = Options(max_split_dims=0, pgd_steps=0, pgd_restarts=1)
+    session = ort.InferenceSession(str(model), providers=["CPUExecutionProvider"])
+    prop.write_text(_linear_property(24, 2, lower, upper, 0, 1, m_star + 1e-3))
+    above = prove_files(model, prop, timeout=30, options=weak)
+    assert above.status == "sat", above
+    y = session.run(None, {"x": above.x.reshape(1, 24).astype(np.float32)})[0][0]
+    assert y[0] - y[1] <= m_star + 1e-3
+    prop.write_text(_linear_property(24, 2, lower, upper, 0, 1, m_star - 1e-3))
+    below = prove_files(model, prop, timeout=30, options=weak)
+    assert (below.status, below.phase) == ("unsat", "relu_bab"), below
+
+
+def test_beta_crown_bound_holds_on_its_sub_domain():
+    """The β-CROWN bound under random split constraints is below c.f(x) at every sampled x of the
+    sub-domain (box points meeting the splits), for optimised α and β: a wrong sign of a split's
+    Lagrangian term would push it above."""
+    from pipeline.certify.beta_crown import Chain, lower_bound
+
+    net = _mlp(5, [6, 12, 12, 3]).double()
+    linears = [m for m in net if isinstance(m, nn.Linear)]
+    chain = Chain([(m.weight.detach(), m.bias.detach()) for m in linears])
+    x_lo, x_hi = -torch.ones(1, 6, dtype=torch.float64), torch.ones(1, 6, dtype=torch.float64)
+    points = x_lo + (x_hi - x_lo) * torch.rand(200_000, 6, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    pre1 = points @ linears[0].weight.detach().t() + linears[0].bias.detach()
+    pre2 = torch.relu(pre1) @ linears[1].weight.detach().t() + linears[1].bias.detach()
+    values = net(points) @ torch.tensor([[1.0, -1.0, 0.0], [0.0, 1.0, -1.0]], dtype=torch.float64).t()
+    # interval bounds of both layers over the box: valid on every sub-domain
+    lo1, hi1 = pre1.min(0).values - 1.0, pre1.max(0).values + 1.0
+    lo2, hi2 = pre2.min(0).values - 1.0, pre2.max(0).values + 1.0
+    generator = torch.Generator().manual_seed(1)
+    checked = 0
+    for _ in range(6):
+        splits = [torch.zeros(1, 12, dtype=torch.int8), torch.zeros(1, 12, dtype=torch.int8)]
+        inside = torch.ones(len(points), dtype=torch.bool)
+        lows, highs = [lo1.clone()[None], lo2.clone()[None]], [hi1.clone()[None], hi2.clone()[None]]
+        for layer, pre in ((0, pre1), (1, pre2)):
+            for neuron in torch.randperm(12, generator=generator)[:2].tolist():
+                sign = 1 if torch.rand(1, generator=generator) < 0.5 else -1
+                splits[layer][0, neuron] = sign
+                inside &= (pre[:, neuron] >= 0) if sign > 0 else (pre[:, neuron] <= 0)
+                if sign > 0:
+                    lows[layer][0, neuron] = 0.0
+                else:
+                    highs[layer][0, neuron] = 0.0
+        if inside.sum() < 10:
+            continue
+        spec = torch.tensor([[1.0, -1.0, 0.0], [0.0, 1.0, -1.0]], dtype=torch.float64)
+        bound, _, _ = lower_bound(chain, spec, lows, highs, splits, x_lo, x_hi, iterations=50, lr_beta=0.5)
+        assert torch.all(bound[0] <= values[inside].min(0).values + 1e-9), (bound, values[inside].min(0).values)
+        checked += 1
+    assert checked >= 3
+
+
+class _Normalised(nn.Module):
+    def __init__(self, net):
+        super().__init__()
+        self.net = net
+
+    def forward(self, x):
+        return self.net((x - 0.5) / 2.0)
+
+
+class _Skip(nn.Module):
+    """y = L3 relu(L2 relu(L1 x)) + V x: the input skips to the output, so no chain."""
+
+    def __init__(self, seed: int):
+        super().__init__()
+        self.body = _mlp(seed, [24, 16, 16, 2])
+        torch.manual_seed(seed + 100)
+        self.skip = nn.Linear(24, 2, bias=False)
+
+    def forward(self, x):
+        return self.body(x) + self.skip(x)
+
+    def as_sequential(self, shift: float = 10.0) -> nn.Sequential:
+        """The same function on boxes inside [-shift, shift]: x rides along as relu(x + shift)."""
+        l1, l2, l3 = [m for m in self.body if isinstance(m, nn.Linear)]
+        eye = torch.eye(24)
+        first, second, last = nn.Linear(24, 40), nn.Linear(40, 40), nn.Linear(40, 2)
+        with torch.no_grad():
+            first.weight.copy_(torch.cat([l1.weight, eye]))
+            first.bias.copy_(torch.cat([l1.bias, torch.full((24,), shift)]))
+            second.weight.copy_(torch.block_diag(l2.weight, eye))
+            second.bias.copy_(torch.cat([l2.bias, torch.zeros(24)]))
+            last.weight.copy_(torch.cat([l3.weight, self.skip.weight], dim=1))
+            last.bias.copy_(l3.bias - shift * self.skip.weight.sum(dim=1))
+        return nn.Sequential(first, nn.ReLU(), second, nn.ReLU(), last).eval()
+
+
+def _is_chain(model: Path) -> bool:
+    from pipeline.certify.beta_crown import chain_of
+    from pipeline.prove import _default_dtype
+    from pipeline.prove_cli import load_network
+
+    prover = load_network(model).prover
+    with _default_dtype(torch.float64):
+        return chain_of(prover._wrap(dense=True), prover.input_shape) is not None
+
+
+def test_relu_splitting_reads_a_normalised_net_as_a_chain(tmp_path):
+    """Normalisation by constants ((x - 0.5) / 2, Sub and Div nodes) before the first Linear is an
+    affine segment: β-CROWN and the LP apply, and 1e-3 either side of the MILP's m* is decided."""
+    net = _wide_net(0)
+    model = _export(_Normalised(net), (24,), tmp_path / "m.onnx")
+    assert _is_chain(model)
+    lower, upper = -np.ones(24), np.ones(24)
+    m_star = exact_minimum(net, np.array([1.0, -1.0]), (lower - 0.5) / 2, (upper - 0.5) / 2)
+    prop = tmp_path / "p.vnnlib"
+    for delta, expected in [(-1e-3, "unsat"), (1e-3, "sat")]:
+        prop.write_text(_linear_property(24, 2, lower, upper, 0, 1, m_star + delta))
+        answer = prove_files(model, prop, timeout=30, options=Options(max_split_dims=0))
+        assert answer.status == expected, (delta, answer)
+
+
+def test_relu_splitting_through_auto_lirpa_where_the_net_is_no_chain(tmp_path):
+    """A skip connection from the input to the output is no chain (the segment prober refuses it):
+    splits then go through auto_LiRPA's reference bounds. Its answers agree with the MILP of an
+    equivalent sequential net: unsat below m* where α-CROWN alone did not prove it (phase relu_bab),
+    sat above; the old prover answered unknown."""
+    net = _Skip(0).eval()
+    model = _export(net, (24,), tmp_path / "m.onnx")
+    assert not _is_chain(model)
+    lower, upper = -np.ones(24), np.ones(24)
+    m_star = exact_minimum(net.as_sequential(), np.array([1.0, -1.0]), lower, upper)
+    prop = tmp_path / "p.vnnlib"
+    prop.write_text(_linear_property(24, 2, lower, upper, 0, 1, m_star - DELTA_NO_CHAIN))
+    answer = prove_files(model, prop, timeout=30, options=Options(max_split_dims=0))
+    assert (answer.status, answer.phase) == ("unsat", "relu_bab"), answer
+    prop.write_text(_linear_property(24, 2, lower, upper, 0, 1, m_star + 1e-3))
+    assert prove_files(model, prop, timeout=30, options=Options(max_split_dims=0)).status == "sat"
+
+
+DELTA_NO_CHAIN = 0.3  # the reference path has neither β nor the LP: it needs a wider margin
+
+
+def test_relu_splitting_on_a_convolutional_chain(tmp_path):
+    """Conv (stride 2) -> ReLU -> Flatten -> Linear -> ReLU -> Linear is read as a chain (the convolution probed
+    into a dense matrix, checked on random points) and decided 1e-3 either side of the exact minimum
+    of the same network written with a dense first layer (MILP): a layout slip in the probe would
+    break one side."""
+    torch.manual_seed(7)
+    conv = nn.Conv2d(1, 2, 3, stride=2, padding=1)
+    net = nn.Sequential(conv, nn.ReLU(), nn.Flatten(), nn.Linear(2 * 3 * 3, 8), nn.ReLU(), nn.Linear(8, 2)).eval()
+    with torch.no_grad():
+        eye = torch.eye(25).reshape(25, 1, 5, 5)
+        dense = nn.Linear(25, 18)
+        dense.bias.copy_(conv(torch.zeros(1, 1, 5, 5)).flatten())
+        dense.weight.copy_((conv(eye).flatten(1) - dense.bias).t())
+    sequential = nn.Sequential(dense, nn.ReLU(), net[3], nn.ReLU(), net[5]).eval()
+    model = _export(net, (1, 5, 5), tmp_path / "m.onnx")
+    assert _is_chain(model)
+    lower, upper = -np.ones(25), np.ones(25)
+    m_star = exact_minimum(sequential, np.array([1.0, -1.0]), lower, upper)
+    prop = tmp_path / "p.vnnlib"
+    weak = Options(max_split_dims=0, pgd_steps=0, pgd_restarts=1)
+    for delta, expected in [(-1e-3, "unsat"), (1e-3, "sat")]:
+        prop.write_text(_linear_property(25, 2, lower, upper, 0, 1, m_star + delta))
+        answer = prove_files(model, prop, timeout=30, options=weak)
+        assert answer.status == expected, (delta, m_star, answer)
