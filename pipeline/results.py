@@ -543,7 +543,7 @@ class InstanceRecord(_Record):
     vnnlib: str
     timeout_s: float
     status: Literal["unsat", "sat", "unknown", "timeout"]
-    phase: str = Field(description="what decided: attack, ibp, crown, alpha_crown, bab, or why nothing did")
+    phase: str = Field(description="what decided: attack, ibp, crown, alpha_crown, bab (input splitting), relu_bab (ReLU splitting), or why nothing did")
     seconds: float
     result_file: str = Field(description="the VNN-COMP result file, with the counterexample when sat")
     notes: list[str]
