@@ -148,9 +148,27 @@ def smoothing_scope(smooth: dict) -> list[str]:
 def training_selection(train: dict) -> str:
     """How the kept checkpoint was chosen, as the train stage recorded it."""
     if train.get("source"):  # train imported a supplied file (results.ImportResult)
-        return (f"Supplied {train['source'].upper()} file {train['path']} (SHA-256 {train['model_sha256'][:12]}..., "
+        kind = {"onnx": "ONNX", "torchscript": "TorchScript", "state_dict": "state_dict (weights)"}[train["source"]]
+        return (f"Supplied {kind} file {train['path']} (SHA-256 {train['model_sha256'][:12]}..., "
                 f"supplied by {train.get('supplier') or 'an unnamed supplier'}), evaluated as supplied: not trained here.")
     return f"Checkpoint from epoch {train['best_epoch']} of {train['epochs_run']} run: {train['selection_rule']}."
+
+
+def supplied_shipping(train: dict) -> str:
+    """What ships for a supplied model: an ONNX file itself, else the ONNX export of the torch form."""
+    if train["source"] == "onnx":
+        return "shipped unchanged"
+    return "shipped as the ONNX export of the torch form the evidence is on (export checks the two agree)"
+
+
+def import_parity(train: dict) -> str:
+    """How the torch form every stage evaluated relates to the supplied artifact, from the import record."""
+    listed = ", ".join(train["ops"])
+    if train.get("max_abs_diff") is None:
+        return (f"The evidence is on the supplied module itself ({train['torch_form']}); its layers: {listed}.")
+    reference = "onnxruntime on the file" if train["source"] == "onnx" else "the supplied TorchScript module"
+    return (f"Its torch form ({train['torch_form']}) agrees with {reference} to {train['max_abs_diff']:.3g} on "
+            f"{train['n']} test inputs; ONNX ops: {listed}.")
 
 
 def limitations(params, metrics: dict) -> list[str]:

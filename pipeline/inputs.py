@@ -5,7 +5,9 @@ Two consumers: the manifest and the gate hash them (`pipeline.evidence.artifact_
 `robustgate verify` fails when one byte of them changes; and DVC tracks them as deps through the
 `inputs` section of params.yaml (dvc.yaml templates `${inputs.data}` and `${inputs.model}`,
 since DVC cannot template a null `data.path`). `check_dvc_inputs` keeps that section honest: it
-must name data.path (or the built-in loader) and the model's module file (or the built-in models).
+must name data.path (or the built-in loader) and the model's module file (or the built-in models),
+the supplied file for an onnx/torchscript source, and for a state_dict source a folder holding
+both the weights and the factory's module.
 """
 from __future__ import annotations
 
@@ -75,8 +77,23 @@ def check_dvc_inputs(params, root: Path, source: str = "params.yaml") -> None:
                          f"(data.dataset {params.data.dataset!r}) so that DVC re-runs prepare when the data changes")
     module = model_module_file(params.model.name, root)
     model_expected = module.relative_to(root).as_posix() if module is not None else BUILTIN_MODEL_SOURCE
+    if params.model.source == "state_dict":  # the weights and the factory's code: one folder holding both
+        _check_state_dict_inputs(params, module, root, source)
+        return
     if params.model.supplied:  # the supplied file is what train (importing it) depends on
         model_expected = params.model.path
     if not _same_or_inside(params.inputs.model, root / model_expected, root):
         raise UsageError(f"{source}: inputs.model = {params.inputs.model!r} must be {model_expected!r} "
                          f"(model.name {params.model.name!r}) so that DVC re-runs train when the model code changes")
+
+
+def _check_state_dict_inputs(params, module: Optional[Path], root: Path, source: str) -> None:
+    """A state_dict model depends on two user files, the weights (model.path) and the factory's module;
+    dvc.yaml templates one `${inputs.model}` dep, so it must be a folder that holds both (DVC hashes
+    a folder dep whole: one changed byte of either re-runs every stage that builds the model)."""
+    needed = [params.model.path] + ([module.relative_to(root).as_posix()] if module is not None else [])
+    missing = [n for n in needed if not _same_or_inside(params.inputs.model, root / n, root)]
+    if missing:
+        raise UsageError(f"{source}: inputs.model = {params.inputs.model!r} must be a folder holding "
+                         f"{' and '.join(repr(n) for n in needed)} (the weights and the factory of model.name "
+                         f"{params.model.name!r}) so that DVC re-runs train when either changes")

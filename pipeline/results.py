@@ -131,16 +131,19 @@ class ImportResult(_ModelResult):
     """The `train` stage's record when it imported a supplied model instead of training one:
     `model_sha256` is the supplied file's SHA-256 (models/model.pt holds its bytes unchanged)."""
 
-    source: Literal["onnx"]
+    source: Literal["onnx", "torchscript", "state_dict"]
     path: str
     supplier: Optional[str]
     layout: Literal["nchw", "nhwc", "flat"]
     input_shape: list[int]
     num_classes: int
     opset: Optional[int]
-    ops: list[str] = Field(description="the ONNX op types in the file")
+    ops: list[str] = Field(description="the ONNX op types in the file (or in a TorchScript module's ONNX export); "
+                                       "for a state_dict, the factory's leaf module types")
     torch_form: str = Field(description="how gradients and bounds see the file")
-    max_abs_diff: float = Field(description="torch form vs onnxruntime on the test split")
+    max_abs_diff: Optional[float] = Field(description="torch form vs the supplied artifact (onnxruntime on an ONNX "
+                                                      "file, the TorchScript module) on the test split; None for a "
+                                                      "state_dict, whose torch form is the supplied module itself")
     n: int
 
 

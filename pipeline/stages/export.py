@@ -33,7 +33,7 @@ def main(ws: Workspace) -> int:
         raise IntegrityMismatch(f"{ws.adversarial.name} was made against checkpoint {attacked[:12]}, "
                                 f"{ws.checkpoint.name} is {model_sha[:12]}: re-run attack (dvc repro)")
     x_test = data.x["test"]
-    if params.model.supplied:
+    if params.model.source == "onnx":  # torchscript and state_dict ship the ONNX export of their torch form
         return _ship_supplied(ws, params, model, meta, x_test, x_adv, y_adv, torch_robust, model_sha, data_fingerprint)
     metadata = {
         "robustgate.version": __version__,

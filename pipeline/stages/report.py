@@ -182,6 +182,8 @@ def build_context(ws: Workspace) -> dict:
         "model_hashes": model_hashes(metrics),
         "attack_scope": claims.attack_scope(attack),
         "training_selection": claims.training_selection(metrics["train"]),
+        **({"supplied_shipping": claims.supplied_shipping(metrics["train"]),
+            "import_parity": claims.import_parity(metrics["train"])} if metrics["train"].get("source") else {}),
         "kind_meaning": KIND_MEANING,
         "previous": previous_approved(ws, params.registry.model_name),
         "current_headline": current,

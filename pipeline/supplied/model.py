@@ -8,7 +8,8 @@ on it; onnxruntime on the file stays the judge (`parity_gap`).
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Sequence
+from dataclasses import dataclass
+from typing import Callable, Optional, Sequence
 
 import numpy as np
 import torch
@@ -51,10 +52,13 @@ class SuppliedModel(nn.Module):
         return torch.flatten(self.graph(self.to_file_layout(x)), 1)
 
 
-def load_supplied(path: Path, layout: str, data_shape: Sequence[int], num_classes: int) -> tuple[SuppliedModel, OnnxRunner, object]:
+def load_supplied(path: Path, layout: str, data_shape: Sequence[int], num_classes: int,
+                  proto=None) -> tuple[SuppliedModel, OnnxRunner, object]:
     """The supplied file's torch form adapted to the data, with onnxruntime on the file; bad input
-    (not loadable, several inputs, an op the torch form lacks, shapes that do not fit) is one line."""
-    proto = load_onnx(path)
+    (not loadable, several inputs, an op the torch form lacks, shapes that do not fit) is one line.
+    `proto`: an ONNX model already in memory (a TorchScript module's export), named `path` in messages."""
+    runner_source = proto.SerializeToString() if proto is not None else path
+    proto = proto if proto is not None else load_onnx(path)
     try:
         graph = to_torch(proto)
     except Unsupported as error:
@@ -66,7 +70,7 @@ def load_supplied(path: Path, layout: str, data_shape: Sequence[int], num_classe
     outputs = int(np.prod(graph.output_shape)) if graph.output_shape else 1
     if outputs != num_classes:
         raise UsageError(f"{path}: {outputs} outputs per sample; the data has {num_classes} classes")
-    return SuppliedModel(graph, layout).eval(), OnnxRunner(path), proto
+    return SuppliedModel(graph, layout).eval(), OnnxRunner(runner_source), proto
 
 
 def parity_gap(model: SuppliedModel, runner: OnnxRunner, x: np.ndarray) -> float:
@@ -81,3 +85,60 @@ def runner_logits(model: SuppliedModel, runner: OnnxRunner, x: np.ndarray) -> np
     with torch.no_grad():
         file_x = model.to_file_layout(torch.as_tensor(x, dtype=torch.float32)).contiguous().numpy()
     return runner(file_x).reshape(len(x), -1)
+
+
+TORCH_FORMS = {
+    "onnx": "pipeline.supplied.onnx_torch: the ONNX graph interpreted with torch functions (constants folded, "
+            "BatchNormalization folded into Conv), checked against onnxruntime on the file",
+    "torchscript": "the TorchScript module exported to ONNX (torch.onnx) and interpreted with torch functions "
+                   "(pipeline.supplied.onnx_torch), checked against the TorchScript module and onnxruntime",
+    "state_dict": "the factory's nn.Module with the supplied weights (loaded with weights_only=True): the "
+                  "evidence is on this torch form; export checks the shipped ONNX file against it",
+}
+
+
+@dataclass(frozen=True)
+class LoadedSource:
+    """A supplied model as every stage evaluates it (`model`: data-layout inputs -> (N, K) logits),
+    with what the import records: the ONNX ops and opset of the form bounds see (None for a plain
+    torch module) and `reference`, the supplied artifact itself run on data-layout inputs, which the
+    torch form must match (None when the torch form is the supplied module itself)."""
+
+    model: nn.Module
+    reference: Optional[Callable[[np.ndarray], np.ndarray]]
+    ops: list[str]
+    opset: Optional[int]
+    torch_form: str
+
+
+def _opset(proto) -> Optional[int]:
+    return next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), None)
+
+
+def load_source(path: Path, cfg, data_shape: Sequence[int], num_classes: int) -> LoadedSource:
+    """The file `path` as model.source `cfg.source` reads it (see pipeline/supplied/torch_sources.py)."""
+    from pipeline.supplied import torch_sources
+
+    want = file_shape(data_shape, cfg.layout)
+    if cfg.source == "onnx":
+        model, runner, proto = load_supplied(path, cfg.layout, data_shape, num_classes)
+        return LoadedSource(model, lambda x: runner_logits(model, runner, x),
+                            sorted({n.op_type for n in proto.graph.node}), _opset(proto), TORCH_FORMS["onnx"])
+    if cfg.source == "torchscript":
+        import onnx
+
+        script = torch_sources.load_torchscript(path)
+        torch_sources.check_outputs(script, want, num_classes, str(path))
+        proto = onnx.load_from_string(torch_sources.torchscript_to_onnx(script, want))
+        model, _, _ = load_supplied(path, cfg.layout, data_shape, num_classes, proto=proto)
+        scripted = torch_sources.adapt_layout(script, cfg.layout)
+
+        def reference(x: np.ndarray) -> np.ndarray:
+            with torch.no_grad():
+                return scripted(torch.as_tensor(x, dtype=torch.float32)).numpy().reshape(len(x), -1)
+        return LoadedSource(model, reference, sorted({n.op_type for n in proto.graph.node}), _opset(proto),
+                            TORCH_FORMS["torchscript"])
+    net = torch_sources.load_state_dict_model(path, cfg.name, cfg.factory_options(), want, num_classes)
+    model = torch_sources.adapt_layout(net, cfg.layout).eval()
+    kinds = sorted({type(m).__name__ for m in net.modules() if not list(m.children())})
+    return LoadedSource(model, None, kinds, None, TORCH_FORMS["state_dict"])
