@@ -53,8 +53,32 @@ def user_inputs(params, root: Path) -> dict[str, Path]:
         files.append(module)
     if params.model.supplied:
         files.append(root / params.model.path)
+    files.extend(instance_files(params.properties.instances, root))
     files.append(root / params.gate.policy)
     return {p.resolve().relative_to(root.resolve()).as_posix(): p for p in files if p.is_file()}
+
+
+def instance_files(instances: Optional[str], root: Path) -> list[Path]:
+    """properties.instances and the ONNX and VNNLIB files it lists (paths relative to the CSV), those
+    inside the workspace. DVC cannot template deps from a CSV's rows (nor from a null path), so these
+    are not DVC deps: the properties stage hashes each into its metrics and refuses a listed path
+    outside the workspace, and the manifest and the gate hash them here, so `robustgate verify`
+    fails when one changed after the report (re-run with `dvc repro -f properties`)."""
+    import csv
+
+    if not instances:
+        return []
+    table = root / instances
+    if not table.is_file() or not table.resolve().is_relative_to(root.resolve()):
+        return []
+    files = [table]
+    with table.open(newline="", encoding="utf-8", errors="replace") as handle:
+        for row in csv.reader(handle):
+            for name in row[:2]:
+                listed = (table.parent / name.strip()).resolve()
+                if name.strip() and listed.is_file() and listed.is_relative_to(root.resolve()):
+                    files.append(listed)
+    return files
 
 
 def _same_or_inside(given: str, expected: Path, root: Path) -> bool:

@@ -531,6 +531,8 @@ class InstanceRecord(_Record):
     seconds: float
     result_file: str = Field(description="the VNN-COMP result file, with the counterexample when sat")
     notes: list[str]
+    onnx_sha256: Optional[str] = Field(None, description="the listed ONNX file's SHA-256 when decided")
+    vnnlib_sha256: Optional[str] = Field(None, description="the listed VNNLIB file's SHA-256 when decided")
 
 
 class PropertiesResult(_ModelResult):
@@ -539,6 +541,7 @@ class PropertiesResult(_ModelResult):
     unsat_fraction: Union[float, NotApplicable] = Field(description="share of the listed instances proven unsat")
     claims_written: int
     claims: str = Field(description="where the claims' VNNLIB files and instances.csv are, or why none were written")
+    instances_sha256: Optional[str] = Field(None, description="SHA-256 of properties.instances (the CSV) when listed")
 
 
 # --- trace (computed by the gate and the report, not a file) ----------------------------------
