@@ -145,6 +145,8 @@ class ImportResult(_ModelResult):
                                                       "file, the TorchScript module) on the test split; None for a "
                                                       "state_dict, whose torch form is the supplied module itself")
     n: int
+    not_differentiable: Optional[str] = Field(None, description="the op no torch form exists for, when the stages "
+                                                                "ran on onnxruntime alone (forward passes only)")
 
 
 # --- attack ----------------------------------------------------------------------------------
@@ -211,6 +213,8 @@ class AttackResult(_ModelResult):
     masking_failed: list[str]
     reference_suite: ReferenceCoverage
     task_notes: list[str] = Field(default_factory=list, description="how task-dependent defaults adapted")
+    not_run: dict[str, str] = Field(default_factory=dict, description="configured attacks that could not run "
+                                    "(gradient attacks on a model answering forward passes only), with why")
 
 
 # --- certify ---------------------------------------------------------------------------------

@@ -20,7 +20,7 @@ from pipeline.errors import ParityFailure
 from pipeline.io import atomic_write, confine, sha256_file, write_json, write_text
 from pipeline.results import ImportResult, dump
 from pipeline.stages.common import load_data, seed_everything
-from pipeline.supplied.model import load_source
+from pipeline.supplied.model import load_source, not_differentiable
 from pipeline.workspace import Workspace
 
 
@@ -62,10 +62,11 @@ def main(ws: Workspace) -> int:
         seed=params.seed, dataset_fingerprint=data_fingerprint, model_sha256=digest, source=cfg.source,
         path=cfg.path, supplier=cfg.supplier, layout=cfg.layout, input_shape=input_shape,
         num_classes=data.num_classes, opset=loaded.opset, ops=loaded.ops, torch_form=loaded.torch_form,
-        max_abs_diff=gap, n=len(x_test),
+        max_abs_diff=gap, n=len(x_test), not_differentiable=not_differentiable(loaded.model),
     )))
     parity = (f"torch form vs supplied model max|Δ| {gap:.2e} on {len(x_test)} test inputs" if gap is not None
-              else "the torch form is the supplied module itself")
+              else f"no torch form ({not_differentiable(loaded.model)}): onnxruntime only"
+              if not_differentiable(loaded.model) else "the torch form is the supplied module itself")
     print(f"train: imported {cfg.source} {cfg.path} (supplied by {cfg.supplier or 'unknown'}) sha256 {digest[:12]}, "
           f"{'ops' if loaded.opset is not None else 'modules'} {', '.join(loaded.ops)}; {parity}")
     return 0

@@ -52,18 +52,63 @@ class SuppliedModel(nn.Module):
         return torch.flatten(self.graph(self.to_file_layout(x)), 1)
 
 
+class OnnxRuntimeForward(nn.Module):
+    """A supplied file whose graph has an op the torch form lacks, run by onnxruntime: forward passes
+    only (logits as a torch tensor, no gradient). What needs nothing but forward passes still runs on
+    the file itself (Square, randomized smoothing, clean accuracy); what needs gradients or bound
+    propagation reads `not_differentiable` (the op, named) and reports not_applicable."""
+
+    def __init__(self, runner: OnnxRunner, layout: str, reason: str):
+        super().__init__()
+        self.runner, self.layout, self.not_differentiable = runner, layout, reason
+
+    to_file_layout = SuppliedModel.to_file_layout
+
+    def forward(self, x):
+        file_x = self.to_file_layout(x.detach().float().cpu()).contiguous().numpy()
+        return torch.as_tensor(self.runner(file_x).reshape(len(x), -1), device=x.device)
+
+
+def not_differentiable(model: nn.Module) -> Optional[str]:
+    """Why gradients and bounds cannot run on `model` (an op the torch form lacks), or None."""
+    return getattr(model, "not_differentiable", None)
+
+
+def _forward_only(path, runner_source, proto, layout: str, want, num_classes: int, reason: str):
+    """onnxruntime on the file as the model, after the same shape checks as the torch form's."""
+    from pipeline.supplied.onnx_torch import io_shapes
+
+    try:
+        input_shape, output_shape = io_shapes(proto)
+    except UsageError as error:
+        raise UsageError(f"{path}: {error}") from None
+    if tuple(input_shape) != tuple(want):
+        raise UsageError(f"{path}: input shape {list(input_shape)} per sample; the data in layout {layout!r} "
+                         f"gives {list(want)} (set model.layout to the file's layout)")
+    outputs = int(np.prod(output_shape)) if output_shape else 1
+    if outputs != num_classes:
+        raise UsageError(f"{path}: {outputs} outputs per sample; the data has {num_classes} classes")
+    runner = OnnxRunner(runner_source)
+    return OnnxRuntimeForward(runner, layout, reason).eval(), runner, proto
+
+
 def load_supplied(path: Path, layout: str, data_shape: Sequence[int], num_classes: int,
-                  proto=None) -> tuple[SuppliedModel, OnnxRunner, object]:
+                  proto=None, forward_only: bool = False) -> tuple[nn.Module, OnnxRunner, object]:
     """The supplied file's torch form adapted to the data, with onnxruntime on the file; bad input
     (not loadable, several inputs, an op the torch form lacks, shapes that do not fit) is one line.
+    `forward_only`: an op the torch form lacks gives `OnnxRuntimeForward` instead (the stages then
+    evaluate what forward passes allow; `robustgate prove` keeps refusing such a file).
     `proto`: an ONNX model already in memory (a TorchScript module's export), named `path` in messages."""
     runner_source = proto.SerializeToString() if proto is not None else path
     proto = proto if proto is not None else load_onnx(path)
+    want = file_shape(data_shape, layout)
     try:
         graph = to_torch(proto)
     except Unsupported as error:
-        raise UsageError(f"{path}: {error}") from None
-    want = file_shape(data_shape, layout)
+        if not forward_only:
+            raise UsageError(f"{path}: {error}") from None
+        reason = str(error).split("; supported:")[0]  # the op and node, not the converter's whole list
+        return _forward_only(path, runner_source, proto, layout, want, num_classes, reason)
     if tuple(graph.input_shape) != want:
         raise UsageError(f"{path}: input shape {list(graph.input_shape)} per sample; the data in layout {layout!r} "
                          f"gives {list(want)} (set model.layout to the file's layout)")
@@ -121,9 +166,12 @@ def load_source(path: Path, cfg, data_shape: Sequence[int], num_classes: int) ->
 
     want = file_shape(data_shape, cfg.layout)
     if cfg.source == "onnx":
-        model, runner, proto = load_supplied(path, cfg.layout, data_shape, num_classes)
-        return LoadedSource(model, lambda x: runner_logits(model, runner, x),
-                            sorted({n.op_type for n in proto.graph.node}), _opset(proto), TORCH_FORMS["onnx"])
+        model, runner, proto = load_supplied(path, cfg.layout, data_shape, num_classes, forward_only=True)
+        ops, opset = sorted({n.op_type for n in proto.graph.node}), _opset(proto)
+        if not_differentiable(model):  # the file itself is the model: nothing to compare it with
+            return LoadedSource(model, None, ops, opset, f"none: {not_differentiable(model)}; onnxruntime on the "
+                                "file answers forward passes only (no gradients, no bounds)")
+        return LoadedSource(model, lambda x: runner_logits(model, runner, x), ops, opset, TORCH_FORMS["onnx"])
     if cfg.source == "torchscript":
         import onnx
 
