@@ -196,10 +196,14 @@ def forward_only_scope(metrics: dict) -> list[str]:
     if certify and certify.get("status") != "ok":
         did_not.append("bound propagation (" + listing([METHOD_NAMES.get(m, m) for m in certify.get(
             "requested_methods", [])]) + ")")
-    for stage, label in (("conditions", "triggering-condition search and certification"),
-                         ("clinical", "the clinical evaluation")):
-        if stage in metrics and metrics[stage].get("status") == "not_applicable":
-            did_not.append(label)
+    records = [r for r in metrics.get("conditions", {}).values() if isinstance(r, dict) and "robust_accuracy" in r]
+    if records:
+        did.append(f"the search of {len(records)} triggering condition(s) by grid and random draws")
+        if any(r["certified_accuracy"].get("status") == "not_applicable" for r in records):
+            did_not.append("their certification and gradient search")
+    exact = metrics.get("clinical", {}).get("exact")
+    if isinstance(exact, dict) and exact.get("status") == "not_applicable":
+        did_not.append("the clinical exact (MILP) check")
     sentence = (f"The supplied file has an op no torch form exists for ({reason}). What needs forward passes only "
                 f"ran on onnxruntime on the file: {listing(did)}.")
     if did_not:

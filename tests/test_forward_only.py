@@ -42,7 +42,7 @@ def test_unsupported_op_runs_square_on_onnxruntime_and_says_what_did_not(tmp_pat
     params = copy.deepcopy(TINY_PARAMS)
     params["model"] = {"source": "onnx", "path": "supplied/net.onnx", "supplier": "ACME Corp"}
     make_workspace(root, params)
-    for stage in ("prepare", "train", "attack", "certify", "smooth", "export", "properties", "report"):
+    for stage in ("prepare", "train", "attack", "certify", "smooth", "conditions", "export", "properties", "report"):
         assert run_stage(stage, root) == 0, stage
     assert run_stage("gate", root) == 1  # VER needs a certificate, which could not be produced
 
@@ -58,6 +58,10 @@ def test_unsupported_op_runs_square_on_onnxruntime_and_says_what_did_not(tmp_pat
     certify = json.loads((root / "metrics" / "certify.json").read_text())
     assert certify["status"] == "not_applicable" and OP in certify["reason"]
     assert certify["verified_accuracy"]["crown"]["status"] == "not_applicable"
+    conditions = json.loads((root / "metrics" / "conditions.json").read_text())
+    assert conditions["glare"]["robust_accuracy"]["value"] <= conditions["glare"]["clean_accuracy"]["value"]
+    assert conditions["glare"]["certified_accuracy"]["status"] == "not_applicable"
+    assert OP in conditions["glare"]["certified_accuracy"]["reason"]
     smooth = json.loads((root / "metrics" / "smooth.json").read_text())
     assert smooth["status"] == "ok"  # forward passes only: smoothing runs on onnxruntime
     assert (root / "models" / "model.onnx").read_bytes() == supplied.read_bytes()
@@ -66,7 +70,9 @@ def test_unsupported_op_runs_square_on_onnxruntime_and_says_what_did_not(tmp_pat
     assert f"The supplied file has an op no torch form exists for (ONNX op {OP}" in html
     assert f"ran on onnxruntime on the file: Square (robust accuracy at most {robust['value']:.3f}" in html
     not_possible = html.split("What needs gradients or bounds was not possible: ")[1].split(".")[0]
-    assert all(name in not_possible for name in ("FGSM", "PGD", "APGD-CE", "bound propagation (IBP and CROWN)"))
+    assert all(name in not_possible for name in ("FGSM", "PGD", "APGD-CE", "bound propagation (IBP and CROWN)",
+                                                 "their certification and gradient search"))
+    assert "the search of 2 triggering condition(s) by grid and random draws" in html
     gate = json.loads((root / "metrics" / "gate.json").read_text())
     rows = {r["id"]: r for r in gate["rows"]}
     assert gate["passed"] is False and rows["VER"]["measured"] == "not_applicable" and OP in rows["VER"]["reason"]
