@@ -8,6 +8,7 @@ from __future__ import annotations
 import copy
 import json
 
+import numpy as np
 import onnx
 import pytest
 import torch
@@ -34,7 +35,7 @@ def _leaky_file(path, net):
 
 
 @pytest.mark.filterwarnings("ignore:You are using the legacy TorchScript-based ONNX export:DeprecationWarning")
-def test_unsupported_op_runs_square_on_onnxruntime_and_says_what_did_not(tmp_path, digits_model):
+def test_unsupported_op_runs_square_on_onnxruntime_and_says_what_did_not(tmp_path, digits_model, capsys):
     assert OP not in SUPPORTED_OPS
     root = tmp_path / "ws"
     (root / "supplied").mkdir(parents=True)
@@ -78,16 +79,13 @@ def test_unsupported_op_runs_square_on_onnxruntime_and_says_what_did_not(tmp_pat
     assert gate["passed"] is False and rows["VER"]["measured"] == "not_applicable" and OP in rows["VER"]["reason"]
     assert rows["ACC"]["passed"] is True
 
-
-def test_prove_still_refuses_an_unsupported_op(tmp_path, digits_model, capsys):
-    """`robustgate prove` has no forward-only answer (unsat needs bounds): bad input, exit 2."""
+    # `robustgate prove` has no forward-only answer (unsat needs bounds): still bad input, exit 2
     from pipeline import vnnlib
     from pipeline.cli import main as cli
 
-    import numpy as np
-
-    model = _leaky_file(tmp_path / "net.onnx", digits_model[0])
     prop = tmp_path / "p.vnnlib"
     prop.write_text(vnnlib.robustness_property(np.full((1, 8, 8), 0.5), 0.01, 0.0, 1.0, 0, 10))
-    assert cli(["prove", str(model), str(prop), "--timeout", "5"]) == 2
+    capsys.readouterr()
+    assert cli(["prove", str(supplied), str(prop), "--timeout", "5"]) == 2
     assert OP in capsys.readouterr().err
+

@@ -1,9 +1,9 @@
 """No certificate on a layer auto_LiRPA 0.3 bounds unsoundly: a Linear/MatMul whose weight is
 computed inside forward (`F.linear(x, self.w * 2)`, `x @ (a + b)`).
 
-`test_the_unsoundness_is_real` shows why (auto_LiRPA's IBP lower bound lies above outputs that
-sampling reaches); the other tests fail on the code before the guard: BoundComputer built the
-module and certify reported `status: ok` with those bounds.
+The first test shows why (auto_LiRPA's IBP lower bound lies above outputs that sampling reaches)
+and then that BoundComputer refuses; both tests fail on the code before the guard: BoundComputer
+built the module and certify bounded it as if sound.
 """
 from __future__ import annotations
 
@@ -63,11 +63,13 @@ def _domain():
     return Domain.from_arrays(np.zeros((1, 8, 8), np.float32), np.ones((1, 8, 8), np.float32))
 
 
-def test_the_unsoundness_is_real():
+def test_bound_computer_refuses_a_computed_weight():
+    """Why (first): auto_LiRPA's IBP lower bound on Scaled lies above an output sampling reaches."""
     from pipeline import lirpa_compat
 
     lirpa = lirpa_compat.load()  # bridges numpy 2 before auto_LiRPA's own imports
     from auto_LiRPA.perturbations import PerturbationLpNorm
+
     model = Scaled().eval()
     x = torch.full((1, 1, 8, 8), 0.5)
     bounded = lirpa.BoundedModule(model, torch.zeros(1, 1, 8, 8))
@@ -76,9 +78,6 @@ def test_the_unsoundness_is_real():
     with torch.no_grad():
         sampled = model(x + (torch.rand(4000, 1, 8, 8, generator=torch.Generator().manual_seed(1)) * 2 - 1) * 0.2)
     assert bool((lower[0] > sampled.min(0).values + 1e-3).any())  # a "lower bound" above a reached output
-
-
-def test_bound_computer_refuses_a_computed_weight():
     with pytest.raises(NotBoundable, match=r"MatMul node .* reads a weight computed in forward"):
         BoundComputer(Scaled(), (1, 8, 8), _domain())
     linear = nn.Sequential(nn.Flatten(), nn.Linear(64, 10))
