@@ -172,7 +172,8 @@ def import_parity(train: dict) -> str:
         return (f"No torch form exists for this file ({train['not_differentiable']}): every figure comes from "
                 f"onnxruntime on the file itself, by forward passes only; ONNX ops: {listed}.")
     if train.get("max_abs_diff") is None:
-        return (f"The evidence is on the supplied module itself ({train['torch_form']}); its layers: {listed}.")
+        kind = "its ONNX export's ops" if train.get("opset") is not None else "its layers"
+        return f"The evidence is on the supplied module itself ({train['torch_form']}); {kind}: {listed}."
     reference = "onnxruntime on the file" if train["source"] == "onnx" else "the supplied TorchScript module"
     return (f"Its torch form ({train['torch_form']}) agrees with {reference} to {train['max_abs_diff']:.3g} on "
             f"{train['n']} test inputs; ONNX ops: {listed}.")

@@ -57,6 +57,30 @@ def test_torchscript_through_the_stages(tmp_path, digits_model):
     assert json.loads((root / "metrics" / "gate.json").read_text())["passed"] is True
 
 
+def test_torchscript_with_an_op_without_torch_form_is_attacked_not_bounded(tmp_path, digits_model):
+    """Its export holds LeakyRelu, which the ONNX torch form lacks: the TorchScript module itself is
+    the model (gradient attacks run on it), bound propagation is not_applicable naming the op, and the
+    export ships its ONNX export (which onnxruntime runs). Before: exit 2 at params validation."""
+    root = tmp_path / "ws"
+    (root / "supplied").mkdir(parents=True)
+    leaky = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 32), torch.nn.LeakyReLU(0.01),
+                                torch.nn.Linear(32, 10))
+    torch.jit.save(torch.jit.script(leaky.eval()), str(root / "supplied" / "net.pt"))
+    _workspace(root, {"source": "torchscript", "path": "supplied/net.pt"})
+    for stage in ("prepare", "train", "attack", "certify", "conditions", "export", "report"):
+        assert run_stage(stage, root) == 0, stage
+    train = json.loads((root / "metrics" / "train.json").read_text())
+    assert "LeakyRelu" in train["ops"] and train["max_abs_diff"] is None and train["not_differentiable"] is None
+    attack = json.loads((root / "metrics" / "attack.json").read_text())
+    assert attack["not_run"] == {} and attack["attacks"]["pgd"]["robust_accuracy"]["status"] == "ok"
+    certify = json.loads((root / "metrics" / "certify.json").read_text())
+    assert certify["status"] == "not_applicable" and "ONNX op LeakyRelu" in certify["reason"]
+    conditions = json.loads((root / "metrics" / "conditions.json").read_text())
+    assert "ONNX op LeakyRelu" in conditions["glare"]["certified_accuracy"]["reason"]
+    export = json.loads((root / "metrics" / "export.json").read_text())
+    assert export["max_abs_diff"] < 1e-4 and export["adv_max_abs_diff"] < 1e-4
+
+
 def test_state_dict_through_the_stages(tmp_path, digits_model):
     """Flat layout: the factory reads (N, 64); the weights come from a file loaded with weights_only."""
     root = tmp_path / "ws"
@@ -72,8 +96,7 @@ def test_state_dict_through_the_stages(tmp_path, digits_model):
     assert train["model_sha256"] == sha256_file(root / "vendor" / "weights.pt")
     certify = json.loads((root / "metrics" / "certify.json").read_text())
     assert certify["verified_accuracy"]["crown"]["value"] >= 0.0
-    with torch.no_grad():  # the evaluated model is the supplied one: same clean accuracy on the test split
-        attack = json.loads((root / "metrics" / "attack.json").read_text())
+    attack = json.loads((root / "metrics" / "attack.json").read_text())
     assert attack["clean_accuracy"]["value"] > 0.5
     export = json.loads((root / "metrics" / "export.json").read_text())
     assert export["max_abs_diff"] < 1e-4

@@ -57,8 +57,8 @@ class BoundsOutcome:
 
 def _bound(model, condition, x, y, low, high, domain, num_classes) -> torch.Tensor:
     """Lower bounds of f_y − f_j over each row's box [low, high], shape (B, K−1)."""
-    if getattr(model, "not_differentiable", None):  # onnxruntime alone (pipeline.supplied.model): no graph
-        raise NotBoundable(f"no torch form to bound: {model.not_differentiable}")
+    if getattr(model, "not_boundable", None):  # a supplied model without a boundable form (pipeline.supplied)
+        raise NotBoundable(model.not_boundable)
     lirpa = lirpa_compat.load()
     from auto_LiRPA.perturbations import PerturbationLpNorm
 

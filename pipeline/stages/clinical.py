@@ -75,9 +75,9 @@ def exact_verification(model, params, data, domain, x, y, outcomes: Outcomes, po
     threat = from_params(params, data)
     if threat.norm != "linf":
         return NotApplicable(status="not_applicable", reason="the MILP encodes L∞ boxes; threat.norm is l2")
-    if getattr(model, "not_differentiable", None):  # onnxruntime alone (pipeline.supplied.model): no layers
+    if getattr(model, "not_boundable", None):  # a supplied model without its layers (pipeline.supplied.model)
         return NotApplicable(status="not_applicable", reason=f"the MILP needs the network's layers: "
-                                                             f"{model.not_differentiable}")
+                                                             f"{model.not_boundable}")
     try:
         affine_layers(model)
     except Unsupported as error:

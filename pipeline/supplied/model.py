@@ -55,12 +55,14 @@ class SuppliedModel(nn.Module):
 class OnnxRuntimeForward(nn.Module):
     """A supplied file whose graph has an op the torch form lacks, run by onnxruntime: forward passes
     only (logits as a torch tensor, no gradient). What needs nothing but forward passes still runs on
-    the file itself (Square, randomized smoothing, clean accuracy); what needs gradients or bound
-    propagation reads `not_differentiable` (the op, named) and reports not_applicable."""
+    the file itself (Square, randomized smoothing, clean accuracy); what needs gradients reads
+    `not_differentiable`, what needs bound propagation `not_boundable` (the op, named), and reports
+    not_applicable."""
 
     def __init__(self, runner: OnnxRunner, layout: str, reason: str):
         super().__init__()
         self.runner, self.layout, self.not_differentiable = runner, layout, reason
+        self.not_boundable = f"no torch form to bound: {reason}"
 
     to_file_layout = SuppliedModel.to_file_layout
 
@@ -178,14 +180,18 @@ def load_source(path: Path, cfg, data_shape: Sequence[int], num_classes: int) ->
         script = torch_sources.load_torchscript(path)
         torch_sources.check_outputs(script, want, num_classes, str(path))
         proto = onnx.load_from_string(torch_sources.torchscript_to_onnx(script, want))
-        model, _, _ = load_supplied(path, cfg.layout, data_shape, num_classes, proto=proto)
+        model, _, _ = load_supplied(path, cfg.layout, data_shape, num_classes, proto=proto, forward_only=True)
+        ops, opset = sorted({n.op_type for n in proto.graph.node}), _opset(proto)
+        if not_differentiable(model):  # its export has an op without a torch form: the module itself, unbounded
+            form = torch_sources.script_form(script, cfg.layout, not_differentiable(model))
+            return LoadedSource(form, None, ops, opset, f"the TorchScript module itself (gradients, no bounds: "
+                                f"{form.not_boundable})")
         scripted = torch_sources.adapt_layout(script, cfg.layout)
 
         def reference(x: np.ndarray) -> np.ndarray:
             with torch.no_grad():
                 return scripted(torch.as_tensor(x, dtype=torch.float32)).numpy().reshape(len(x), -1)
-        return LoadedSource(model, reference, sorted({n.op_type for n in proto.graph.node}), _opset(proto),
-                            TORCH_FORMS["torchscript"])
+        return LoadedSource(model, reference, ops, opset, TORCH_FORMS["torchscript"])
     net = torch_sources.load_state_dict_model(path, cfg.name, cfg.factory_options(), want, num_classes)
     model = torch_sources.adapt_layout(net, cfg.layout).eval()
     kinds = sorted({type(m).__name__ for m in net.modules() if not list(m.children())})

@@ -41,6 +41,31 @@ class FlatInput(nn.Module):
         return self.net(torch.flatten(x, 1))
 
 
+class ScriptForm(nn.Module):
+    """A TorchScript module whose ONNX export holds an op the torch form lacks: attacks take its
+    gradients, and what needs bounds reads `not_boundable` (auto_LiRPA cannot trace a loaded
+    TorchScript module, and its export has no torch form) and reports not_applicable."""
+
+    def __init__(self, script: nn.Module, layout: str, reason: str):
+        super().__init__()
+        self.script, self.layout = script, layout
+        self.not_boundable = ("auto_LiRPA cannot trace a TorchScript module, and its ONNX export has no torch "
+                              f"form: {reason}")
+
+    def forward(self, x):
+        if self.layout == "flat":
+            x = torch.flatten(x, 1)
+        return self.script(x)
+
+
+def script_form(script: nn.Module, layout: str, reason: str) -> nn.Module:
+    """`ScriptForm` compiled to TorchScript itself, so torch.onnx can export it (tracing cannot enter
+    the loaded module from a Python wrapper); `not_boundable` stays readable as an attribute."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r"`torch\.jit\.script` is deprecated", category=DeprecationWarning)
+        return torch.jit.script(ScriptForm(script, layout, reason)).eval()
+
+
 def adapt_layout(net: nn.Module, layout: str) -> nn.Module:
     """The module as the data feeds it: nchw reads the data as is, flat flattens it first."""
     return FlatInput(net) if layout == "flat" else net
