@@ -161,3 +161,29 @@ def test_torchscript_archive_naming_a_python_global_is_refused(tmp_path, digits_
     with pytest.raises(UsageError, match=r"not a loadable TorchScript file \(Unknown type name .*system"):
         load_torchscript(bad)
     assert not marker.exists()
+
+
+@pytest.mark.parametrize("source, content, message", [
+    ("torchscript", b"not a zip archive", "not a loadable TorchScript file"),
+    ("state_dict", None, "refused: the file holds Python objects other than tensors"),
+])
+def test_bad_supplied_file_is_one_line_exit_2(tmp_path, capsys, source, content, message):
+    root = tmp_path / "ws"
+    (root / "vendor").mkdir(parents=True)
+    (root / "vendor" / "acme_net.py").write_text(FACTORY)
+    if content is None:  # a pickle of a Python object where a state_dict belongs: never unpickled
+        import collections
+        torch.save({"weight": collections.OrderedDict(a=1), "note": object.__new__(zipfile.ZipInfo)},
+                   str(root / "vendor" / "model.pt"))
+    else:
+        (root / "vendor" / "model.pt").write_bytes(content)
+    model = {"source": source, "path": "vendor/model.pt"}
+    if source == "state_dict":
+        model.update(name="vendor.acme_net:build", layout="flat")
+    _workspace(root, model)
+    assert run_stage("prepare", root) == 0
+    capsys.readouterr()
+    assert run_stage("train", root) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and len(err.splitlines()) == 1
+    assert not (root / "models" / "model.pt").exists() and not (root / "metrics" / "train.json").exists()
