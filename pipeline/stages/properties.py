@@ -111,9 +111,9 @@ def _data_layout(params, data_shape):
     return lambda v: np.asarray(v, dtype=np.float32).reshape(c, h, w)
 
 
-def read_instances(path: Path, root: Path | None = None) -> list[tuple[Path, Path, float]]:
-    """Rows `onnx,vnnlib,timeout`, paths relative to the CSV's folder; every file must exist and, given
-    the workspace `root`, lie inside it (DVC cannot template deps from a CSV: the stage hashes each
+def read_instances(path: Path, root: Path) -> list[tuple[Path, Path, float]]:
+    """Rows `onnx,vnnlib,timeout`, paths relative to the CSV's folder; every file must exist and lie
+    inside the workspace `root` (DVC cannot template deps from a CSV: the stage hashes each
     listed file into its metrics, and the manifest hashes them, so they must be workspace files)."""
     if not path.is_file():
         raise UsageError(f"properties.instances = {path}: no such file")
@@ -130,7 +130,7 @@ def read_instances(path: Path, root: Path | None = None) -> list[tuple[Path, Pat
             except ValueError:
                 raise UsageError(f"{path}:{line}: timeout {row[2]!r} is not a number") from None
             for file in (model, prop):
-                if root is not None and not file.resolve().is_relative_to(root.resolve()):
+                if not file.resolve().is_relative_to(root.resolve()):
                     raise UsageError(f"{path}:{line}: {file} lies outside the workspace {root}")
                 if not file.is_file():
                     raise UsageError(f"{path}:{line}: {file} does not exist")

@@ -1,14 +1,16 @@
-"""A supplied ONNX file as the model every stage evaluates.
+"""A supplied model as the model every stage evaluates (`load_source`, by `model.source`).
 
 The pipeline's data is (C, H, W) (or (D,)) per sample; a supplied file may read
 NCHW, NHWC or flattened inputs (`model.layout`). `SuppliedModel` adapts the data
-to the file's layout and runs the file's torch form, so attacks and bounds work
-on it; onnxruntime on the file stays the judge (`parity_gap`).
+to an ONNX file's layout and runs the file's torch form, so attacks and bounds work
+on it; onnxruntime on the file stays the judge (`runner_logits`). A file with an op the
+torch form lacks runs as `OnnxRuntimeForward` (forward passes only); TorchScript and
+state_dict sources are read by pipeline/supplied/torch_sources.py.
 """
 from __future__ import annotations
 
-from pathlib import Path
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable, Optional, Sequence
 
 import numpy as np
@@ -16,8 +18,7 @@ import torch
 from torch import nn
 
 from pipeline.errors import UsageError
-from pipeline.supplied.onnx_torch import (OnnxModule, OnnxRunner, Unsupported, check_against_onnxruntime, load_onnx,
-                                          to_torch)
+from pipeline.supplied.onnx_torch import OnnxModule, OnnxRunner, Unsupported, load_onnx, to_torch
 
 
 def file_shape(data_shape: Sequence[int], layout: str) -> tuple[int, ...]:
@@ -118,13 +119,6 @@ def load_supplied(path: Path, layout: str, data_shape: Sequence[int], num_classe
     if outputs != num_classes:
         raise UsageError(f"{path}: {outputs} outputs per sample; the data has {num_classes} classes")
     return SuppliedModel(graph, layout).eval(), OnnxRunner(runner_source), proto
-
-
-def parity_gap(model: SuppliedModel, runner: OnnxRunner, x: np.ndarray) -> float:
-    """Max |torch form - onnxruntime| on data-layout inputs `x`."""
-    with torch.no_grad():
-        file_x = model.to_file_layout(torch.as_tensor(x, dtype=torch.float32)).contiguous().numpy()
-    return check_against_onnxruntime(model.graph, runner, file_x)
 
 
 def runner_logits(model: SuppliedModel, runner: OnnxRunner, x: np.ndarray) -> np.ndarray:
