@@ -38,7 +38,7 @@ def threat_model(metrics: dict) -> list[ThreatRow]:
     """The NIST AI 100-2 axes as this evaluation actually exercised them."""
     attack, certify = metrics.get("attack", {}), metrics.get("certify", {})
     threat = attack.get("threat", {})
-    names = list(attack.get("attacks", {}))
+    names = [a for a in attack.get("attacks", {}) if a not in attack.get("not_run", {})]  # what ran
     gradient = [attack_label(a) for a in names if a not in GRADIENT_FREE]
     black = [attack_label(a) for a in names if a in GRADIENT_FREE]
     knowledge = []
@@ -71,7 +71,8 @@ def threat_model(metrics: dict) -> list[ThreatRow]:
 
 
 def attack_scope(attack: dict) -> list[str]:
-    names = list(attack.get("attacks", {}))
+    skipped = attack.get("not_run", {})
+    names = [a for a in attack.get("attacks", {}) if a not in skipped]
     ran = listing([attack_label(a) for a in names])
     notes = [f"Robust accuracy is an upper bound: it holds only against the attacks that ran ({ran}, "
              f"{attack.get('mode')} mode). Stronger or adaptive attacks may lower it."]
@@ -85,7 +86,10 @@ def attack_scope(attack: dict) -> list[str]:
         sentence += f"; {listing(missing)} did not." if missing else "; every one ran."
         notes.append(sentence)
     masking = attack.get("masking", {})
-    if not masking:
+    if not masking and skipped:
+        notes.append(f"Gradient-masking sanity checks did not run: they compare gradient attacks, and "
+                     f"{listing([attack_label(a) for a in skipped])} could not run ({next(iter(skipped.values()))}).")
+    elif not masking:
         notes.append("Gradient-masking sanity checks (Carlini et al. 2019) were not run: attack.masking.enabled "
                      "is false.")
     for name, check in masking.items():
@@ -148,7 +152,8 @@ def smoothing_scope(smooth: dict) -> list[str]:
 def training_selection(train: dict) -> str:
     """How the kept checkpoint was chosen, as the train stage recorded it."""
     if train.get("source"):  # train imported a supplied file (results.ImportResult)
-        return (f"Supplied {train['source'].upper()} file {train['path']} (SHA-256 {train['model_sha256'][:12]}..., "
+        kind = {"onnx": "ONNX", "torchscript": "TorchScript", "state_dict": "state_dict (weights)"}[train["source"]]
+        return (f"Supplied {kind} file {train['path']} (SHA-256 {train['model_sha256'][:12]}..., "
                 f"supplied by {train.get('supplier') or 'an unnamed supplier'}), evaluated as supplied: not trained here.")
     return f"Checkpoint from epoch {train['best_epoch']} of {train['epochs_run']} run: {train['selection_rule']}."
 
@@ -177,11 +182,65 @@ def runtime_used(metrics: dict) -> str:
             "only with the same threads, torch build and CPU kernels: floating-point reductions are ordered by them.")
 
 
+def supplied_shipping(train: dict) -> str:
+    """What ships for a supplied model: an ONNX file itself, else the ONNX export of the torch form."""
+    if train["source"] == "onnx":
+        return "shipped unchanged"
+    return "shipped as the ONNX export of the torch form the evidence is on (export checks the two agree)"
+
+
+def import_parity(train: dict) -> str:
+    """How the torch form every stage evaluated relates to the supplied artifact, from the import record."""
+    listed = ", ".join(train["ops"])
+    if train.get("not_differentiable"):
+        return (f"No torch form exists for this file ({train['not_differentiable']}): every figure comes from "
+                f"onnxruntime on the file itself, by forward passes only; ONNX ops: {listed}.")
+    if train.get("max_abs_diff") is None:
+        kind = "its ONNX export's ops" if train.get("opset") is not None else "its layers"
+        return f"The evidence is on the supplied module itself ({train['torch_form']}); {kind}: {listed}."
+    reference = "onnxruntime on the file" if train["source"] == "onnx" else "the supplied TorchScript module"
+    return (f"Its torch form ({train['torch_form']}) agrees with {reference} to {train['max_abs_diff']:.3g} on "
+            f"{train['n']} test inputs; ONNX ops: {listed}.")
+
+
+def forward_only_scope(metrics: dict) -> list[str]:
+    """For a supplied file without a torch form (an op the converter lacks): what forward passes
+    allowed on onnxruntime, and what needed gradients or bounds and did not run, from the metrics."""
+    reason = metrics.get("train", {}).get("not_differentiable")
+    if not reason:
+        return []
+    attack, certify, smooth = (metrics.get(s, {}) for s in ("attack", "certify", "smooth"))
+    did, did_not = [], []
+    robust = attack.get("robust_accuracy")
+    if robust:
+        did.append(f"{listing([attack_label(a) for a in attack['attacks'] if a not in attack.get('not_run', {})])} "
+                   f"(robust accuracy at most {robust['value']:.3f}, an upper bound, n = {robust['n']})")
+    if smooth.get("status") == "ok":
+        did.append("randomized smoothing")
+    did_not += [attack_label(a) for a in attack.get("not_run", {})]
+    if certify and certify.get("status") != "ok":
+        did_not.append("bound propagation (" + listing([METHOD_NAMES.get(m, m) for m in certify.get(
+            "requested_methods", [])]) + ")")
+    records = [r for r in metrics.get("conditions", {}).values() if isinstance(r, dict) and "robust_accuracy" in r]
+    if records:
+        did.append(f"the search of {len(records)} triggering condition(s) by grid and random draws")
+        if any(r["certified_accuracy"].get("status") == "not_applicable" for r in records):
+            did_not.append("their certification and gradient search")
+    exact = metrics.get("clinical", {}).get("exact")
+    if isinstance(exact, dict) and exact.get("status") == "not_applicable":
+        did_not.append("the clinical exact (MILP) check")
+    sentence = (f"The supplied file has an op no torch form exists for ({reason}). What needs forward passes only "
+                f"ran on onnxruntime on the file: {listing(did)}.")
+    if did_not:
+        sentence += f" What needs gradients or bounds was not possible: {listing(did_not)}."
+    return [sentence]
+
+
 def limitations(params, metrics: dict) -> list[str]:
     """Residual risk, each sentence computed from the metrics (or, for the gaps the reviewer must
     fill, from what params.yaml leaves unstated)."""
     attack = metrics.get("attack", {})
-    notes = attack_scope(attack) + certify_scope(metrics.get("certify", {}))
+    notes = forward_only_scope(metrics) + attack_scope(attack) + certify_scope(metrics.get("certify", {}))
     robust = attack.get("robust_accuracy")
     if robust:
         lo, hi = robust["ci"]

@@ -98,6 +98,9 @@ def _not_a_setting(key: str, message: str) -> PydanticCustomError:
 
 
 _SUPPLIED_KEYS = ("source", "path", "layout", "supplier")
+# model.source is the discriminator: a file source takes only these keys (state_dict also a factory)
+_SOURCE_KEYS = {"onnx": _SUPPLIED_KEYS, "torchscript": _SUPPLIED_KEYS,
+                "state_dict": _SUPPLIED_KEYS + ("name", "hidden", "channels", "dense", "options")}
 
 
 class ModelConfig(_Section):
@@ -108,8 +111,9 @@ class ModelConfig(_Section):
     options: dict[str, Union[int, float, str, bool, list[int]]] = Field(
         default_factory=dict, description="keyword arguments for a 'module:callable' factory"
     )
-    source: Literal["train", "onnx"] = Field("train", description="train: the train stage trains `name`; onnx: "
-                                             "evaluate the supplied ONNX file at `path` instead (train imports it)")
+    source: Literal["train", "onnx", "torchscript", "state_dict"] = Field(
+        "train", description="train: the train stage trains `name`; onnx | torchscript: evaluate the supplied file at "
+        "`path` instead (train imports it); state_dict: the weights file at `path` loaded into factory `name`")
     path: Optional[str] = Field(None, min_length=1, description="the supplied model file, inside the workspace")
     layout: Literal["nchw", "nhwc", "flat"] = Field("nchw", description="the supplied model's input layout; the "
                                                     "data is (C, H, W) per sample, permuted or flattened to fit")
@@ -120,6 +124,13 @@ class ModelConfig(_Section):
     def _only_options_of_the_model(cls, data):
         """mlp takes `hidden`, the CNNs `channels` and `dense`, a factory `options`: any other is an error."""
         name = data.get("name", "cnn_small") if isinstance(data, dict) else None
+        source = data.get("source", "train") if isinstance(data, dict) else None
+        if isinstance(source, str) and source in _SOURCE_KEYS:
+            own_keys = _SOURCE_KEYS[source]
+            for key in data:
+                if key not in own_keys and key in cls.model_fields:
+                    raise _not_a_setting(key, f"not a setting of model.source {source!r} (its settings: "
+                                              f"{', '.join(k for k in own_keys if k != 'source')})")
         if isinstance(name, str) and (name in BUILTIN_MODELS or _FACTORY_PATTERN.match(name)):  # else: name's error
             own = model_options(name)
             for key in data:
@@ -134,6 +145,11 @@ class ModelConfig(_Section):
             raise ValueError(f"source {self.source!r} needs model.path (the supplied file)")
         if self.source == "train" and (self.path or self.supplier or self.layout != "nchw"):
             raise ValueError("path, layout and supplier describe a supplied model: set model.source too")
+        if self.source in ("torchscript", "state_dict") and self.layout == "nhwc":
+            raise ValueError(f"layout 'nhwc' is for onnx files; a {self.source} model reads the data as (C, H, W) "
+                             "('nchw') or flattened ('flat')")
+        if self.source == "state_dict" and "name" not in self.model_fields_set:
+            raise ValueError("source 'state_dict' needs model.name, the 'module:callable' factory the weights fit")
         return self
 
     @property

@@ -5,7 +5,9 @@ Two consumers: the manifest and the gate hash them (`pipeline.evidence.artifact_
 `robustgate verify` fails when one byte of them changes; and DVC tracks them as deps through the
 `inputs` section of params.yaml (dvc.yaml templates `${inputs.data}` and `${inputs.model}`,
 since DVC cannot template a null `data.path`). `check_dvc_inputs` keeps that section honest: it
-must name data.path (or the built-in loader) and the model's module file (or the built-in models).
+must name data.path (or the built-in loader) and the model's module file (or the built-in models),
+the supplied file for an onnx/torchscript source, and for a state_dict source a folder holding
+both the weights and the factory's module.
 """
 from __future__ import annotations
 
@@ -51,8 +53,32 @@ def user_inputs(params, root: Path) -> dict[str, Path]:
         files.append(module)
     if params.model.supplied:
         files.append(root / params.model.path)
+    files.extend(instance_files(params.properties.instances, root))
     files.append(root / params.gate.policy)
     return {p.resolve().relative_to(root.resolve()).as_posix(): p for p in files if p.is_file()}
+
+
+def instance_files(instances: Optional[str], root: Path) -> list[Path]:
+    """properties.instances and the ONNX and VNNLIB files it lists (paths relative to the CSV), those
+    inside the workspace. DVC cannot template deps from a CSV's rows (nor from a null path), so these
+    are not DVC deps: the properties stage hashes each into its metrics and refuses a listed path
+    outside the workspace, and the manifest and the gate hash them here, so `robustgate verify`
+    fails when one changed after the report (re-run with `dvc repro -f properties`)."""
+    import csv
+
+    if not instances:
+        return []
+    table = root / instances
+    if not table.is_file() or not table.resolve().is_relative_to(root.resolve()):
+        return []
+    files = [table]
+    with table.open(newline="", encoding="utf-8", errors="replace") as handle:
+        for row in csv.reader(handle):
+            for name in row[:2]:
+                listed = (table.parent / name.strip()).resolve()
+                if name.strip() and listed.is_file() and listed.is_relative_to(root.resolve()):
+                    files.append(listed)
+    return files
 
 
 def _same_or_inside(given: str, expected: Path, root: Path) -> bool:
@@ -75,8 +101,23 @@ def check_dvc_inputs(params, root: Path, source: str = "params.yaml") -> None:
                          f"(data.dataset {params.data.dataset!r}) so that DVC re-runs prepare when the data changes")
     module = model_module_file(params.model.name, root)
     model_expected = module.relative_to(root).as_posix() if module is not None else BUILTIN_MODEL_SOURCE
+    if params.model.source == "state_dict":  # the weights and the factory's code: one folder holding both
+        _check_state_dict_inputs(params, module, root, source)
+        return
     if params.model.supplied:  # the supplied file is what train (importing it) depends on
         model_expected = params.model.path
     if not _same_or_inside(params.inputs.model, root / model_expected, root):
         raise UsageError(f"{source}: inputs.model = {params.inputs.model!r} must be {model_expected!r} "
                          f"(model.name {params.model.name!r}) so that DVC re-runs train when the model code changes")
+
+
+def _check_state_dict_inputs(params, module: Optional[Path], root: Path, source: str) -> None:
+    """A state_dict model depends on two user files, the weights (model.path) and the factory's module;
+    dvc.yaml templates one `${inputs.model}` dep, so it must be a folder that holds both (DVC hashes
+    a folder dep whole: one changed byte of either re-runs every stage that builds the model)."""
+    needed = [params.model.path] + ([module.relative_to(root).as_posix()] if module is not None else [])
+    missing = [n for n in needed if not _same_or_inside(params.inputs.model, root / n, root)]
+    if missing:
+        raise UsageError(f"{source}: inputs.model = {params.inputs.model!r} must be a folder holding "
+                         f"{' and '.join(repr(n) for n in needed)} (the weights and the factory of model.name "
+                         f"{params.model.name!r}) so that DVC re-runs train when either changes")

@@ -101,6 +101,39 @@ def _bridge_patches_channel_constant() -> None:
     BoundMul._multiply_by_const = staticmethod(_multiply_by_const)
 
 
+_LEAVES = ("BoundParams", "BoundBuffers", "BoundConstant")
+_WEIGHTED = ("BoundLinear", "BoundMatMul", "BoundConv")
+
+
+def computed_weights(bounded) -> list[str]:
+    """The Linear/MatMul/Conv nodes of a BoundedModule whose weight or bias is computed in the traced
+    graph from parameters (`F.linear(x, self.w * 2)`, `x @ (a + b)`, `x @ w.t()`) rather than read
+    from a parameter, buffer or constant leaf. auto_LiRPA 0.3 bounds such a node unsoundly (an IBP
+    lower bound above what sampling reaches, tests/test_onnx_torch.py), so a certificate on it must
+    not be issued. An operand that depends on the input (x @ x) is auto_LiRPA's own case, not this one."""
+    nodes = {node.name: node for node in bounded._modules.values()}
+
+    def from_input(node, seen=None) -> bool:
+        seen = set() if seen is None else seen
+        if type(node).__name__ == "BoundInput":
+            return True
+        seen.add(node.name)
+        return any(from_input(parent, seen) for parent in node.inputs if parent.name not in seen)
+
+    found = []
+    for node in nodes.values():
+        kind = type(node).__name__
+        if kind not in _WEIGHTED:
+            continue
+        for operand in node.inputs[1:]:
+            if type(operand).__name__ not in _LEAVES and not from_input(operand):
+                op = kind.removeprefix("Bound")
+                found.append(f"{op} node {node.name} reads a weight computed in forward by "
+                             f"{type(operand).__name__.removeprefix('Bound')} node {operand.name}")
+                break
+    return found
+
+
 def load() -> types.ModuleType:
     """Return the ``auto_LiRPA`` module with every torch-2/numpy-2 gap bridged."""
     global _BRIDGED

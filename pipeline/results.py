@@ -144,17 +144,22 @@ class ImportResult(_ModelResult):
     """The `train` stage's record when it imported a supplied model instead of training one:
     `model_sha256` is the supplied file's SHA-256 (models/model.pt holds its bytes unchanged)."""
 
-    source: Literal["onnx"]
+    source: Literal["onnx", "torchscript", "state_dict"]
     path: str
     supplier: Optional[str]
     layout: Literal["nchw", "nhwc", "flat"]
     input_shape: list[int]
     num_classes: int
     opset: Optional[int]
-    ops: list[str] = Field(description="the ONNX op types in the file")
+    ops: list[str] = Field(description="the ONNX op types in the file (or in a TorchScript module's ONNX export); "
+                                       "for a state_dict, the factory's leaf module types")
     torch_form: str = Field(description="how gradients and bounds see the file")
-    max_abs_diff: float = Field(description="torch form vs onnxruntime on the test split")
+    max_abs_diff: Optional[float] = Field(description="torch form vs the supplied artifact (onnxruntime on an ONNX "
+                                                      "file, the TorchScript module) on the test split; None for a "
+                                                      "state_dict, whose torch form is the supplied module itself")
     n: int
+    not_differentiable: Optional[str] = Field(None, description="the op no torch form exists for, when the stages "
+                                                                "ran on onnxruntime alone (forward passes only)")
 
 
 # --- attack ----------------------------------------------------------------------------------
@@ -221,6 +226,8 @@ class AttackResult(_ModelResult):
     masking_failed: list[str]
     reference_suite: ReferenceCoverage
     task_notes: list[str] = Field(default_factory=list, description="how task-dependent defaults adapted")
+    not_run: dict[str, str] = Field(default_factory=dict, description="configured attacks that could not run "
+                                    "(gradient attacks on a model answering forward passes only), with why")
 
 
 # --- certify ---------------------------------------------------------------------------------
@@ -547,6 +554,8 @@ class InstanceRecord(_Record):
     seconds: float
     result_file: str = Field(description="the VNN-COMP result file, with the counterexample when sat")
     notes: list[str]
+    onnx_sha256: Optional[str] = Field(None, description="the listed ONNX file's SHA-256 when decided")
+    vnnlib_sha256: Optional[str] = Field(None, description="the listed VNNLIB file's SHA-256 when decided")
 
 
 class PropertiesResult(_ModelResult):
@@ -555,6 +564,7 @@ class PropertiesResult(_ModelResult):
     unsat_fraction: Union[float, NotApplicable] = Field(description="share of the listed instances proven unsat")
     claims_written: int
     claims: str = Field(description="where the claims' VNNLIB files and instances.csv are, or why none were written")
+    instances_sha256: Optional[str] = Field(None, description="SHA-256 of properties.instances (the CSV) when listed")
 
 
 # --- trace (computed by the gate and the report, not a file) ----------------------------------

@@ -117,6 +117,56 @@ def test_properties_stage_claims_and_instances(tmp_path, digits_model):
     assert answer.status == "unsat"  # the certified claim holds on the shipped file
 
 
+def test_properties_instances_are_hashed_and_counterexamples_drawn(tmp_path, digits_model):
+    """The CSV and every file it lists are hashed into metrics/properties.json and the manifest (DVC
+    cannot template deps from a CSV), and the sat counterexample is drawn in the report. Fails on the
+    code before: no hashes in the metrics or manifest, no counterexample image."""
+    import numpy as np
+
+    from pipeline import vnnlib
+    from pipeline.io import sha256_file
+
+    root = _supplied_workspace(tmp_path / "ws", digits_model, "nchw")
+    bench = root / "bench"
+    bench.mkdir()
+    x0 = np.full((1, 8, 8), 0.5)
+    with torch.no_grad():
+        label = int(digits_model[0](torch.as_tensor(x0, dtype=torch.float32)[None]).argmax())
+    (bench / "huge.vnnlib").write_text(vnnlib.robustness_property(x0, 1.0, 0.0, 1.0, label, 10))
+    (bench / "instances.csv").write_text("../supplied/net.onnx,huge.vnnlib,30\n")
+    params = yaml.safe_load((root / "params.yaml").read_text())
+    params["properties"] = {"instances": "bench/instances.csv", "max_claims": 1}
+    (root / "params.yaml").write_text(yaml.safe_dump(params))
+    for stage in ("prepare", "train", "attack", "certify", "smooth", "export", "properties", "report"):
+        assert run_stage(stage, root) == 0, stage
+    metrics = json.loads((root / "metrics" / "properties.json").read_text())
+    assert metrics["instances_sha256"] == sha256_file(bench / "instances.csv")
+    (record,) = metrics["instances"]
+    assert record["status"] == "sat" and record["vnnlib_sha256"] == sha256_file(bench / "huge.vnnlib")
+    assert record["onnx_sha256"] == sha256_file(root / "supplied" / "net.onnx")
+    found = np.load(root / "artifacts" / "properties" / "counterexamples.npz")
+    assert found["x"].shape == (1, 1, 8, 8) and found["prediction"][0] != found["centre_prediction"][0]
+    html = (root / "reports" / "build" / "report.html").read_text()
+    assert 'alt="counterexamples of the sat instances" src="data:image/png;base64,' in html
+    manifest = json.loads((root / "reports" / "build" / "manifest.json").read_text())
+    assert {"bench/instances.csv", "bench/huge.vnnlib"} <= set(json.dumps(manifest).replace('"', " ").split())
+
+
+def test_properties_instance_outside_the_workspace_exit_2(tmp_path, digits_model, capsys):
+    root = _supplied_workspace(tmp_path / "ws", digits_model, "nchw")
+    (tmp_path / "outside.vnnlib").write_text("(declare-const X_0 Real)\n")
+    (root / "instances.csv").write_text("supplied/net.onnx,../outside.vnnlib,10\n")
+    params = yaml.safe_load((root / "params.yaml").read_text())
+    params["properties"] = {"instances": "instances.csv"}
+    (root / "params.yaml").write_text(yaml.safe_dump(params))
+    for stage in ("prepare", "train", "attack", "certify", "export"):
+        assert run_stage(stage, root) == 0, stage
+    assert run_stage("properties", root) == 2
+    err = capsys.readouterr().err
+    assert "instances.csv:1:" in err and "outside.vnnlib lies outside the workspace" in err
+    assert not (root / "metrics" / "properties.json").exists()
+
+
 def test_properties_instances_bad_row_exit_2(tmp_path, digits_model, capsys):
     root = _supplied_workspace(tmp_path / "ws", digits_model, "nchw")
     (root / "instances.csv").write_text("supplied/net.onnx,missing.vnnlib,10\n")

@@ -62,12 +62,17 @@ class BoundComputer:
         try:
             with warnings.catch_warnings():  # tracing warnings are expected; any other must reach the caller
                 warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
-                return self.lirpa.BoundedModule(
+                bounded = self.lirpa.BoundedModule(
                     self.model, torch.zeros(1, *self.input_shape, device=self.device), device=str(self.device),
                     bound_opts=options,
                 )
         except Exception as error:  # auto_LiRPA raises plain exceptions for unsupported operators
             raise NotBoundable(_name_layer(error)) from error
+        unsound = lirpa_compat.computed_weights(bounded)
+        if unsound:  # auto_LiRPA 0.3 would bound it, unsoundly: refuse rather than certify
+            raise NotBoundable(f"{unsound[0]}; auto_LiRPA 0.3 bounds such a layer unsoundly (compute the weight "
+                               "once, outside forward, e.g. as a parameter)")
+        return bounded
 
     def margin_bounds(self, x: torch.Tensor, y: torch.Tensor, threat: LpBall, method: str, num_classes: int,
                       differentiable: bool = False, upper: bool = True):

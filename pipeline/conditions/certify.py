@@ -57,6 +57,8 @@ class BoundsOutcome:
 
 def _bound(model, condition, x, y, low, high, domain, num_classes) -> torch.Tensor:
     """Lower bounds of f_y − f_j over each row's box [low, high], shape (B, K−1)."""
+    if getattr(model, "not_boundable", None):  # a supplied model without a boundable form (pipeline.supplied)
+        raise NotBoundable(model.not_boundable)
     lirpa = lirpa_compat.load()
     from auto_LiRPA.perturbations import PerturbationLpNorm
 
@@ -66,6 +68,9 @@ def _bound(model, condition, x, y, low, high, domain, num_classes) -> torch.Tens
             warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
             bounded = lirpa.BoundedModule(_Composed(model, condition, domain), (centre, x), device=str(x.device),
                                           bound_opts={"verbosity": 0, "conv_mode": "matrix"})
+            unsound = lirpa_compat.computed_weights(bounded)
+            if unsound:  # auto_LiRPA 0.3 would bound it unsoundly (see lirpa_compat.computed_weights)
+                raise NotImplementedError(f"{unsound[0]}; auto_LiRPA 0.3 bounds such a layer unsoundly")
             theta = lirpa.BoundedTensor(centre, PerturbationLpNorm(norm=float("inf"), x_L=low, x_U=high))
             lower, _ = bounded.compute_bounds(x=(theta, x), C=specification(y, num_classes), method="CROWN",
                                               bound_upper=False)

@@ -52,8 +52,32 @@ def sweep_grid(cfg, threat: LpBall, domain) -> list[float]:
                    for f in np.linspace(0.0, cfg.sweep.max_factor, cfg.sweep.points)})
 
 
-def sweep_attack(cfg, threat: LpBall, eps: float) -> PGD:
-    """PGD with its step size scaled with ε."""
+GRADIENT_FREE = ("square",)  # the attacks that need forward passes only (pipeline.claims reads the same set)
+
+
+def forward_only(model) -> str | None:
+    """Why `model` answers forward passes only (pipeline.supplied.model.OnnxRuntimeForward: an op
+    without a torch form, named), or None for a differentiable model."""
+    return getattr(model, "not_differentiable", None)
+
+
+def runnable_attacks(cfg, num_classes: int, model) -> tuple[list[str], list[str], dict[str, str]]:
+    """`resolve_attacks`, less what a forward-only model cannot run: the gradient attacks (each with
+    its reason) go, Square stays, and is added when not listed, so the file is still attacked."""
+    names, notes = resolve_attacks(cfg, num_classes)
+    reason = forward_only(model)
+    if reason is None:
+        return names, notes, {}
+    skipped = {name: f"needs gradients, which the model does not have: {reason}" for name in names
+               if name not in GRADIENT_FREE}
+    kept = [name for name in names if name in GRADIENT_FREE] or ["square"]
+    return kept, notes + [f"forward passes only ({reason}): ran {', '.join(kept)} on onnxruntime"], skipped
+
+
+def sweep_attack(cfg, threat: LpBall, eps: float, model=None) -> Attack:
+    """PGD with its step size scaled with ε (Square for a forward-only model)."""
+    if model is not None and forward_only(model):
+        return Square(cfg.square.queries, cfg.square.p_init, cfg.square.restarts)
     scale = eps / threat.epsilon if threat.epsilon > 0 else 0.0
     return PGD(cfg.pgd.steps, max(cfg.pgd.step_size * scale, 1e-12), cfg.pgd.restarts, schedule=cfg.pgd.schedule)
 
@@ -72,7 +96,7 @@ def attack_samples(model, params, x, y, domain, num_classes: int, seed: int, sta
     time, each block drawing from :func:`block_generator` (seed, its first sample index): so the
     per-sample result does not depend on which process runs which block (see pipeline/runtime.py)."""
     cfg, threat = params.attack, from_params(params, data)
-    names, _ = resolve_attacks(cfg, num_classes)
+    names = runnable_attacks(cfg, num_classes, model)[0]
     attacks = build_attacks(cfg, names, num_classes)
     grid = sweep_grid(cfg, threat, domain)
     sweep_end = cfg.sweep.max_samples if cfg.sweep.max_samples is not None else start + len(y)  # first samples
@@ -84,8 +108,8 @@ def attack_samples(model, params, x, y, domain, num_classes: int, seed: int, sta
                                 progress=progress, sequential=cfg.mode == "sequential"))
         inside = max(0, min(len(yb), sweep_end - start - offset))
         sweeps.append(torch.stack([
-            robust_mask(model, sweep_attack(cfg, threat, eps), xb[:inside], yb[:inside], threat.with_epsilon(eps),
-                        domain, cfg.batch_size, generator).cpu() for eps in grid])
+            robust_mask(model, sweep_attack(cfg, threat, eps, model), xb[:inside], yb[:inside],
+                        threat.with_epsilon(eps), domain, cfg.batch_size, generator).cpu() for eps in grid])
             if inside else torch.zeros((len(grid), 0), dtype=torch.bool))
     return SamplesResult(merge_suites(pieces), torch.cat(sweeps, dim=1))
 
@@ -125,7 +149,7 @@ def evaluate(model, params, x, y, domain, num_classes: int, generator, *, model_
     if samples is None:
         samples = attack_samples(model, params, x, y, domain, num_classes, generator.initial_seed(), 0, progress,
                                  data=data)
-    names, task_notes = resolve_attacks(cfg, num_classes)
+    names, task_notes, skipped = runnable_attacks(cfg, num_classes, model)
     attacks = build_attacks(cfg, names, num_classes)
     result = samples.suite
     n = len(y)
@@ -136,7 +160,7 @@ def evaluate(model, params, x, y, domain, num_classes: int, generator, *, model_
         sweep.append({"epsilon": eps, "robust_accuracy": stats["value"], "ci_low": stats["ci"][0],
                       "ci_high": stats["ci"][1], "n": stats["n"]})
     masking = []
-    if cfg.masking.enabled:
+    if cfg.masking.enabled and not skipped:  # the checks compare gradient attacks: none ran when skipped
         reference = next((a for a in attacks if isinstance(a, PGD)), PGD(cfg.pgd.steps, cfg.pgd.step_size, 1))
         suite_here = replace(result, clean_correct=result.clean_correct.to(x.device),
                              broken={k: v.to(x.device) for k, v in result.broken.items()},
@@ -146,6 +170,8 @@ def evaluate(model, params, x, y, domain, num_classes: int, generator, *, model_
                              cfg.masking.large_epsilon_max_accuracy, reference)
     names = [a.name for a in attacks]
     worst_case = f"worst case over {', '.join(names)} ({cfg.mode})"
+    if skipped:  # the method says what the upper bound rests on
+        worst_case = f"{', '.join(names)} on onnxruntime only (gradient attacks not applicable: {forward_only(model)})"
     per_attack = {}
     for attack in attacks:
         survived = int((result.clean_correct & ~result.broken[attack.name]).sum())
@@ -157,6 +183,9 @@ def evaluate(model, params, x, y, domain, num_classes: int, generator, *, model_
                                           reason="sequential mode: this attack saw only the samples earlier ones left")
             if result.sequential else Accuracy.of(survived, n, "upper_bound", attack.name),
         )
+    for name, reason in skipped.items():  # not run: a gradient attack on a forward-only model
+        per_attack[name] = AttackRecord(settings={}, broken=0,
+                                        robust_accuracy=NotApplicable(status="not_applicable", reason=reason))
     per_class = {}
     for label in range(num_classes):
         members = y.cpu() == label
@@ -177,12 +206,14 @@ def evaluate(model, params, x, y, domain, num_classes: int, generator, *, model_
         broken_by={name: result.broken_by.count(name) for name in ["clean", *names]},
         per_class=per_class,
         confusion_under_attack=confusion.tolist(),
-        sweep=AttackSweep(attack="pgd (step size scaled with ε)", n=sweep_n, points=sweep),
+        sweep=AttackSweep(attack=f"square ({cfg.square.queries} queries; forward passes only)" if skipped
+                          else "pgd (step size scaled with ε)", n=sweep_n, points=sweep),
         masking={c.name: c.record() for c in masking},
         masking_all_passed=float(bool(ran) and all(c.passed for c in ran) and len(ran) == len(masking)),
         masking_failed=[c.name for c in ran if not c.passed],
         reference_suite=reference_coverage(names),
         task_notes=task_notes,
+        not_run=skipped,
     )
     return metrics, result
 

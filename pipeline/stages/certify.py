@@ -184,6 +184,8 @@ def certify_model(model, params, x, y, domain, num_classes: int, generator, atta
         clean_correct = (model(x).argmax(1) == y).cpu()
     per_sample = {i: {"index": i, "label": int(y[i]), "clean_correct": bool(clean_correct[i])} for i in range(n)}
     try:
+        if getattr(model, "not_boundable", None):  # a supplied model without a boundable form (pipeline.supplied)
+            raise NotBoundable(model.not_boundable)
         bounds = samples() if samples is not None else bound_samples(
             model, params, x, y, domain, num_classes, generator.initial_seed(), x_adv[:m].to(x.device), 0,
             attack_sweep, report, data)

@@ -80,6 +80,9 @@ def exact_verification(model, params, data, domain, x, y, outcomes: Outcomes, po
     threat = from_params(params, data)
     if threat.norm != "linf":
         return NotApplicable(status="not_applicable", reason="the MILP encodes L∞ boxes; threat.norm is l2")
+    if getattr(model, "not_boundable", None):  # a supplied model without its layers (pipeline.supplied.model)
+        return NotApplicable(status="not_applicable", reason=f"the MILP needs the network's layers: "
+                                                             f"{model.not_boundable}")
     try:
         affine_layers(model)
     except Unsupported as error:
@@ -142,7 +145,8 @@ def main(ws: Workspace) -> int:
     outcomes = Outcomes(y=y_np, clean_pred=probabilities.argmax(axis=1),
                         adv_pred=np.array([r["adv_pred"] for r in attack_rows]),
                         robust=np.array([r["robust"] for r in attack_rows], bool), verified=verified)
-    attacks = "worst case over " + ", ".join(attack["attacks"])
+    ran = [a for a in attack["attacks"] if a not in attack.get("not_run", {})]  # not_run: needed gradients
+    attacks = "worst case over " + ", ".join(ran)
     certified_by = ("verified by any of " + ", ".join(certifiers) + (f" (first {certify['n']} of {n} cases; "
                     "the rest count as not verified)" if certify.get("n", n) < n else "")) if certifiers else \
         "no certifier ran: nothing counts as verified"
@@ -173,7 +177,7 @@ def main(ws: Workspace) -> int:
     result = ClinicalResult(
         status="ok", seed=params.seed, dataset_fingerprint=data_fingerprint, model_sha256=model_sha, n=n,
         threat=ThreatRecord(norm=threat.norm, epsilon=threat.epsilon), positive_class=cfg.positive_class,
-        hazard=cfg.hazard, attacks=list(attack["attacks"]), verified_by=certifiers,
+        hazard=cfg.hazard, attacks=ran, verified_by=certifiers,
         positive=per_class[cfg.positive_class], per_class=per_class,
         calibration=calibration(probabilities, y_np, cfg.calibration_bins, cfg.bootstrap, params.seed),
         selective=selective(probabilities, y_np, positive, cfg.thresholds),

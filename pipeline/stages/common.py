@@ -84,7 +84,7 @@ def load_supplied_for(ws: Workspace, params, data: PreparedData, data_fingerprin
     import json
 
     from pipeline.io import sha256_file
-    from pipeline.supplied.model import load_supplied
+    from pipeline.supplied.model import load_source
 
     meta_file = ws.model_dir / "model.json"
     if not ws.checkpoint.is_file() or not meta_file.is_file():
@@ -92,7 +92,7 @@ def load_supplied_for(ws: Workspace, params, data: PreparedData, data_fingerprin
     meta = json.loads(meta_file.read_text(encoding="utf-8"))
     if meta.get("dataset_fingerprint") != data_fingerprint or meta.get("sha256") != sha256_file(ws.checkpoint):
         raise UsageError(f"{ws.checkpoint} was imported for other data or has changed since: re-run `robustgate train`")
-    model, _, _ = load_supplied(ws.checkpoint, params.model.layout, data.x["test"].shape[1:], data.num_classes)
+    model = load_source(ws.checkpoint, params.model, data.x["test"].shape[1:], data.num_classes).model
     check_model_outputs(model, tensors(data, "test", 256)[0], data.num_classes)
     return model, meta
 

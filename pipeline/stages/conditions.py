@@ -54,6 +54,9 @@ def main(ws: Workspace) -> int:
         condition.check(domain, shape, f"conditions.threats.{name}")
     model_sha = sha256_file(ws.checkpoint)
     model, _ = load_model_for(ws, params, data, data_fingerprint)
+    if getattr(model, "not_differentiable", None):  # onnxruntime alone: grid and random search, no gradient steps
+        print(f"conditions: forward passes only ({model.not_differentiable}): no gradient search steps")
+        cfg = cfg.model_copy(update={"search": cfg.search.model_copy(update={"steps": 0})})
     seed_everything(params.seed)
     x, y = tensors(data, "test", cfg.max_samples)
     previous = _previous(ws)

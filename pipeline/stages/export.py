@@ -33,7 +33,7 @@ def main(ws: Workspace) -> int:
         raise IntegrityMismatch(f"{ws.adversarial.name} was made against checkpoint {attacked[:12]}, "
                                 f"{ws.checkpoint.name} is {model_sha[:12]}: re-run attack (dvc repro)")
     x_test = data.x["test"]
-    if params.model.supplied:
+    if params.model.source == "onnx":  # torchscript and state_dict ship the ONNX export of their torch form
         return _ship_supplied(ws, params, model, meta, x_test, x_adv, y_adv, torch_robust, model_sha, data_fingerprint)
     metadata = {
         "robustgate.version": __version__,
@@ -125,7 +125,9 @@ def _ship_supplied(ws: Workspace, params, model, meta, x_test, x_adv, y_adv, tor
     opset = next((o.version for o in onnx.load(str(ws.onnx)).opset_import if o.domain in ("", "ai.onnx")), 0)
     write_json(ws.metrics("export"), dump(ExportResult(
         seed=params.seed, dataset_fingerprint=data_fingerprint, model_sha256=model_sha, onnx_sha256=digest,
-        opset=opset, exporter="none: the supplied file, shipped unchanged", max_abs_diff=clean["max_abs_diff"],
+        opset=opset, exporter="none: the supplied file, shipped unchanged" + (  # no torch form: nothing to compare
+            f"; every stage ran on onnxruntime ({model.not_differentiable}), so the parity below is the file "
+            "against itself" if getattr(model, "not_differentiable", None) else ""), max_abs_diff=clean["max_abs_diff"],
         label_agreement=clean["label_agreement"], n=clean["n"], adv_max_abs_diff=adv["max_abs_diff"],
         adv_label_agreement=adv["label_agreement"], adv_n=adv["n"], robust_accuracy_onnx=onnx_robust,
         robust_accuracy_torch=torch_robust, robust_accuracy_diff=abs(onnx_robust - torch_robust),

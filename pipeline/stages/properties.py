@@ -22,6 +22,7 @@ from pipeline.io import confine, sha256_file, write_json, write_text
 from pipeline.prove_cli import prove_files, result_text
 from pipeline.results import InstanceRecord, NotApplicable, PropertiesResult, dump
 from pipeline.stages.common import load_data, seed_everything
+from pipeline.supplied.onnx_torch import OnnxRunner
 from pipeline.workspace import Workspace
 
 STATUSES = ("unsat", "sat", "unknown", "timeout")
@@ -32,7 +33,8 @@ def main(ws: Workspace) -> int:
     cfg = params.properties
     data, _, data_fingerprint = load_data(ws, params)
     seed_everything(params.seed)
-    instances = read_instances(confine(cfg.instances, ws.root, "properties.instances")) if cfg.instances else None
+    csv_path = confine(cfg.instances, ws.root, "properties.instances") if cfg.instances else None
+    instances = read_instances(csv_path, ws.root) if csv_path is not None else None
     out = ws.root / "artifacts" / "properties"
     fresh = out.with_name(".properties.tmp")
     shutil.rmtree(fresh, ignore_errors=True)
@@ -41,7 +43,7 @@ def main(ws: Workspace) -> int:
     records: list[InstanceRecord] | None = None
     if instances is not None:
         (fresh / "results").mkdir()
-        records = []
+        records, counterexamples = [], []
         for number, (model, prop, timeout) in enumerate(instances):
             answer = prove_files(model, prop, timeout)
             result = fresh / "results" / f"{number:04d}.txt"
@@ -49,8 +51,12 @@ def main(ws: Workspace) -> int:
             records.append(InstanceRecord(
                 onnx=_shown(model, ws.root), vnnlib=_shown(prop, ws.root), timeout_s=timeout, status=answer.status,
                 phase=answer.phase, seconds=round(answer.seconds, 3),
-                result_file=f"artifacts/properties/results/{number:04d}.txt", notes=answer.notes))
+                result_file=f"artifacts/properties/results/{number:04d}.txt", notes=answer.notes,
+                onnx_sha256=sha256_file(model), vnnlib_sha256=sha256_file(prop)))
+            if answer.status == "sat":
+                counterexamples.append((number, model, prop, answer))
             print(f"properties: {_shown(prop, ws.root)}: {answer.status} ({answer.phase}, {answer.seconds:.2f}s)")
+        save_counterexamples(fresh / COUNTEREXAMPLES, counterexamples, data.x["test"].shape[1:], params)
     shutil.rmtree(out, ignore_errors=True)
     fresh.rename(out)
     totals = {s: sum(r.status == s for r in records) for s in STATUSES} if records is not None else {}
@@ -61,14 +67,54 @@ def main(ws: Workspace) -> int:
         unsat_fraction=(totals["unsat"] / len(records) if records else none_listed) if records is not None
         else none_listed,
         claims_written=written, claims=where,
+        instances_sha256=sha256_file(csv_path) if csv_path is not None else None,
     )))
     summary = ", ".join(f"{v} {k}" for k, v in totals.items()) if totals else "no instances listed"
     print(f"properties: {written} claims written as VNNLIB; instances: {summary}")
     return 0
 
 
-def read_instances(path: Path) -> list[tuple[Path, Path, float]]:
-    """Rows `onnx,vnnlib,timeout`, paths relative to the CSV's folder; every file must exist."""
+COUNTEREXAMPLES = "counterexamples.npz"
+
+
+def save_counterexamples(path: Path, found: list, data_shape, params) -> None:
+    """The sat instances' counterexamples next to their box centres, in the data's (C, H, W) layout,
+    for the report to draw: only when the data is an image and a counterexample has its size (read
+    in the run's model layout); otherwise nothing is written and the report shows the table alone."""
+    data_shape = tuple(int(d) for d in data_shape)
+    if len(data_shape) != 3 or data_shape[0] not in (1, 3):
+        return
+    size = int(np.prod(data_shape))
+    from_file = _data_layout(params, data_shape)
+    rows = []
+    for number, model, prop, answer in found:
+        if answer.x is None or answer.x.size != size:
+            continue
+        region = min(vnnlib.load(prop).regions, key=lambda r: float(np.abs(r.lower - answer.x).sum() +
+                                                                    np.abs(r.upper - answer.x).sum()))
+        centre = (np.clip(region.lower, -1e6, 1e6) + np.clip(region.upper, -1e6, 1e6)) / 2
+        runner = OnnxRunner(model)
+        at_centre = runner(centre.astype(np.float32).reshape(1, *runner.input.shape[1:]))
+        rows.append((number, from_file(centre), from_file(answer.x), int(np.argmax(at_centre)),
+                     int(np.argmax(answer.y))))
+    if rows:
+        np.savez(path, instance=np.array([r[0] for r in rows]), centre=np.stack([r[1] for r in rows]),
+                 x=np.stack([r[2] for r in rows]), centre_prediction=np.array([r[3] for r in rows]),
+                 prediction=np.array([r[4] for r in rows]))
+
+
+def _data_layout(params, data_shape):
+    """Flat values in the run's model layout -> (C, H, W)."""
+    c, h, w = data_shape
+    if params.model.supplied and params.model.source == "onnx" and params.model.layout == "nhwc":
+        return lambda v: np.transpose(np.asarray(v, dtype=np.float32).reshape(h, w, c), (2, 0, 1))
+    return lambda v: np.asarray(v, dtype=np.float32).reshape(c, h, w)
+
+
+def read_instances(path: Path, root: Path) -> list[tuple[Path, Path, float]]:
+    """Rows `onnx,vnnlib,timeout`, paths relative to the CSV's folder; every file must exist and lie
+    inside the workspace `root` (DVC cannot template deps from a CSV: the stage hashes each
+    listed file into its metrics, and the manifest hashes them, so they must be workspace files)."""
     if not path.is_file():
         raise UsageError(f"properties.instances = {path}: no such file")
     rows = []
@@ -84,6 +130,8 @@ def read_instances(path: Path) -> list[tuple[Path, Path, float]]:
             except ValueError:
                 raise UsageError(f"{path}:{line}: timeout {row[2]!r} is not a number") from None
             for file in (model, prop):
+                if not file.resolve().is_relative_to(root.resolve()):
+                    raise UsageError(f"{path}:{line}: {file} lies outside the workspace {root}")
                 if not file.is_file():
                     raise UsageError(f"{path}:{line}: {file} does not exist")
             if not timeout > 0:

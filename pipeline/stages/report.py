@@ -83,6 +83,16 @@ def gallery(ws: Workspace, count: int = 4) -> str | None:
     return adversarial_gallery(x[broken], x_adv[broken], y[broken], y[broken], adv_pred[broken], count)
 
 
+def counterexample_gallery(ws: Workspace, count: int = 6) -> str | None:
+    """The properties stage's sat counterexamples beside their boxes' centres (image data only)."""
+    path = ws.root / "artifacts" / "properties" / "counterexamples.npz"  # properties.COUNTEREXAMPLES
+    if not path.is_file():
+        return None
+    with np.load(path, allow_pickle=False) as found:
+        centre, x, before, after = found["centre"], found["x"], found["centre_prediction"], found["prediction"]
+    return adversarial_gallery(centre, x, before, before, after, count)
+
+
 def condition_sections(ws: Workspace, metrics: dict) -> list[dict]:
     """Per condition: its record, the sentences derived from it, its heat map and its failures as images."""
     sections = []
@@ -173,6 +183,7 @@ def build_context(ws: Workspace) -> dict:
         if attack.get("sweep") else None,
         "bars_png": accuracy_bars([(label, a["value"], a["ci"]) for label, a in bars]),
         "gallery_png": gallery(ws),
+        "counterexamples_png": counterexample_gallery(ws),
         "limitations": claims.limitations(params, metrics),
         "clinical_findings": claims.clinical_findings(metrics),
         "clinical_png": clinical_plots(metrics.get("clinical") or {}),
@@ -183,6 +194,8 @@ def build_context(ws: Workspace) -> dict:
         "model_hashes": model_hashes(metrics),
         "attack_scope": claims.attack_scope(attack),
         "training_selection": claims.training_selection(metrics["train"]),
+        **({"supplied_shipping": claims.supplied_shipping(metrics["train"]),
+            "import_parity": claims.import_parity(metrics["train"])} if metrics["train"].get("source") else {}),
         "kind_meaning": KIND_MEANING,
         "previous": previous_approved(ws, params.registry.model_name),
         "current_headline": current,

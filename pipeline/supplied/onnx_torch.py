@@ -362,13 +362,15 @@ def to_torch(model) -> OnnxModule:
 class OnnxRunner:
     """onnxruntime on the supplied file: the only judge of what the file computes."""
 
-    def __init__(self, path: Path):
+    def __init__(self, path: Path | bytes):
+        """`path`: the file, or the ONNX model's bytes (a TorchScript module's export, held in memory)."""
         import onnxruntime as ort
 
         options = ort.SessionOptions()
         options.intra_op_num_threads = 1
         options.inter_op_num_threads = 1
-        self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        self.session = ort.InferenceSession(path if isinstance(path, bytes) else str(path), options,
+                                            providers=["CPUExecutionProvider"])
         self.input = self.session.get_inputs()[0]
         dim0 = self.input.shape[0]
         self.fixed_batch = isinstance(dim0, int)
