@@ -566,6 +566,9 @@ class ReportConfig(_Section):
 class InputsConfig(_Section):
     data: str = Field(description="data.path, or pipeline/data/datasets.py for a built-in dataset")
     model: str = Field(description="the module file of a module:callable model, or pipeline/models.py")
+    properties: str = Field("pipeline/stages/properties.py",
+                            description="the folder holding properties.instances and every file it lists "
+                                        "(or the built-in pipeline/stages/properties.py when none is listed)")
 
 
 class GateConfig(_Section):

@@ -18,6 +18,7 @@ from pipeline.errors import UsageError
 
 BUILTIN_DATA_SOURCE = "pipeline/data/datasets.py"
 BUILTIN_MODEL_SOURCE = "pipeline/models.py"
+BUILTIN_PROPERTIES_SOURCE = "pipeline/stages/properties.py"
 PREPARED = "data/prepared"
 
 
@@ -60,10 +61,10 @@ def user_inputs(params, root: Path) -> dict[str, Path]:
 
 def instance_files(instances: Optional[str], root: Path) -> list[Path]:
     """properties.instances and the ONNX and VNNLIB files it lists (paths relative to the CSV), those
-    inside the workspace. DVC cannot template deps from a CSV's rows (nor from a null path), so these
-    are not DVC deps: the properties stage hashes each into its metrics and refuses a listed path
-    outside the workspace, and the manifest and the gate hash them here, so `robustgate verify`
-    fails when one changed after the report (re-run with `dvc repro -f properties`)."""
+    inside the workspace. DVC cannot template deps from a CSV's rows, so it tracks the folder
+    `inputs.properties` that must hold them all (the properties stage refuses a listed file outside
+    it); the manifest and the gate hash each file here, so `robustgate verify` fails when one
+    changed after the report."""
     import csv
 
     if not instances:
@@ -101,6 +102,7 @@ def check_dvc_inputs(params, root: Path, source: str = "params.yaml") -> None:
                          f"(data.dataset {params.data.dataset!r}) so that DVC re-runs prepare when the data changes")
     module = model_module_file(params.model.name, root)
     model_expected = module.relative_to(root).as_posix() if module is not None else BUILTIN_MODEL_SOURCE
+    _check_properties_inputs(params, root, source)
     if params.model.source == "state_dict":  # the weights and the factory's code: one folder holding both
         _check_state_dict_inputs(params, module, root, source)
         return
@@ -109,6 +111,24 @@ def check_dvc_inputs(params, root: Path, source: str = "params.yaml") -> None:
     if not _same_or_inside(params.inputs.model, root / model_expected, root):
         raise UsageError(f"{source}: inputs.model = {params.inputs.model!r} must be {model_expected!r} "
                          f"(model.name {params.model.name!r}) so that DVC re-runs train when the model code changes")
+
+
+def _check_properties_inputs(params, root: Path, source: str) -> None:
+    """properties.instances and the files it lists are one DVC dep, `inputs.properties`: a folder that
+    must hold the CSV (the stage refuses a listed file outside it), so editing any re-runs properties."""
+    instances = params.properties.instances
+    if instances and not _same_or_inside(params.inputs.properties, root / instances, root):
+        raise UsageError(f"{source}: inputs.properties = {params.inputs.properties!r} must be the folder holding "
+                         f"properties.instances = {instances!r} and the files it lists, so that DVC re-runs "
+                         "properties when one of them changes")
+
+
+def properties_folder(params, root: Path) -> Path:
+    """Where every file properties.instances lists must lie: the DVC-tracked `inputs.properties`
+    folder, or the workspace when params have no inputs section (a stage run outside DVC)."""
+    if params.inputs is None:
+        return root
+    return root / params.inputs.properties
 
 
 def _check_state_dict_inputs(params, module: Optional[Path], root: Path, source: str) -> None:

@@ -14,7 +14,8 @@ from tests.conftest import REPO, TINY_PARAMS, TINY_POLICY
 pytestmark = pytest.mark.slow
 BIN = Path(sys.executable).parent
 # The inputs section names the files DVC tracks for data.path and model.name (built-ins here).
-DVC_INPUTS = {"inputs": {"data": "pipeline/data/datasets.py", "model": "pipeline/models.py"}}
+DVC_INPUTS = {"inputs": {"data": "pipeline/data/datasets.py", "model": "pipeline/models.py",
+                         "properties": "pipeline/stages/properties.py"}}
 
 
 def sh(args, cwd, check=True):
@@ -198,7 +199,8 @@ def test_user_data_and_model_module_are_deps_and_in_the_manifest(tmp_path_factor
               "model": {"name": "my_models:build", "options": {"width": 16}},
               "train": {**{k: v for k, v in TINY_PARAMS["train"].items() if k != "pgd"}, "method": "standard",
                         "epochs": 15, "lr": 0.01},
-              "inputs": {"data": "data/raw/digits.npz", "model": "my_models.py"}}
+              "inputs": {"data": "data/raw/digits.npz", "model": "my_models.py",
+                         "properties": "pipeline/stages/properties.py"}}
     root = copy_repository(tmp_path_factory.mktemp("userfiles"), params, user_files)
     sh(["dvc", "repro"], root)
     manifest = json.loads((root / "reports/build/manifest.json").read_text())["artifacts"]
@@ -228,9 +230,44 @@ def test_inputs_section_must_name_the_files_the_params_use(tmp_path, capsys):
     from tests.conftest import make_workspace, run_stage
 
     params = {**TINY_PARAMS, "model": {"name": "my_models:build"},
-              "inputs": {"data": "pipeline/data/datasets.py", "model": "pipeline/models.py"}}
+              "inputs": {"data": "pipeline/data/datasets.py", "model": "pipeline/models.py",
+                         "properties": "pipeline/stages/properties.py"}}
     root = make_workspace(tmp_path / "ws", params)
     (root / "my_models.py").write_text(MY_MODEL)
     assert run_stage("prepare", root) == 2
     assert "inputs.model = 'pipeline/models.py' must be 'my_models.py'" in capsys.readouterr().err
     assert not (root / "data").exists()
+
+
+def test_instances_and_the_files_they_list_are_dvc_deps(repo_copy, capsys):
+    """Before: properties.instances and the ONNX/VNNLIB files it lists were no DVC deps, so after
+    one of them changed `dvc status` was clean and the stage's answers were stale."""
+    import numpy as np
+
+    from pipeline import vnnlib
+    from tests.conftest import run_stage
+
+    root = repo_copy
+    sh(["dvc", "repro"], root)
+    props = root / "props"
+    props.mkdir()
+    shutil.copy2(root / "models" / "model.onnx", props / "net.onnx")
+    x0 = np.full((1, 8, 8), 0.5)
+    (props / "tiny.vnnlib").write_text(vnnlib.robustness_property(x0, 1e-4, 0.0, 1.0, 0, 10))
+    (props / "instances.csv").write_text("net.onnx,tiny.vnnlib,30\n")
+    original = (root / "params.yaml").read_text()
+    params = yaml.safe_load(original)
+    params["properties"] = {"instances": "props/instances.csv", "max_claims": 2}
+    params["inputs"]["properties"] = "pipeline/stages/properties.py"  # not the folder: refused
+    (root / "params.yaml").write_text(yaml.safe_dump(params))
+    assert run_stage("properties", root) == 2
+    assert "inputs.properties = 'pipeline/stages/properties.py' must be the folder holding" in capsys.readouterr().err
+    params["inputs"]["properties"] = "props"
+    (root / "params.yaml").write_text(yaml.safe_dump(params))
+    assert "properties" in changed_stages(root, "dvc.yaml")
+    sh(["dvc", "repro", "properties"], root)
+    assert "properties" not in changed_stages(root, "dvc.yaml")
+    (props / "tiny.vnnlib").write_text(vnnlib.robustness_property(x0, 2e-4, 0.0, 1.0, 0, 10))
+    assert "properties" in changed_stages(root, "dvc.yaml")  # a listed file changed: the answers are stale
+    (root / "params.yaml").write_text(original)
+    shutil.rmtree(props)

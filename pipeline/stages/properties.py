@@ -18,6 +18,7 @@ import numpy as np
 
 from pipeline import vnnlib
 from pipeline.errors import UsageError
+from pipeline.inputs import properties_folder
 from pipeline.io import confine, sha256_file, write_json, write_text
 from pipeline.prove_cli import prove_files, result_text
 from pipeline.results import InstanceRecord, NotApplicable, PropertiesResult, dump
@@ -34,7 +35,7 @@ def main(ws: Workspace) -> int:
     data, _, data_fingerprint = load_data(ws, params)
     seed_everything(params.seed)
     csv_path = confine(cfg.instances, ws.root, "properties.instances") if cfg.instances else None
-    instances = read_instances(csv_path, ws.root) if csv_path is not None else None
+    instances = read_instances(csv_path, properties_folder(params, ws.root)) if csv_path is not None else None
     out = ws.root / "artifacts" / "properties"
     fresh = out.with_name(".properties.tmp")
     shutil.rmtree(fresh, ignore_errors=True)
@@ -113,8 +114,8 @@ def _data_layout(params, data_shape):
 
 def read_instances(path: Path, root: Path) -> list[tuple[Path, Path, float]]:
     """Rows `onnx,vnnlib,timeout`, paths relative to the CSV's folder; every file must exist and lie
-    inside the workspace `root` (DVC cannot template deps from a CSV: the stage hashes each
-    listed file into its metrics, and the manifest hashes them, so they must be workspace files)."""
+    inside `root`, the folder DVC tracks for them (`inputs.properties`; DVC cannot template deps
+    from a CSV's rows), and the stage hashes each listed file into its metrics."""
     if not path.is_file():
         raise UsageError(f"properties.instances = {path}: no such file")
     rows = []
@@ -131,7 +132,8 @@ def read_instances(path: Path, root: Path) -> list[tuple[Path, Path, float]]:
                 raise UsageError(f"{path}:{line}: timeout {row[2]!r} is not a number") from None
             for file in (model, prop):
                 if not file.resolve().is_relative_to(root.resolve()):
-                    raise UsageError(f"{path}:{line}: {file} lies outside the workspace {root}")
+                    raise UsageError(f"{path}:{line}: {file} lies outside {root}, the folder DVC tracks for the "
+                                     "instances (inputs.properties; the workspace without an inputs section)")
                 if not file.is_file():
                     raise UsageError(f"{path}:{line}: {file} does not exist")
             if not timeout > 0:
