@@ -13,8 +13,9 @@ else is `unknown` (methods exhausted) or `timeout`.
 """
 from __future__ import annotations
 
+import io
 import time
-from contextlib import contextmanager
+from contextlib import contextmanager, redirect_stdout
 import warnings
 from dataclasses import dataclass, field
 from typing import Callable
@@ -79,11 +80,13 @@ class Prover:
         self.bound_error: str | None = None
         self._bounded = None
         self.conv_mode = "patches"  # auto_LiRPA's fast form; "matrix" where a layer has no patches rule
+        self._deadline = float("inf")
 
     # --- entry point -------------------------------------------------------------------------
     def prove(self, prop: Property, timeout: float) -> Answer:
         start = time.monotonic()
         deadline = start + timeout
+        self._deadline = deadline
         answers = []
         try:
             for region in prop.regions:
@@ -193,8 +196,9 @@ class Prover:
 
     # --- bounds ----------------------------------------------------------------------------------
     def _wrap(self, dense: bool = False):
-        options = {"verbosity": 0, "optimize_bound_args": {"iteration": self.options.alpha_iterations, "lr_alpha": 0.1},
-                   "conv_mode": self.conv_mode}
+        options = {"verbosity": 0, "conv_mode": self.conv_mode,
+                   "optimize_bound_args": {"iteration": self.options.alpha_iterations, "lr_alpha": 0.1,
+                                           "stop_criterion_func": self._stop_at_deadline}}
         if dense:  # auto_LiRPA 0.3's sparse α slopes mis-shape on convolutions (as in certify/bounds.py)
             options.update(sparse_features_alpha=False, sparse_spec_alpha=False,
                            sparse_conv_intermediate_bounds=False, sparse_intermediate_bounds=False)
@@ -205,6 +209,15 @@ class Prover:
                 return self.lirpa.BoundedModule(self.bound_module64, example, device="cpu", bound_opts=options)
         except Exception as error:  # auto_LiRPA raises plain exceptions for operators it cannot trace
             raise _NotBoundable(f"auto_LiRPA cannot bound this network: {_first_line(error)}") from None
+
+    def _stop_at_deadline(self, bounds: torch.Tensor):
+        """α-CROWN's optimisation loop asks this after every iteration: an all-True tensor ends it
+        (auto_LiRPA 0.3 then returns the best bounds so far, sound for any slopes), so one α-CROWN
+        call cannot overrun the property's timeout by more than an iteration; before the deadline
+        it answers False, auto_LiRPA's own default."""
+        if time.monotonic() <= self._deadline:
+            return False
+        return torch.ones_like(bounds, dtype=torch.bool)
 
     def _lower_bounds(self, lower, upper, conjuncts, method: str) -> torch.Tensor:
         """(B, rows) lower bounds of A y - b over each box, all conjuncts' rows stacked. Where a layer
@@ -239,8 +252,9 @@ class Prover:
         try:
             with warnings.catch_warnings():
                 warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
-                lb, _ = bounded.compute_bounds(x=(self.lirpa.BoundedTensor(centre, ptb),), C=spec, method=name,
-                                               bound_upper=False)
+                with redirect_stdout(io.StringIO()):  # auto_LiRPA prints when a stop criterion ends α-CROWN
+                    lb, _ = bounded.compute_bounds(x=(self.lirpa.BoundedTensor(centre, ptb),), C=spec, method=name,
+                                                   bound_upper=False)
         except Exception as error:  # an operator without a bound rule
             raise _NotBoundable(f"auto_LiRPA cannot bound this network with {name}: {_first_line(error)}") from None
         return lb.detach() - b

@@ -462,3 +462,23 @@ def test_relu_splitting_on_a_convolutional_chain(tmp_path):
         prop.write_text(_linear_property(25, 2, lower, upper, 0, 1, m_star + delta))
         answer = prove_files(model, prop, timeout=30, options=weak)
         assert answer.status == expected, (delta, m_star, answer)
+
+
+def test_alpha_crown_stops_at_the_deadline(tmp_path):
+    """VNN-COMP scripts kill a tool that overruns its timeout. α-CROWN is one auto_LiRPA call; before,
+    it ran all its iterations (here 3000, ~14 s) whatever the deadline. Now auto_LiRPA's stop
+    criterion ends it at the deadline with the best (sound) bounds so far."""
+    from pipeline.prove_cli import load_network
+
+    net = _mlp(0, [20, 64, 64, 64, 2])
+    model = _export(net, (20,), tmp_path / "m.onnx")
+    options = Options(alpha_iterations=3000)
+    prover = load_network(model, options).prover
+    box = torch.ones(1, 20, dtype=torch.float64)
+    margin = [(torch.tensor([[1.0, -1.0]], dtype=torch.float64), torch.zeros(1, dtype=torch.float64))]
+    crown = float(prover._lower_bounds(-box, box, margin, "crown"))  # a sound lower bound of Y_0 - Y_1
+    prop = tmp_path / "p.vnnlib"  # unsat (below a sound bound); CROWN cannot prove it, α-CROWN needs iterations
+    prop.write_text(_linear_property(20, 2, -np.ones(20), np.ones(20), 0, 1, crown + 0.3))
+    answer = prove_files(model, prop, timeout=2.0, options=options)
+    assert answer.status in ("timeout", "unsat"), answer
+    assert answer.seconds < 2.0 + 1.5, answer
