@@ -141,10 +141,8 @@ def run_shards(task: Callable, shard_args: Sequence[tuple], threads: int) -> lis
 
 @dataclass(frozen=True)
 class Distributed:
-    """This process's place in a torchrun job, and the few collectives training needs. Gradients are
-    averaged by one all-reduce per step, as DistributedDataParallel does; the DDP wrapper itself is not
-    used because the training methods run extra forward/backward passes per step (PGD, auto_LiRPA
-    bounds) that its reducer would try to synchronise."""
+    """This process's place in a torchrun job: torch's DistributedDataParallel for the training step,
+    and the few collectives the loop needs to take rank 0's decisions."""
 
     rank: int
     world: int
@@ -154,23 +152,14 @@ class Distributed:
     def is_main(self) -> bool:
         return self.rank == 0
 
-    def broadcast_parameters(self, model: torch.nn.Module) -> None:
-        """Every rank starts from rank 0's weights and buffers."""
-        for tensor in model.state_dict().values():
-            torch.distributed.broadcast(tensor, src=0)
+    def data_parallel(self, step: torch.nn.Module) -> torch.nn.Module:
+        """`step` (pipeline.training.loop.TrainingStep: forward computes the whole objective) under
+        DistributedDataParallel: its construction gives every rank rank 0's weights and buffers, and
+        each backward averages the gradients over the ranks. The inputs are on the model's device
+        already (device_ids=None: DDP moves nothing)."""
+        from torch.nn.parallel import DistributedDataParallel
 
-    def sync_gradients(self, model: torch.nn.Module) -> None:
-        """Average the gradients over ranks in one flat all-reduce."""
-        grads = [p.grad for p in model.parameters() if p.grad is not None]
-        if not grads:
-            return
-        flat = torch.cat([g.reshape(-1) for g in grads])
-        torch.distributed.all_reduce(flat)
-        flat /= self.world
-        offset = 0
-        for g in grads:
-            g.copy_(flat[offset:offset + g.numel()].view_as(g))
-            offset += g.numel()
+        return DistributedDataParallel(step, device_ids=None)
 
     def from_main(self, value):
         """Rank 0's `value` on every rank (so that every rank takes the same decisions)."""
