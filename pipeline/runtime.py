@@ -16,7 +16,7 @@ import contextlib
 import os
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable, Sequence
 
 import numpy as np
@@ -31,6 +31,7 @@ class Runtime:
     precision: str  # float32 | bf16 | fp16 (training autocast only)
     threads: int
     processes: int
+    workers: int = 0  # training data-loader worker processes per training process
 
     def autocast(self):
         """The training forward's autocast context: a no-op in float32."""
@@ -84,7 +85,7 @@ def start(cfg, processes: int | None = None) -> Runtime:
     processes = cfg.processes if processes is None else processes
     threads = cfg.threads or default_threads(processes)
     torch.set_num_threads(threads)
-    return Runtime(device, cfg.precision, threads, processes)
+    return Runtime(device, cfg.precision, threads, processes, cfg.workers)
 
 
 def block_generator(seed: int, first_index: int, device: torch.device | str = "cpu") -> torch.Generator:
@@ -192,7 +193,7 @@ def join(runtime: Runtime) -> tuple[Distributed | None, Runtime]:
         torch.cuda.set_device(device)
     if not torch.distributed.is_initialized():
         torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    return Distributed(rank, world, local), Runtime(device, runtime.precision, runtime.threads, world)
+    return Distributed(rank, world, local), replace(runtime, device=device, processes=world)
 
 
 class ShardedShuffle:

@@ -111,7 +111,7 @@ def main(ws: Workspace, resume: bool = False) -> int:
     model = model.to(runtime.device)
     domain = domain.to(runtime.device)
     cfg = fit_config(params, data)
-    hooks = {"autocast": runtime.autocast, "scaler": runtime.grad_scaler(), "workers": params.runtime.workers}
+    hooks = {"autocast": runtime.autocast, "scaler": runtime.grad_scaler(), "workers": runtime.workers}
     if distributed is not None:  # DistributedDataParallel: rank 0's weights everywhere, gradients averaged
         cfg = replace(cfg, batch_size=max(1, cfg.batch_size // distributed.world))  # train.batch_size is global
         hooks.update(shuffle=ShardedShuffle(len(data.y["train"]), distributed, params.seed),
@@ -128,7 +128,8 @@ def main(ws: Workspace, resume: bool = False) -> int:
     # the splits stay memory-mapped: fit streams them batch by batch (pipeline/data/loader.py)
     train_set, val_set = ArrayDataset(data.x["train"], data.y["train"]), ArrayDataset(data.x["val"], data.y["val"])
 
-    bar = tqdm(total=cfg.epochs * len(hooks.get("shuffle") or train_set), desc=f"train {cfg.method}", unit="img",
+    samples_per_epoch = len(hooks["shuffle"]) if "shuffle" in hooks else len(train_set)  # this rank's share
+    bar = tqdm(total=cfg.epochs * samples_per_epoch, desc=f"train {cfg.method}", unit="img",
                file=sys.stderr, mininterval=1.0, dynamic_ncols=True, disable=not main_rank)
 
     def on_batch(epoch: int, size: int, loss: float) -> None:
