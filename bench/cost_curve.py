@@ -4,7 +4,7 @@ fastest with width). In-process, untrained `cnn_small`-shaped models on 28x28 in
 algorithms does not depend on the weights' values), on the device of `--device`; the device is
 synchronised before every clock read.
 
-About 2 minutes on 2 cores (measured: 1.5 min at 16-64 samples on a loaded 2-core machine):
+About 2 minutes on 2 cores (estimated from a run on a loaded 2-core machine):
 
     python bench/cost_curve.py                 # writes its section of bench/results/runtime.md
     python bench/cost_curve.py --device cuda   # on a GPU
