@@ -33,8 +33,8 @@ def part_shards(tmp: Path, tiny: bool) -> list[str]:
     # sized so the attacks' work (about a minute in one process) outweighs starting the shard processes
     samples, batch = (64, 32) if tiny else (768, 64)
     attacks = {"attacks": ["fgsm", "pgd", "apgd_ce", "square"], "batch_size": batch, "max_samples": samples,
-               "pgd": {"steps": 5 if tiny else 50, "step_size": 0.01, "restarts": 1 if tiny else 2},
-               "apgd": {"steps": 10 if tiny else 100}, "square": {"queries": 50 if tiny else 1000},
+               "pgd": {"steps": 5 if tiny else 100, "step_size": 0.01, "restarts": 1 if tiny else 2},
+               "apgd": {"steps": 10 if tiny else 200}, "square": {"queries": 50 if tiny else 1000},
                "sweep": {"points": 3, "max_samples": batch}, "masking": {"enabled": False}}
     root = workspace(tmp / "shards", x, y, {"data": {"test_fraction": 0.45}, "model": {"name": "cnn_medium"},
                                             "train": {"method": "standard", "epochs": 1 if tiny else 3},
