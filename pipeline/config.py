@@ -590,6 +590,8 @@ class RuntimeConfig(_Section):
         "float32", description="training autocast; certification and attacks always run in float32")
     threads: Optional[int] = Field(None, ge=1, description="torch threads per process; default cores / processes")
     processes: int = Field(1, ge=1, description="attack, certify and smooth shards; data-parallel training under torchrun")
+    workers: int = Field(0, ge=0, description="training data-loader worker processes per training process (0: read "
+                         "batches in the training process)")
 
 
 class PropertiesConfig(_Section):

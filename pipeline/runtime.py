@@ -16,7 +16,7 @@ import contextlib
 import os
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable, Sequence
 
 import numpy as np
@@ -31,6 +31,7 @@ class Runtime:
     precision: str  # float32 | bf16 | fp16 (training autocast only)
     threads: int
     processes: int
+    workers: int = 0  # training data-loader worker processes per training process
 
     def autocast(self):
         """The training forward's autocast context: a no-op in float32."""
@@ -92,7 +93,7 @@ def start(cfg, processes: int | None = None) -> Runtime:
     processes = cfg.processes if processes is None else processes
     threads = cfg.threads or default_threads(processes)
     torch.set_num_threads(threads)
-    return Runtime(device, cfg.precision, threads, processes)
+    return Runtime(device, cfg.precision, threads, processes, cfg.workers)
 
 
 def block_generator(seed: int, first_index: int, device: torch.device | str = "cpu") -> torch.Generator:
@@ -149,10 +150,8 @@ def run_shards(task: Callable, shard_args: Sequence[tuple], threads: int) -> lis
 
 @dataclass(frozen=True)
 class Distributed:
-    """This process's place in a torchrun job, and the few collectives training needs. Gradients are
-    averaged by one all-reduce per step, as DistributedDataParallel does; the DDP wrapper itself is not
-    used because the training methods run extra forward/backward passes per step (PGD, auto_LiRPA
-    bounds) that its reducer would try to synchronise."""
+    """This process's place in a torchrun job: torch's DistributedDataParallel for the training step,
+    and the few collectives the loop needs to take rank 0's decisions."""
 
     rank: int
     world: int
@@ -162,23 +161,14 @@ class Distributed:
     def is_main(self) -> bool:
         return self.rank == 0
 
-    def broadcast_parameters(self, model: torch.nn.Module) -> None:
-        """Every rank starts from rank 0's weights and buffers."""
-        for tensor in model.state_dict().values():
-            torch.distributed.broadcast(tensor, src=0)
+    def data_parallel(self, step: torch.nn.Module) -> torch.nn.Module:
+        """`step` (pipeline.training.loop.TrainingStep: forward computes the whole objective) under
+        DistributedDataParallel: its construction gives every rank rank 0's weights and buffers, and
+        each backward averages the gradients over the ranks. The inputs are on the model's device
+        already (device_ids=None: DDP moves nothing)."""
+        from torch.nn.parallel import DistributedDataParallel
 
-    def sync_gradients(self, model: torch.nn.Module) -> None:
-        """Average the gradients over ranks in one flat all-reduce."""
-        grads = [p.grad for p in model.parameters() if p.grad is not None]
-        if not grads:
-            return
-        flat = torch.cat([g.reshape(-1) for g in grads])
-        torch.distributed.all_reduce(flat)
-        flat /= self.world
-        offset = 0
-        for g in grads:
-            g.copy_(flat[offset:offset + g.numel()].view_as(g))
-            offset += g.numel()
+        return DistributedDataParallel(step, device_ids=None)
 
     def from_main(self, value):
         """Rank 0's `value` on every rank (so that every rank takes the same decisions)."""
@@ -211,7 +201,7 @@ def join(runtime: Runtime) -> tuple[Distributed | None, Runtime]:
         torch.cuda.set_device(device)
     if not torch.distributed.is_initialized():
         torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    return Distributed(rank, world, local), Runtime(device, runtime.precision, runtime.threads, world)
+    return Distributed(rank, world, local), replace(runtime, device=device, processes=world)
 
 
 class ShardedShuffle:

@@ -285,6 +285,6 @@ def main(ws: Workspace) -> int:
 
 def _attack_shard(ws: Workspace, data_fingerprint: str, start: int, stop: int) -> SamplesResult:
     """One shard of :func:`main`, in its own process: test samples [start, stop)."""
-    s = shard_setup(ws, data_fingerprint, stop)
-    return attack_samples(s.model, s.params, s.x[start:], s.y[start:], s.domain, s.data.num_classes, s.params.seed,
+    s = shard_setup(ws, data_fingerprint, start, stop)
+    return attack_samples(s.model, s.params, s.x, s.y, s.domain, s.data.num_classes, s.params.seed,
                           start, data=s.data)

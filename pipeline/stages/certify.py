@@ -272,8 +272,8 @@ def main(ws: Workspace) -> int:
 
 def _certify_shard(ws: Workspace, data_fingerprint: str, start: int, stop: int, attack_sweep) -> BoundsSamples:
     """One shard of :func:`main`, in its own process: test samples [start, stop)."""
-    s = shard_setup(ws, data_fingerprint, stop)
+    s = shard_setup(ws, data_fingerprint, start, stop)
     x_adv, _, m = _attack_evidence(ws, stop, from_params(s.params, s.data))
-    return bound_samples(s.model, s.params, s.x[start:], s.y[start:], s.domain, s.data.num_classes, s.params.seed,
+    return bound_samples(s.model, s.params, s.x, s.y, s.domain, s.data.num_classes, s.params.seed,
                          x_adv[start:m].to(s.runtime.device), start, attack_sweep, report=lambda line: None,
                          data=s.data)

@@ -70,10 +70,12 @@ def check_model_outputs(model, x: torch.Tensor, num_classes: int) -> None:
 
 
 def tensors(data: PreparedData, split: str, limit: int | None = None,
-            device="cpu") -> tuple[torch.Tensor, torch.Tensor]:
+            device="cpu", start: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Samples [start, limit) of `split` as tensors: only those pages of the memory map are read."""
     x, y = data.x[split], data.y[split]
     if limit is not None:
         x, y = x[:limit], y[:limit]
+    x, y = x[start:], y[start:]
     return (torch.as_tensor(x, dtype=torch.float32, device=device),
             torch.as_tensor(y, dtype=torch.int64, device=device))
 
@@ -99,8 +101,8 @@ def load_supplied_for(ws: Workspace, params, data: PreparedData, data_fingerprin
 
 @dataclass(frozen=True)
 class Shard:
-    """What a shard process rebuilds from the workspace: params, runtime, data, model and the test
-    samples up to its `stop` (it evaluates [start, stop) of them)."""
+    """What a shard process rebuilds from the workspace: params, runtime, data, model and its own test
+    samples [start, stop) (no other sample is read)."""
 
     params: object
     runtime: Runtime
@@ -111,7 +113,7 @@ class Shard:
     y: torch.Tensor
 
 
-def shard_setup(ws: Workspace, data_fingerprint: str, stop: int) -> Shard:
+def shard_setup(ws: Workspace, data_fingerprint: str, start: int, stop: int) -> Shard:
     """The set-up every sharded stage repeats in its worker process, in the parent's order (runtime,
     data, model, then the seed), so a shard draws exactly what one process would."""
     params = ws.params()
@@ -119,5 +121,5 @@ def shard_setup(ws: Workspace, data_fingerprint: str, stop: int) -> Shard:
     data, domain = load_data(ws, params, data_fingerprint)[:2]
     model, _ = load_model_for(ws, params, data, data_fingerprint, runtime.device)
     seed_everything(params.seed)
-    x, y = tensors(data, "test", stop, runtime.device)
+    x, y = tensors(data, "test", stop, runtime.device, start)
     return Shard(params, runtime, data, domain, model, x, y)

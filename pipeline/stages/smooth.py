@@ -58,8 +58,8 @@ def certify_samples(model, params, x, y, num_classes: int, seed: int, start: int
 
 def _smooth_shard(ws: Workspace, data_fingerprint: str, start: int, stop: int) -> tuple[list[dict], int]:
     """One shard of :func:`main`, in its own process: test samples [start, stop)."""
-    s = shard_setup(ws, data_fingerprint, stop)
-    return certify_samples(s.model, s.params, s.x[start:], s.y[start:], s.data.num_classes, s.params.seed, start)
+    s = shard_setup(ws, data_fingerprint, start, stop)
+    return certify_samples(s.model, s.params, s.x, s.y, s.data.num_classes, s.params.seed, start)
 
 
 def main(ws: Workspace) -> int:

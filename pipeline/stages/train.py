@@ -14,13 +14,14 @@ from tqdm import tqdm
 
 from pipeline import results
 from pipeline.attacks.pgd import PGD
+from pipeline.data.loader import ArrayDataset
 from pipeline.errors import UsageError
 from pipeline.feasibility import check_runnable
 from pipeline.io import atomic_write, confine, sha256_file, write_json
 from pipeline.models import build_model, load_weights, save_checkpoint, set_input_statistics
 from pipeline.results import TrainResult, dump
 from pipeline.runtime import ShardedShuffle, join, rank_seed, torchrun_command, under_torchrun
-from pipeline.stages.common import load_data, seed_everything, start_runtime, tensors
+from pipeline.stages.common import load_data, seed_everything, start_runtime
 from pipeline.threat import from_params
 from pipeline.training.loop import FitConfig, TrainingDiverged, TrainState, fit, selection_metric
 from pipeline.workspace import Workspace
@@ -110,12 +111,11 @@ def main(ws: Workspace, resume: bool = False) -> int:
     model = model.to(runtime.device)
     domain = domain.to(runtime.device)
     cfg = fit_config(params, data)
-    hooks = {"autocast": runtime.autocast, "scaler": runtime.grad_scaler()}
-    if distributed is not None:
-        distributed.broadcast_parameters(model)
+    hooks = {"autocast": runtime.autocast, "scaler": runtime.grad_scaler(), "workers": runtime.workers}
+    if distributed is not None:  # DistributedDataParallel: rank 0's weights everywhere, gradients averaged
         cfg = replace(cfg, batch_size=max(1, cfg.batch_size // distributed.world))  # train.batch_size is global
         hooks.update(shuffle=ShardedShuffle(len(data.y["train"]), distributed, params.seed),
-                     sync_gradients=distributed.sync_gradients, agree=distributed.from_main)
+                     parallel=distributed.data_parallel, agree=distributed.from_main)
     state_file = ws.model_dir / "train_state.pt"
     # threat.rationale is report prose: editing it must not invalidate the model (nor a resume)
     fingerprint_now = params.section_hash("seed", "data", "model", "threat", "train",
@@ -125,10 +125,11 @@ def main(ws: Workspace, resume: bool = False) -> int:
         previous = load_state(state_file, fingerprint_now, distributed)
         if main_rank:
             print(f"train: resuming after epoch {previous.epoch} of {cfg.epochs}")
-    x_train, y_train = tensors(data, "train", device=runtime.device)
-    x_val, y_val = tensors(data, "val", device=runtime.device)
+    # the splits stay memory-mapped: fit streams them batch by batch (pipeline/data/loader.py)
+    train_set, val_set = ArrayDataset(data.x["train"], data.y["train"]), ArrayDataset(data.x["val"], data.y["val"])
 
-    bar = tqdm(total=cfg.epochs * len(x_train), desc=f"train {cfg.method}", unit="img",
+    samples_per_epoch = len(hooks["shuffle"]) if "shuffle" in hooks else len(train_set)  # this rank's share
+    bar = tqdm(total=cfg.epochs * samples_per_epoch, desc=f"train {cfg.method}", unit="img",
                file=sys.stderr, mininterval=1.0, dynamic_ncols=True, disable=not main_rank)
 
     def on_batch(epoch: int, size: int, loss: float) -> None:
@@ -155,7 +156,7 @@ def main(ws: Workspace, resume: bool = False) -> int:
 
     started = time.perf_counter()
     try:
-        result = fit(model, x_train, y_train, x_val, y_val, domain, cfg, generator, on_batch,
+        result = fit(model, train_set, None, val_set, None, domain, cfg, generator, on_batch,
                      on_epoch if main_rank else None, save_state=save_state, resume=previous,
                      num_classes=data.num_classes, **hooks)
     except TrainingDiverged as error:

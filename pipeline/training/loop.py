@@ -20,6 +20,7 @@ from torch import nn
 
 from pipeline.attacks.pgd import PGD
 from pipeline.attacks.suite import predict
+from pipeline.data.loader import ArrayDataset, EpochBatches, as_dataset, in_batches, training_loader
 from pipeline.threat import Domain, LpBall
 from pipeline.training.methods import CERTIFIED, METHODS, BatchContext
 
@@ -99,24 +100,53 @@ def epoch_epsilon(cfg: FitConfig, epoch: int) -> float:
     return cfg.target_epsilon * warmup_progress(cfg, epoch)
 
 
-def robust_accuracy(model, pgd: PGD, x, y, threat: LpBall, domain, generator, batch_size: int = 512) -> float:
+def clean_accuracy(model, data: ArrayDataset, device, batch_size: int = 512) -> float:
+    """Clean accuracy read batch-wise (the split is never held whole); the same figure, bit for bit,
+    as the float32 mean over the whole split it replaces."""
+    correct = [predict(model, x, batch_size) == y for x, y in in_batches(data, batch_size, device)]
+    return float(torch.cat(correct).float().mean())
+
+
+def robust_accuracy(model, pgd: PGD, data: ArrayDataset, threat: LpBall, domain, generator, device,
+                    batch_size: int = 512) -> float:
     robust = 0
-    for start in range(0, len(x), batch_size):
-        xb, yb = x[start:start + batch_size], y[start:start + batch_size]
+    for xb, yb in in_batches(data, batch_size, device):
         x_adv = pgd(model, xb, yb, threat, domain, generator)
         robust += int((predict(model, x_adv, batch_size) == yb).sum())
-    return robust / len(x)
+    return robust / len(data)
 
 
-def verified_accuracy(bounds, x, y, threat: LpBall, num_classes, batch_size: int = 256) -> float:
+def verified_accuracy(bounds, data: ArrayDataset, threat: LpBall, num_classes, device, batch_size: int = 256) -> float:
     """Fraction certified by IBP or CROWN-IBP (each sound, so either suffices): the selection
     score of certified training, whose goal is verified, not empirical, robustness. Full CROWN
     is left to the certify stage: on a conv net it costs 10-50x more, every epoch."""
+    verified = 0
     with torch.no_grad():
-        verified = torch.zeros(len(y), dtype=torch.bool, device=y.device)
-        for method in ("ibp", "crown_ibp"):
-            verified |= bounds.certify(x, y, threat, method, num_classes, batch_size, 0.0).verified
-    return int(verified.sum()) / len(y)
+        for x, y in in_batches(data, batch_size, device):
+            both = torch.zeros(len(y), dtype=torch.bool, device=y.device)
+            for method in ("ibp", "crown_ibp"):
+                both |= bounds.certify(x, y, threat, method, num_classes, batch_size, 0.0).verified
+            verified += int(both.sum())
+    return verified / len(data)
+
+
+class TrainingStep(nn.Module):
+    """One batch's training objective as a module: forward(x, y, ctx) is the loss.
+
+    This is what DistributedDataParallel wraps under torchrun. The objectives call the model several
+    times per batch (PGD's inner maximisation through autograd.grad, TRADES'/MART's clean and
+    adversarial forwards, AWP's weight perturbation, auto_LiRPA's bounds on the same parameters);
+    DDP sees them all as one forward, and its reducer averages the gradients the one backward of the
+    loss accumulates into the parameters. The inner passes (autograd.grad with respect to inputs or
+    to AWP's weights) accumulate nothing into `.grad` and so never reach the reducer."""
+
+    def __init__(self, model: nn.Module, objective: Callable):
+        super().__init__()
+        self.model = model
+        self.objective = objective
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor, ctx: BatchContext) -> torch.Tensor:
+        return self.objective(self.model, x, y, ctx)
 
 
 class Shuffle:
@@ -159,10 +189,10 @@ class TrainState:
 
 def fit(
     model: nn.Module,
-    x_train: torch.Tensor,
-    y_train: torch.Tensor,
-    x_val: torch.Tensor,
-    y_val: torch.Tensor,
+    x_train,
+    y_train,
+    x_val,
+    y_val,
     domain: Domain,
     cfg: FitConfig,
     generator: torch.Generator,
@@ -173,19 +203,24 @@ def fit(
     save_state: Optional[Callable[[TrainState], None]] = None,
     resume: Optional[TrainState] = None,
     shuffle: Optional[Shuffle] = None,
-    sync_gradients: Optional[Callable[[nn.Module], None]] = None,
+    parallel: Optional[Callable[[nn.Module], nn.Module]] = None,
     agree: Optional[Callable[[dict], dict]] = None,
     autocast: Optional[Callable[[], contextlib.AbstractContextManager]] = None,
     scaler: Optional[torch.amp.GradScaler] = None,
+    workers: int = 0,
 ) -> FitResult:
     """Train `model` in place; `num_classes` is the data's, never assumed (certified training
-    builds its margin specification from it). Hooks for the runtime, none of which changes the
-    algorithm: `shuffle` gives each epoch's order (this rank's share under torchrun),
-    `sync_gradients` averages gradients across ranks before each step, `agree` makes every rank
-    take rank 0's epoch row (so all select and stop alike), `autocast`/`scaler` the training precision."""
-    shuffle = shuffle or Shuffle(len(x_train))
+    builds its margin specification from it). The splits are arrays (numpy memory maps or tensors)
+    or :class:`ArrayDataset`s (then `y_train`/`y_val` are None): training reads them batch by batch
+    through a DataLoader with `workers` worker processes, evaluation batch-wise, never whole.
+    Hooks for the runtime, none of which changes the algorithm: `shuffle` gives each epoch's order
+    (this rank's share under torchrun), `parallel` wraps the :class:`TrainingStep` for data-parallel
+    training (DistributedDataParallel), `agree` makes every rank take rank 0's epoch row (so all
+    select and stop alike), `autocast`/`scaler` the training precision."""
+    train_set, val_set = as_dataset(x_train, y_train), as_dataset(x_val, y_val)
+    device = next(model.parameters()).device
+    shuffle = shuffle or Shuffle(len(train_set))
     autocast = autocast or contextlib.nullcontext
-    objective = METHODS[cfg.method]
     optimizer = _optimizer(model, cfg)
     result, best_score, stale, first_epoch = FitResult(), -1.0, 0, 0
     if resume is not None:
@@ -193,48 +228,51 @@ def fit(
         optimizer.load_state_dict(resume.optimizer)
         generator.set_state(resume.generator)
         result, best_score, stale, first_epoch = resume.result, resume.best_score, resume.stale, resume.epoch
+    step = TrainingStep(model, METHODS[cfg.method])
+    if parallel is not None:
+        step = parallel(step)  # after a resume's load: DDP starts every rank from rank 0's weights
+    batches = EpochBatches(shuffle, cfg.batch_size)
+    loader = training_loader(train_set, batches, workers, pin_memory=device.type == "cuda")
     bounds = None
     if cfg.method in CERTIFIED:
         from pipeline.certify.bounds import BoundComputer
 
-        bounds = BoundComputer(model, tuple(x_train.shape[1:]), domain)
-    batches_per_epoch = math.ceil(len(shuffle) / cfg.batch_size)
+        bounds = BoundComputer(model, train_set.sample_shape, domain)
+    batches_per_epoch = len(batches)
     for epoch in range(first_epoch, cfg.epochs):
         started = time.perf_counter()
         epsilon = epoch_epsilon(cfg, epoch)
         ramp = warmup_progress(cfg, epoch)
         ctx = BatchContext(cfg.threat.with_epsilon(epsilon), domain, cfg.train_pgd, generator, num_classes,
                            noise_sigma=cfg.noise_sigma, ramp=ramp, bounds=bounds, **cfg.context)
-        order = shuffle.order(epoch, generator)
+        batches.start_epoch(epoch, generator)  # the epoch's order, drawn where it always was
         loss_sum, seen = 0.0, 0
         model.train()
-        for batch, start in enumerate(range(0, len(order), cfg.batch_size)):
+        for batch, (xb, yb) in enumerate(loader):
             for group in optimizer.param_groups:
                 group["lr"] = learning_rate(cfg, (epoch * batches_per_epoch + batch) / (cfg.epochs * batches_per_epoch))
-            idx = order[start:start + cfg.batch_size]
+            xb, yb = xb.to(device, non_blocking=True), yb.to(device, non_blocking=True)
             with autocast():
-                loss = objective(model, x_train[idx], y_train[idx], ctx)
+                loss = step(xb, yb, ctx)
             if not math.isfinite(loss.item()):
                 raise TrainingDiverged(f"loss is {loss.item()} at epoch {epoch + 1}, batch {batch + 1}")
             optimizer.zero_grad(set_to_none=True)
-            (scaler.scale(loss) if scaler is not None else loss).backward()
+            (scaler.scale(loss) if scaler is not None else loss).backward()  # DDP averages gradients here
             while ctx.after_backward:
                 ctx.after_backward.pop()()
-            if sync_gradients is not None:
-                sync_gradients(model)
             if scaler is not None:
                 scaler.step(optimizer)
                 scaler.update()
             else:
                 optimizer.step()
-            loss_sum += loss.item() * len(idx)
-            seen += len(idx)
+            loss_sum += loss.item() * len(yb)
+            seen += len(yb)
             if on_batch is not None:
-                on_batch(epoch, len(idx), loss_sum / seen)
+                on_batch(epoch, len(yb), loss_sum / seen)
         model.eval()
-        train_clean = float((predict(model, x_train, 512) == y_train).float().mean())
-        val_clean = float((predict(model, x_val, 512) == y_val).float().mean())
-        val_robust = robust_accuracy(model, cfg.val_pgd, x_val, y_val, cfg.threat, domain, generator)
+        train_clean = clean_accuracy(model, train_set, device)
+        val_clean = clean_accuracy(model, val_set, device)
+        val_robust = robust_accuracy(model, cfg.val_pgd, val_set, cfg.threat, domain, generator, device)
         row = {
             "epoch": epoch + 1,
             "epsilon": epsilon,
@@ -245,7 +283,7 @@ def fit(
             "val_robust_accuracy": val_robust,
         }
         if bounds is not None:
-            row["val_verified_accuracy"] = verified_accuracy(bounds, x_val, y_val, cfg.threat, num_classes)
+            row["val_verified_accuracy"] = verified_accuracy(bounds, val_set, cfg.threat, num_classes, device)
         row["seconds"] = time.perf_counter() - started
         if agree is not None:
             row = agree(row)

@@ -131,17 +131,17 @@ def awp(model: nn.Module, x, y, ctx: BatchContext) -> torch.Tensor:
     weights = [p for p in model.parameters() if p.requires_grad and p.dim() > 1]
     adv_loss = F.cross_entropy(model(x_adv), y)
     grads = torch.autograd.grad(adv_loss, weights)
-    offsets = []
+    originals = [weight.detach().clone() for weight in weights]
     with torch.no_grad():
         for weight, grad in zip(weights, grads):
-            offset = ctx.awp_gamma * weight.norm() * grad / (grad.norm() + 1e-12)
-            weight.add_(offset)
-            offsets.append(offset)
+            weight.add_(ctx.awp_gamma * weight.norm() * grad / (grad.norm() + 1e-12))
 
     def restore() -> None:
+        # copied back, not subtracted: (w + o) - o is not w in floating point, and data-parallel ranks
+        # (each with its own o) would drift apart
         with torch.no_grad():
-            for weight, offset in zip(weights, offsets):
-                weight.sub_(offset)
+            for weight, original in zip(weights, originals):
+                weight.copy_(original)
 
     ctx.after_backward.append(restore)
     if ctx.awp_base == "pgd_at":
