@@ -179,7 +179,7 @@ def linear_piece_bound(chain: Chain, spec, lowers, uppers, splits, x_lower, x_up
         on = (lowers[k][0] >= 0).to(torch.float64)  # no neuron is unstable here: on or off
         g, h = (zg * on[:, None]).t(), zh * on
     w, b = chain.layers[-1]
-    out_g, out_h = w @ g.t(), w @ h + b
+    out_g = w @ g.t()  # the constant part (w @ h + b) does not move the LP minimiser
     bounds = torch.full((spec.shape[0],), -torch.inf, dtype=torch.float64)
     points = [None] * spec.shape[0]
     box = list(zip(x_lower[0].tolist(), x_upper[0].tolist()))
