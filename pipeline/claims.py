@@ -150,7 +150,29 @@ def training_selection(train: dict) -> str:
     if train.get("source"):  # train imported a supplied file (results.ImportResult)
         return (f"Supplied {train['source'].upper()} file {train['path']} (SHA-256 {train['model_sha256'][:12]}..., "
                 f"supplied by {train.get('supplier') or 'an unnamed supplier'}), evaluated as supplied: not trained here.")
-    return f"Checkpoint from epoch {train['best_epoch']} of {train['epochs_run']} run: {train['selection_rule']}."
+    chosen = f"Checkpoint from epoch {train['best_epoch']} of {train['epochs_run']} run: {train['selection_rule']}."
+    against = trained_against(train)
+    return f"{chosen} {against}" if against else chosen
+
+
+def trained_against(train: dict) -> str:
+    """Which threat training maximised over, as the train stage recorded it (nothing for older metrics)."""
+    threat = train.get("trained_for")
+    if not threat:
+        return ""
+    if threat["name"] == "lp":
+        return f"Training maximised the loss over the {threat['description']} (train.threat: the Lp ball)."
+    return (f"Training maximised the loss over condition {threat['name']!r} ({threat['description']}), not over "
+            f"the Lp ball: the Lp figures of this report measure a threat the model was not trained for.")
+
+
+def condition_training_note(name: str, train: dict) -> str:
+    """Whether the model was trained for this condition: its figures then are not an unseen-condition test."""
+    threat = (train or {}).get("trained_for")
+    if not threat or threat["name"] != name:
+        return ""
+    return (f"The model was trained for this condition ({train['method']} over the same parameter range at "
+            "training time), so these figures measure a trained-for condition, not an unforeseen one.")
 
 
 def limitations(params, metrics: dict) -> list[str]:
@@ -284,11 +306,13 @@ def lp_and_conditions_coverage(threat: dict, conditions_metrics: dict) -> str:
             "weather beyond a uniform haze, sensor faults and distribution shift are not covered.")
 
 
-def condition_scope(record: dict) -> list[str]:
-    """What one condition's figures mean and where they stop, from its record."""
+def condition_scope(record: dict, name: str = "", train: dict | None = None) -> list[str]:
+    """What one condition's figures mean and where they stop, from its record (and, given the train metrics,
+    whether the model was trained for it)."""
     search = record["search"]
     label = CONDITION_LABELS[record["kind"]]
-    notes = []
+    trained = condition_training_note(name, train)
+    notes = [trained] if trained else []
     if search["exhaustive"]:
         notes.append(f"Every one of the {record['set_size']} parameter values of {label} was evaluated "
                      f"({search['copies_per_sample']} transformed copies per sample): the robust accuracy is exact "

@@ -125,6 +125,8 @@ class TrainResult(_ModelResult):
     train_epsilon: float
     val_robust_attack: dict[str, Any]
     params: dict[str, Any]
+    trained_for: Optional[dict[str, str]] = Field(
+        None, description="the threat training maximised over: name ('lp' or a condition), kind, description")
 
 
 class ImportResult(_ModelResult):
