@@ -326,8 +326,11 @@ def condition_scope(record: dict, name: str = "", train: dict | None = None) -> 
                      "draws made, not over every noise pattern.")
     certified, certification = record["certified_accuracy"], record.get("certification")
     if certified["status"] != "ok":
+        also = (" (no deterministic certificate of the model: the probabilistic certificate below is of the "
+                "smoothed classifier)"
+                if record.get("smoothed") else "")
         notes.append(f"No certificate for {label}: {certified['reason']}; the figure above is the search's upper "
-                     "bound only.")
+                     f"bound only{also}.")
     elif certification["method"] == "enumeration":
         between = {"translation": "sub-pixel shifts are not covered",
                    "occlusion": "patch positions between the enumerated ones and other patch sizes are not covered"}
@@ -346,11 +349,48 @@ def condition_scope(record: dict, name: str = "", train: dict | None = None) -> 
         if certification["budget_exhausted"]:
             notes.append("The box budget or time budget ended before every sample was decided; undecided samples "
                          "count as not certified.")
+    if record.get("smoothed"):
+        notes += parameter_smoothing_scope(record["smoothed"], record["axes"])
     for check, result in record["sanity"].items():
         if result["status"] == "fail":
             notes.append(f"Search sanity check {check} FAILED ({result['detail']}): the robust accuracy may be "
                          "overstated.")
     return notes
+
+
+def parameter_smoothing_scope(smooth: dict, axes: dict) -> list[str]:
+    """What the randomized-smoothing certificate over a condition's parameter certifies, and its gap."""
+    axis = next(iter(axes))
+    unit = "°" if smooth["units"] == "degrees" else f" {smooth['units']}"
+    acc = smooth["certified_accuracy"]
+    r, sigma = smooth["radius"], smooth["sigma"]
+    notes = [
+        f"Randomized smoothing over the {axis} (θ ~ N(0, ({sigma:g}{unit})²), {smooth['n']} draws per sample after "
+        f"{smooth['n0']} selection draws, Clopper-Pearson at α = {smooth['alpha']:g}): for {acc['value']:.1%} of the "
+        f"samples {_ci_text(acc)} the smoothed classifier g(x; Δ) = argmax_c P_θ[f(T(x, θ + Δ)) = c] returns the "
+        f"true class for every offset |Δ| < {r:g}{unit}, each with probability at least {1 - smooth['alpha']:g} over "
+        f"the draws. This is a probabilistic certificate of the smoothed classifier, not of the model f that the "
+        f"search and the other figures evaluate; {smooth['abstained']} sample(s) abstained.",
+        f"The certificate is over the rotation family of the original input, where angles add exactly; an input "
+        f"that was already rotated and resampled is a different input (bilinear interpolation does not compose "
+        f"additively): at Δ = {r:g}{unit} the two differ by {smooth['interpolation_gap_mean']:.3f} on average and up "
+        f"to {smooth['interpolation_gap_max']:.3f} in the largest pixel. That gap is not covered.",
+    ]
+    if smooth["largest_certifiable_radius"] < r:
+        notes.append(f"With n = {smooth['n']} and α = {smooth['alpha']:g} no sample can be certified beyond "
+                     f"{smooth['largest_certifiable_radius']:.3g}{unit}, below the range's {r:g}{unit}: raise n or σ.")
+    checked, disagreements = smooth["offsets_checked"], smooth["disagreements"]
+    notes.append(f"Cross-check: the smoothed prediction at both ends of the range, re-estimated with fresh draws for "
+                 f"the {checked // 2} certified sample(s), " + (
+                     "never disagreed with the certified class." if not disagreements else
+                     f"disagreed {disagreements} time(s) (each certificate may fail with probability α; more than "
+                     "a few point to a fault)."))
+    return notes
+
+
+def _ci_text(accuracy: dict) -> str:
+    low, high = accuracy["ci"]
+    return f"(95% CI {low:.1%}–{high:.1%}, n = {accuracy['n']})"
 
 
 @dataclass(frozen=True)
@@ -372,7 +412,11 @@ def triggering_conditions(metrics: dict, requirements: list) -> list[TriggeringC
     rows = []
     for name, record in conditions_of(metrics).items():
         certified = record["certified_accuracy"]
-        if certified["status"] != "ok":
+        if certified["status"] != "ok" and record.get("smoothed"):
+            smooth = record["smoothed"]["certified_accuracy"]
+            evidence = (f"empirical upper bound; the angle-smoothed classifier (not the model) is certified for "
+                        f"{smooth['value']:.1%} with probability ≥ {1 - record['smoothed']['alpha']:g} each")
+        elif certified["status"] != "ok":
             evidence = "empirical only (upper bound)"
         elif record["certification"]["method"] == "enumeration":
             evidence = "complete enumeration of a finite set"

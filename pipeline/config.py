@@ -691,8 +691,19 @@ class ScalingCondition(_RangeCondition):
     kind: Literal["scaling"] = "scaling"
 
 
+class ParameterSmoothingConfig(_Section):
+    """Randomized smoothing over the angle (pipeline/conditions/smoothing.py): θ ~ N(0, σ²) degrees."""
+
+    sigma: float = Field(gt=0.0, description="standard deviation of the smoothing angle, degrees")
+    n0: int = Field(32, ge=1, description="draws that select the class")
+    n: int = Field(512, ge=1, description="draws that bound its probability")
+    alpha: float = Field(0.001, gt=0.0, lt=0.5, description="failure probability of each certificate")
+
+
 class RotationCondition(_RangeCondition):
     kind: Literal["rotation"] = "rotation"
+    smoothing: Optional[ParameterSmoothingConfig] = Field(
+        None, description="also certify the angle-smoothed classifier (bounds do not reach bilinear rotation)")
 
 
 class BlurCondition(_RangeCondition):

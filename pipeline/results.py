@@ -464,6 +464,29 @@ class ConditionCertification(_Record):
     seconds: float
 
 
+class ConditionSmoothing(_Record):
+    """Randomized smoothing over the condition's parameter (rotation): what is certified is the smoothed
+    classifier g(x; Δ) = argmax_c P_{θ~N(0,σ²)}[f(T(x, θ + Δ)) = c], for every offset |Δ| < the radius."""
+
+    distribution: Literal["gaussian"] = "gaussian"
+    sigma: float = Field(gt=0.0, description="σ of the parameter distribution, in the parameter's units")
+    units: str
+    n0: int
+    n: int
+    alpha: float = Field(description="failure probability of each certificate")
+    radius: float = Field(description="the condition's radius max(|low|, |high|) the accuracy is certified at")
+    largest_certifiable_radius: float = Field(description="R when all n draws agree: what n and α allow at most")
+    certified_accuracy: Accuracy = Field(description="g correct and certified at the condition's radius")
+    abstained: int
+    median_radius: float
+    offsets_checked: int = Field(description="certificates re-predicted at the range's ends (PREDICT)")
+    disagreements: int = Field(description="of those, a non-abstaining prediction other than the certified class")
+    interpolation_gap_mean: float = Field(description="mean max-pixel |T(T(x,Δ),θ) − T(x,θ+Δ)| at Δ = radius")
+    interpolation_gap_max: float
+    forward_passes: int
+    seconds: float
+
+
 class ConditionRecord(_Record):
     kind: str
     rationale: str
@@ -483,6 +506,7 @@ class ConditionRecord(_Record):
     failures: list[ConditionFailure]
     config_sha256: str
     reused: bool = Field(False, description="carried over from the previous run: same settings, model and data")
+    smoothed: Optional[ConditionSmoothing] = Field(None, description="randomized smoothing over the parameter")
 
 
 class ConditionsResult(_ModelResult):
