@@ -774,6 +774,9 @@ class ConditionSearchConfig(_Section):
 
 class ConditionCertifyConfig(_Section):
     enabled: bool = True
+    method: Literal["crown", "forward_crown"] = Field(
+        "crown", description="crown: CROWN on (θ, x) ↦ f(T(x, θ)); forward_crown: affine transforms folded into "
+                             "a linear layer of θ, intermediate bounds in forward mode (far cheaper on large images)")
     max_boxes: int = Field(32, ge=1, description="parameter boxes per sample branch and bound may split into")
     batch_size: int = Field(256, ge=1)
     time_budget_s: Optional[float] = Field(None, gt=0.0, description="per condition; the rest stays unknown")

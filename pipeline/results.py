@@ -459,6 +459,8 @@ class ConditionCertification(_Record):
     max_boxes_per_sample: Optional[int] = None
     budget_exhausted: bool = False
     counterexamples: int = Field(0, description="box centres branch and bound found misclassified")
+    bound_method: Optional[Literal["crown", "forward_crown"]] = Field(
+        None, description="crown_bab: CROWN on the composed module, or forward mode on the folded affine transform")
     samples_cross_checked: int
     conflicts: int
     seconds: float

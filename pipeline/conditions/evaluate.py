@@ -29,6 +29,9 @@ UNCERTIFIABLE = {
 }
 
 
+BOUND_LABELS = {"crown": "CROWN", "forward_crown": "forward-mode bounds on the folded transform, then CROWN"}
+
+
 def generator_for(seed: int, name: str) -> torch.Generator:
     """One generator per condition, so a condition's figures do not depend on which others run."""
     digest = int.from_bytes(hashlib.sha256(f"{seed}:{name}".encode()).digest()[:6], "big")
@@ -128,9 +131,10 @@ def certify(model, x, y, condition: Condition, domain: Domain, num_classes: int,
             outcome.worst.prediction[found] = model(moved).argmax(1)
     outcome.robust &= ~bab.counterexample
     accuracy = Accuracy.of(int(certified.sum()), n, "lower_bound",
-                           f"CROWN over the parameter box, branch and bound up to {settings.certify.max_boxes} boxes")
+                           f"{BOUND_LABELS[settings.certify.method]} over the parameter box, branch and bound up to "
+                           f"{settings.certify.max_boxes} boxes")
     return accuracy, ConditionCertification(
-        method="crown_bab", complete=False, boxes=bab.boxes, rounds=bab.rounds,
+        method="crown_bab", bound_method=settings.certify.method, complete=False, boxes=bab.boxes, rounds=bab.rounds,
         max_boxes_per_sample=settings.certify.max_boxes, budget_exhausted=bab.budget_exhausted,
         counterexamples=int(found.sum()), samples_cross_checked=checked, conflicts=0, seconds=round(bab.seconds, 3))
 
