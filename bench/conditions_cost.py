@@ -7,8 +7,9 @@
 * for brightness + contrast, the share certified by CROWN branch and bound against the share the
   search leaves robust: the gap is what remains unknown.
 
-Writes bench/results/conditions_<data>.md (with --cost-only: conditions_cost_digits.md, the throughput table only). The models are small CNNs trained here for seconds
-(standard training): the figures speak of the method's cost and gap, not of a release model.
+Writes bench/results/conditions_<data>.md (with --cost-only: conditions_cost_digits.md, the throughput
+table only). The models are small CNNs trained here for seconds (standard training): the figures
+speak of the method's cost and gap, not of a release model.
 """
 from __future__ import annotations
 

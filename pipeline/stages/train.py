@@ -67,7 +67,8 @@ def training_condition(params, data, name: str):
     shape = tuple(data.x["train"].shape[1:]) if data is not None else ()
     condition = from_config(name, params.conditions.threats[name], shape)
     if data is not None:
-        condition.check(Domain.from_arrays(data.lower, data.upper), shape, f"train.threat = {name!r}: conditions.threats.{name}")
+        condition.check(Domain.from_arrays(data.lower, data.upper), shape,
+                        f"train.threat = {name!r}: conditions.threats.{name}")
     return condition
 
 
