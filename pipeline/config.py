@@ -362,7 +362,8 @@ class _ThreatChoice(_PGDTrained):
     `pgd.steps` signed-gradient steps of `pgd.step_size` × each parameter's range."""
 
     threat: str = Field(LP_THREAT, min_length=1, description="'lp' or the name of a condition in conditions.threats")
-    worst_of_k: int = Field(8, ge=1, description="condition training: random parameter draws per sample")
+    worst_of_k: Optional[int] = Field(None, ge=1, description="condition training: random parameter draws per "
+                                                              "sample (default 8)")
 
     @classmethod
     def keys_in_effect(cls, data: dict) -> set[str]:

@@ -35,6 +35,8 @@ def fit_config(params, data=None) -> FitConfig:
     pgd = own.pop("pgd", None)
     loop_settings = {key: own.pop(key) for key in ("noise_sigma", "catastrophic_drop") if key in own}
     condition = training_condition(params, data, own.pop("threat", LP_THREAT))
+    if own.get("worst_of_k") is None:  # an Lp-trained method: the setting is not in effect
+        own.pop("worst_of_k", None)
     return FitConfig(
         method=t.method,
         epochs=t.epochs,
