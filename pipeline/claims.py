@@ -156,14 +156,15 @@ def training_selection(train: dict) -> str:
 
 
 def trained_against(train: dict) -> str:
-    """Which threat training maximised over, as the train stage recorded it (nothing for older metrics)."""
+    """Which threat training targeted, as the train stage recorded it (nothing for older metrics and for
+    standard or noise training, which target none)."""
     threat = train.get("trained_for")
     if not threat:
         return ""
     if threat["name"] == "lp":
-        return f"Training maximised the loss over the {threat['description']} (train.threat: the Lp ball)."
-    return (f"Training maximised the loss over condition {threat['name']!r} ({threat['description']}), not over "
-            f"the Lp ball: the Lp figures of this report measure a threat the model was not trained for.")
+        return f"Trained against the {threat['description']} (train.threat: the Lp ball)."
+    return (f"Trained against condition {threat['name']!r} ({threat['description']}), not the Lp ball: the Lp "
+            f"figures of this report measure a threat the model was not trained for.")
 
 
 def condition_training_note(name: str, train: dict) -> str:

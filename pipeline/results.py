@@ -126,7 +126,8 @@ class TrainResult(_ModelResult):
     val_robust_attack: dict[str, Any]
     params: dict[str, Any]
     trained_for: Optional[dict[str, str]] = Field(
-        None, description="the threat training maximised over: name ('lp' or a condition), kind, description")
+        None, description="the threat training targeted: name ('lp' or a condition), kind, description; None for "
+                          "standard and noise training")
 
 
 class ImportResult(_ModelResult):

@@ -110,6 +110,10 @@ def test_a_model_trained_for_a_condition_says_so_in_metrics_and_report(tmp_path)
     lp = {**train, "trained_for": {"name": "lp", "kind": "lp_ball", "description": "L∞ ball of radius ε = 0.05"}}
     assert "Lp ball" in claims.trained_against(lp) and "condition" not in claims.trained_against(lp)
     assert claims.trained_against({k: v for k, v in train.items() if k != "trained_for"}) == ""
+    plain = make_workspace(tmp_path / "plain", _params({"method": "standard"}))
+    assert run_stage("prepare", plain) == 0 and run_stage("train", plain) == 0
+    standard = json.loads((plain / "metrics/train.json").read_text())
+    assert standard["trained_for"] is None and claims.trained_against(standard) == ""  # it resists no threat
 
 
 @pytest.mark.parametrize("train,changes,message", [

@@ -32,17 +32,21 @@ class Perturbed:
 
 
 def uniform(n: int, condition: Condition, generator: torch.Generator, device) -> torch.Tensor:
-    """Parameters drawn uniformly from the box (whole numbers for a finite set of integer shifts)."""
+    """Parameters drawn uniformly from the box, or from the finite set when there is one; drawn on the
+    generator's device (CPU draws stay bit-identical wherever the model runs), then moved."""
     low, high = condition.box(device)
     finite = condition.finite_set()
     if finite is not None:
-        index = torch.randint(len(finite), (n,), generator=generator)
+        index = torch.randint(len(finite), (n,), generator=generator, device=generator.device)
         return torch.as_tensor(finite, device=device)[index.to(device)]
-    return low + torch.rand((n, condition.dims), generator=generator).to(device) * (high - low)
+    draw = torch.rand((n, condition.dims), generator=generator, device=generator.device)
+    return low + draw.to(device) * (high - low)
 
 
 def _noise(x, condition, generator):
-    return torch.randn(x.shape, generator=generator).to(x.device) if condition.stochastic else None
+    if not condition.stochastic:
+        return None
+    return torch.randn(x.shape, generator=generator, device=generator.device).to(x.device)
 
 
 def augmented(model, x, y, condition: Condition, domain: Domain, generator: torch.Generator) -> torch.Tensor:

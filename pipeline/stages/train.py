@@ -23,7 +23,7 @@ from pipeline.results import TrainResult, dump
 from pipeline.runtime import ShardedShuffle, join, rank_seed, torchrun_command, under_torchrun
 from pipeline.stages.common import load_data, seed_everything, start_runtime, tensors
 from pipeline.threat import Domain, from_params
-from pipeline.training.loop import FitConfig, TrainingDiverged, TrainState, fit, selection_metric
+from pipeline.training.loop import CLEAN_SELECTED, FitConfig, TrainingDiverged, TrainState, fit, selection_metric
 from pipeline.workspace import Workspace
 
 
@@ -83,8 +83,11 @@ def selection_rule(cfg: FitConfig, selected_by: str) -> str:
                                            if selected_by == "val_robust_accuracy" else "")
 
 
-def trained_for(cfg: FitConfig) -> dict:
-    """What the model was trained to resist, as the train metrics record it (claims.py words it)."""
+def trained_for(cfg: FitConfig) -> dict | None:
+    """What the model was trained to resist, as the train metrics record it (claims.py words it); None for
+    the methods that train on clean or noisy inputs and resist no threat (standard, gaussian)."""
+    if cfg.method in CLEAN_SELECTED:
+        return None
     if cfg.condition is None:
         return {"name": LP_THREAT, "kind": cfg.threat.kind, "description": cfg.threat.describe()}
     return {"name": cfg.condition.name, "kind": cfg.condition.kind, "description": cfg.condition.describe()}
