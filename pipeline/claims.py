@@ -155,7 +155,30 @@ def training_selection(train: dict) -> str:
         kind = {"onnx": "ONNX", "torchscript": "TorchScript", "state_dict": "state_dict (weights)"}[train["source"]]
         return (f"Supplied {kind} file {train['path']} (SHA-256 {train['model_sha256'][:12]}..., "
                 f"supplied by {train.get('supplier') or 'an unnamed supplier'}), evaluated as supplied: not trained here.")
-    return f"Checkpoint from epoch {train['best_epoch']} of {train['epochs_run']} run: {train['selection_rule']}."
+    chosen = f"Checkpoint from epoch {train['best_epoch']} of {train['epochs_run']} run: {train['selection_rule']}."
+    against = trained_against(train)
+    return f"{chosen} {against}" if against else chosen
+
+
+def trained_against(train: dict) -> str:
+    """Which threat training targeted, as the train stage recorded it (nothing for older metrics and for
+    standard or noise training, which target none)."""
+    threat = train.get("trained_for")
+    if not threat:
+        return ""
+    if threat["name"] == "lp":
+        return f"Trained against the {threat['description']} (train.threat: the Lp ball)."
+    return (f"Trained against condition {threat['name']!r} ({threat['description']}), not the Lp ball: the Lp "
+            f"figures of this report measure a threat the model was not trained for.")
+
+
+def condition_training_note(name: str, train: dict) -> str:
+    """Whether the model was trained for this condition: its figures then are not an unseen-condition test."""
+    threat = (train or {}).get("trained_for")
+    if not threat or threat["name"] != name:
+        return ""
+    return (f"The model was trained for this condition ({train['method']} over the same parameter range at "
+            "training time), so these figures measure a trained-for condition, not an unforeseen one.")
 
 
 RUNTIME_STAGES = ("train", "attack", "certify", "smooth")
@@ -370,11 +393,13 @@ def lp_and_conditions_coverage(threat: dict, conditions_metrics: dict) -> str:
             "weather beyond a uniform haze, sensor faults and distribution shift are not covered.")
 
 
-def condition_scope(record: dict) -> list[str]:
-    """What one condition's figures mean and where they stop, from its record."""
+def condition_scope(record: dict, name: str = "", train: dict | None = None) -> list[str]:
+    """What one condition's figures mean and where they stop, from its record (and, given the train metrics,
+    whether the model was trained for it)."""
     search = record["search"]
     label = CONDITION_LABELS[record["kind"]]
-    notes = []
+    trained = condition_training_note(name, train)
+    notes = [trained] if trained else []
     if search["exhaustive"]:
         notes.append(f"Every one of the {record['set_size']} parameter values of {label} was evaluated "
                      f"({search['copies_per_sample']} transformed copies per sample): the robust accuracy is exact "
@@ -388,8 +413,11 @@ def condition_scope(record: dict) -> list[str]:
                      "draws made, not over every noise pattern.")
     certified, certification = record["certified_accuracy"], record.get("certification")
     if certified["status"] != "ok":
+        also = (" (no deterministic certificate of the model: the probabilistic certificate below is of the "
+                "smoothed classifier)"
+                if record.get("smoothed") else "")
         notes.append(f"No certificate for {label}: {certified['reason']}; the figure above is the search's upper "
-                     "bound only.")
+                     f"bound only{also}.")
     elif certification["method"] == "enumeration":
         between = {"translation": "sub-pixel shifts are not covered",
                    "occlusion": "patch positions between the enumerated ones and other patch sizes are not covered"}
@@ -408,11 +436,48 @@ def condition_scope(record: dict) -> list[str]:
         if certification["budget_exhausted"]:
             notes.append("The box budget or time budget ended before every sample was decided; undecided samples "
                          "count as not certified.")
+    if record.get("smoothed"):
+        notes += parameter_smoothing_scope(record["smoothed"], record["axes"])
     for check, result in record["sanity"].items():
         if result["status"] == "fail":
             notes.append(f"Search sanity check {check} FAILED ({result['detail']}): the robust accuracy may be "
                          "overstated.")
     return notes
+
+
+def parameter_smoothing_scope(smooth: dict, axes: dict) -> list[str]:
+    """What the randomized-smoothing certificate over a condition's parameter certifies, and its gap."""
+    axis = next(iter(axes))
+    unit = "°" if smooth["units"] == "degrees" else f" {smooth['units']}"
+    acc = smooth["certified_accuracy"]
+    r, sigma = smooth["radius"], smooth["sigma"]
+    notes = [
+        f"Randomized smoothing over the {axis} (θ ~ N(0, ({sigma:g}{unit})²), {smooth['n']} draws per sample after "
+        f"{smooth['n0']} selection draws, Clopper-Pearson at α = {smooth['alpha']:g}): for {acc['value']:.1%} of the "
+        f"samples {_ci_text(acc)} the smoothed classifier g(x; Δ) = argmax_c P_θ[f(T(x, θ + Δ)) = c] returns the "
+        f"true class for every offset |Δ| < {r:g}{unit}, each with probability at least {1 - smooth['alpha']:g} over "
+        f"the draws. This is a probabilistic certificate of the smoothed classifier, not of the model f that the "
+        f"search and the other figures evaluate; {smooth['abstained']} sample(s) abstained.",
+        f"The certificate is over the rotation family of the original input, where angles add exactly; an input "
+        f"that was already rotated and resampled is a different input (bilinear interpolation does not compose "
+        f"additively): at Δ = {r:g}{unit} the two differ by {smooth['interpolation_gap_mean']:.3f} on average and up "
+        f"to {smooth['interpolation_gap_max']:.3f} in the largest pixel. That gap is not covered.",
+    ]
+    if smooth["largest_certifiable_radius"] < r:
+        notes.append(f"With n = {smooth['n']} and α = {smooth['alpha']:g} no sample can be certified beyond "
+                     f"{smooth['largest_certifiable_radius']:.3g}{unit}, below the range's {r:g}{unit}: raise n or σ.")
+    checked, disagreements = smooth["offsets_checked"], smooth["disagreements"]
+    notes.append(f"Cross-check: the smoothed prediction at both ends of the range, re-estimated with fresh draws for "
+                 f"the {checked // 2} certified sample(s), " + (
+                     "never disagreed with the certified class." if not disagreements else
+                     f"disagreed {disagreements} time(s) (each certificate may fail with probability α; more than "
+                     "a few point to a fault)."))
+    return notes
+
+
+def _ci_text(accuracy: dict) -> str:
+    low, high = accuracy["ci"]
+    return f"(95% CI {low:.1%}–{high:.1%}, n = {accuracy['n']})"
 
 
 @dataclass(frozen=True)
@@ -434,7 +499,11 @@ def triggering_conditions(metrics: dict, requirements: list) -> list[TriggeringC
     rows = []
     for name, record in conditions_of(metrics).items():
         certified = record["certified_accuracy"]
-        if certified["status"] != "ok":
+        if certified["status"] != "ok" and record.get("smoothed"):
+            smooth = record["smoothed"]["certified_accuracy"]
+            evidence = (f"empirical upper bound; the angle-smoothed classifier (not the model) is certified for "
+                        f"{smooth['value']:.1%} with probability ≥ {1 - record['smoothed']['alpha']:g} each")
+        elif certified["status"] != "ok":
             evidence = "empirical only (upper bound)"
         elif record["certification"]["method"] == "enumeration":
             evidence = "complete enumeration of a finite set"

@@ -369,15 +369,67 @@ class _PGDTrained(_Radius):
     pgd: TrainPGDConfig = TrainPGDConfig()
 
 
+LP_THREAT = "lp"  # train.threat: the `threat` section's Lp ball (the default)
+
+
+class _ThreatChoice(_PGDTrained):
+    """PGD-AT, TRADES and consistency train against the Lp ball (`threat`) or, with `train.threat` naming
+    one of `conditions.threats`, against that condition: worst of `worst_of_k` random parameters, then
+    `pgd.steps` signed-gradient steps of `pgd.step_size` × each parameter's range."""
+
+    threat: str = Field(LP_THREAT, min_length=1, description="'lp' or the name of a condition in conditions.threats")
+    worst_of_k: Optional[int] = Field(None, ge=1, description="condition training: random parameter draws per "
+                                                              "sample (default 8)")
+
+    @classmethod
+    def keys_in_effect(cls, data: dict) -> set[str]:
+        keys = super().keys_in_effect(data)
+        if data.get("threat", LP_THREAT) == LP_THREAT:
+            keys.discard("worst_of_k")
+        else:
+            keys -= {"epsilon", "val_pgd"}
+        return keys
+
+    @classmethod
+    def why_not_in_effect(cls, key: str, data: dict) -> str:
+        if key == "worst_of_k":
+            return "only used when train.threat names a condition, not the Lp ball"
+        if key in ("epsilon", "val_pgd"):
+            return (f"an Lp-ball setting; train.threat = {data.get('threat')!r} is a condition (its range is the "
+                    "condition's, validation uses conditions.search)")
+        return super().why_not_in_effect(key, data)
+
+
+class _ConditionTrained(_TrainBase):
+    """Methods that train for a condition only: `threat` must name one of `conditions.threats`."""
+
+    threat: str = Field(min_length=1, description="the name of a condition in conditions.threats")
+    epsilon_warmup_epochs: int = Field(0, ge=0, description="epochs over which the condition's range grows to full")
+
+    @property
+    def epsilon(self) -> None:
+        return None
+
+    @classmethod
+    def keys_in_effect(cls, data: dict) -> set[str]:
+        return super().keys_in_effect(data) - {"val_pgd"}
+
+    @classmethod
+    def why_not_in_effect(cls, key: str, data: dict) -> str:
+        if key == "val_pgd":
+            return "validation under a condition uses conditions.search, not PGD"
+        return super().why_not_in_effect(key, data)
+
+
 class StandardTrain(_NoRadius, _TrainBase):
     method: Literal["standard"] = "standard"
 
 
-class PgdAtTrain(_PGDTrained):
+class PgdAtTrain(_ThreatChoice):
     method: Literal["pgd_at"] = "pgd_at"
 
 
-class TradesTrain(_PGDTrained):
+class TradesTrain(_ThreatChoice):
     method: Literal["trades"] = "trades"
     beta: float = Field(6.0, ge=0.0, description="weight of the KL term")
 
@@ -413,7 +465,7 @@ class AwpTrain(_PGDTrained):
         return super().why_not_in_effect(key, data)
 
 
-class ConsistencyTrain(_PGDTrained):
+class ConsistencyTrain(_ThreatChoice):
     method: Literal["consistency"] = "consistency"
     consistency_weight: float = Field(1.0, ge=0.0)
     consistency_temperature: float = Field(0.5, gt=0.0)
@@ -436,10 +488,23 @@ class GaussianTrain(_NoRadius, _TrainBase):
     noise_sigma: float = Field(0.25, gt=0.0, description="σ of the training noise")
 
 
+class WorstOfKTrain(_ConditionTrained):
+    """Engstrom et al. 2019: cross-entropy on the worst of k random parameters of the condition."""
+
+    method: Literal["worst_of_k"] = "worst_of_k"
+    worst_of_k: int = Field(8, ge=1, description="random parameter draws per sample")
+
+
+class AugmentationTrain(_ConditionTrained):
+    """Plain augmentation with the condition: the baseline condition training must beat."""
+
+    method: Literal["augmentation"] = "augmentation"
+
+
 TRAIN_SETTINGS: dict[str, type[_TrainBase]] = {
     cls.model_fields["method"].default: cls
     for cls in (StandardTrain, PgdAtTrain, TradesTrain, MartTrain, FastAtTrain, AwpTrain, ConsistencyTrain,
-                IbpTrain, CrownIbpTrain, GaussianTrain)
+                IbpTrain, CrownIbpTrain, GaussianTrain, WorstOfKTrain, AugmentationTrain)
 }
 DEFAULT_TRAIN_METHOD = "pgd_at"
 
@@ -648,8 +713,19 @@ class ScalingCondition(_RangeCondition):
     kind: Literal["scaling"] = "scaling"
 
 
+class ParameterSmoothingConfig(_Section):
+    """Randomized smoothing over the angle (pipeline/conditions/smoothing.py): θ ~ N(0, σ²) degrees."""
+
+    sigma: float = Field(gt=0.0, description="standard deviation of the smoothing angle, degrees")
+    n0: int = Field(32, ge=1, description="draws that select the class")
+    n: int = Field(512, ge=1, description="draws that bound its probability")
+    alpha: float = Field(0.001, gt=0.0, lt=0.5, description="failure probability of each certificate")
+
+
 class RotationCondition(_RangeCondition):
     kind: Literal["rotation"] = "rotation"
+    smoothing: Optional[ParameterSmoothingConfig] = Field(
+        None, description="also certify the angle-smoothed classifier (bounds do not reach bilinear rotation)")
 
 
 class BlurCondition(_RangeCondition):
@@ -720,6 +796,9 @@ class ConditionSearchConfig(_Section):
 
 class ConditionCertifyConfig(_Section):
     enabled: bool = True
+    method: Literal["crown", "forward_crown"] = Field(
+        "crown", description="crown: CROWN on (θ, x) ↦ f(T(x, θ)); forward_crown: affine transforms folded into "
+                             "a linear layer of θ, intermediate bounds in forward mode (far cheaper on large images)")
     max_boxes: int = Field(32, ge=1, description="parameter boxes per sample branch and bound may split into")
     batch_size: int = Field(256, ge=1)
     time_budget_s: Optional[float] = Field(None, gt=0.0, description="per condition; the rest stays unknown")
@@ -825,6 +904,8 @@ def format_validation_error(source: str, error: ValidationError) -> str:
         message = "Input should be " + ", ".join(repr(m) for m in TRAIN_SETTINGS)
     elif first["type"] == "extra_forbidden":
         message = "unknown key"
+    elif first["type"] == "missing":
+        return f"{source}: {path}: required{f' by train.method {method!r}' if method else ''}{suffix}"
     shown = "{...}" if isinstance(value, dict) else repr(value)
     return f"{source}: {path} = {shown}: {message}{suffix}"
 
@@ -846,6 +927,9 @@ def with_method(params: Params, method: str) -> Params:
     if method not in TRAIN_SETTINGS:
         raise UsageError(f"train.method {method!r}: unknown; allowed: {', '.join(TRAIN_SETTINGS)}")
     written = params.train.model_dump(exclude_unset=True)
+    if issubclass(TRAIN_SETTINGS[method], _ConditionTrained) and written.get("threat", LP_THREAT) == LP_THREAT:
+        raise UsageError(f"train.method {method!r} trains for a condition: set train.threat to one of "
+                         "conditions.threats")
     try:
         train = TRAIN_SETTINGS[method].model_validate(train_section_for(written, method))
     except ValidationError as error:  # cannot happen for settings that were valid under the first method
@@ -910,9 +994,20 @@ def parse_params(raw: object, source: str = "params.yaml") -> Params:
     if not isinstance(raw, dict):
         raise UsageError(f"{source}: top level must be a mapping of sections, got {type(raw).__name__}")
     try:
-        return Params.model_validate(raw)
+        params = Params.model_validate(raw)
     except ValidationError as error:
         raise UsageError(format_validation_error(source, error)) from None
+    check_train_threat(params, source)
+    return params
+
+
+def check_train_threat(params: Params, source: str = "params.yaml") -> None:
+    """`train.threat` names the Lp ball or a condition this params file defines."""
+    name = getattr(params.train, "threat", LP_THREAT)
+    if name != LP_THREAT and name not in params.conditions.threats:
+        named = ", ".join(sorted(params.conditions.threats)) or "none"
+        raise UsageError(f"{source}: train.threat = {name!r}: not a condition of conditions.threats (defined: "
+                         f"{named}); {LP_THREAT!r} is the threat section's Lp ball")
 
 
 def load_params(path: Path, root: Path) -> Params:

@@ -138,6 +138,9 @@ class TrainResult(_ModelResult):
     train_epsilon: float
     val_robust_attack: dict[str, Any]
     params: dict[str, Any]
+    trained_for: Optional[dict[str, str]] = Field(
+        None, description="the threat training targeted: name ('lp' or a condition), kind, description; None for "
+                          "standard and noise training")
 
 
 class ImportResult(_ModelResult):
@@ -483,8 +486,33 @@ class ConditionCertification(_Record):
     max_boxes_per_sample: Optional[int] = None
     budget_exhausted: bool = False
     counterexamples: int = Field(0, description="box centres branch and bound found misclassified")
+    bound_method: Optional[Literal["crown", "forward_crown"]] = Field(
+        None, description="crown_bab: CROWN on the composed module, or forward mode on the folded affine transform")
     samples_cross_checked: int
     conflicts: int
+    seconds: float
+
+
+class ConditionSmoothing(_Record):
+    """Randomized smoothing over the condition's parameter (rotation): what is certified is the smoothed
+    classifier g(x; Δ) = argmax_c P_{θ~N(0,σ²)}[f(T(x, θ + Δ)) = c], for every offset |Δ| < the radius."""
+
+    distribution: Literal["gaussian"] = "gaussian"
+    sigma: float = Field(gt=0.0, description="σ of the parameter distribution, in the parameter's units")
+    units: str
+    n0: int
+    n: int
+    alpha: float = Field(description="failure probability of each certificate")
+    radius: float = Field(description="the condition's radius max(|low|, |high|) the accuracy is certified at")
+    largest_certifiable_radius: float = Field(description="R when all n draws agree: what n and α allow at most")
+    certified_accuracy: Accuracy = Field(description="g correct and certified at the condition's radius")
+    abstained: int
+    median_radius: float
+    offsets_checked: int = Field(description="certificates re-predicted at the range's ends (PREDICT)")
+    disagreements: int = Field(description="of those, a non-abstaining prediction other than the certified class")
+    interpolation_gap_mean: float = Field(description="mean max-pixel |T(T(x,Δ),θ) − T(x,θ+Δ)| at Δ = radius")
+    interpolation_gap_max: float
+    forward_passes: int
     seconds: float
 
 
@@ -507,6 +535,7 @@ class ConditionRecord(_Record):
     failures: list[ConditionFailure]
     config_sha256: str
     reused: bool = Field(False, description="carried over from the previous run: same settings, model and data")
+    smoothed: Optional[ConditionSmoothing] = Field(None, description="randomized smoothing over the parameter")
 
 
 class ConditionsResult(_ModelResult):

@@ -128,7 +128,10 @@ def test_own_settings_are_accepted_and_shared_ones_everywhere():
     assert parse_params({"train": {"method": "crown_ibp", "beta_end": 0.5}}).train.beta_end == 0.5
     assert parse_params({"train": {"optimizer": "sgd", "momentum": 0.5}}).train.momentum == 0.5
     for method in TRAIN_SETTINGS:
-        train = parse_params({"train": {"method": method, "epochs": 3, "lr_schedule": "cosine"}}).train
+        for_condition = {"threat": "c"} if method in ("worst_of_k", "augmentation") else {}
+        condition = {"conditions": {"threats": {"c": {"kind": "rotation", "range": [-5, 5], "rationale": "r"}}}}
+        train = parse_params({"train": {"method": method, "epochs": 3, "lr_schedule": "cosine", **for_condition},
+                              **condition}).train
         assert (train.method, train.epochs) == (method, 3)
     assert parse_params({}).train.method == "pgd_at"  # the default method, when none is named
 
@@ -149,7 +152,7 @@ def test_with_method_switches_the_method_and_keeps_what_still_applies():
     assert awp.train.beta == TRAIN_SETTINGS["awp"]().beta and awp.train.awp_gamma == 0.005
     assert with_method(awp, "trades").train.pgd.steps == 3
     assert with_method(params, "trades") == params
-    for method in TRAIN_SETTINGS:
+    for method in set(TRAIN_SETTINGS) - {"worst_of_k", "augmentation"}:  # those need train.threat
         cfg = fit_config(with_method(params, method))
         assert cfg.method == method
         assert (cfg.train_pgd is None) == (method in ("standard", "fast_at", "ibp", "crown_ibp", "gaussian"))

@@ -25,6 +25,11 @@ class SmoothedCertificate:
     p_a_lower: float
 
 
+def lower_confidence_bound(n_a: int, n: int, alpha: float) -> float:
+    """One-sided Clopper-Pearson lower bound on a probability from n_a successes in n draws, level 1 - α."""
+    return float(beta.ppf(alpha, n_a, n - n_a + 1)) if n_a > 0 else 0.0
+
+
 class Smooth:
     def __init__(self, base: nn.Module, num_classes: int, sigma: float, generator: torch.Generator,
                  batch_size: int = 1000):
@@ -53,7 +58,7 @@ class Smooth:
     def certify(self, x: torch.Tensor, n0: int, n: int, alpha: float) -> SmoothedCertificate:
         guess = int(self.counts(x, n0).argmax())  # selection samples are not reused for estimation
         n_a = int(self.counts(x, n)[guess])
-        p_a = float(beta.ppf(alpha, n_a, n - n_a + 1)) if n_a > 0 else 0.0
+        p_a = lower_confidence_bound(n_a, n, alpha)
         if p_a <= 0.5:
             return SmoothedCertificate(ABSTAIN, 0.0, p_a)
         return SmoothedCertificate(guess, self.sigma * float(norm.ppf(p_a)), p_a)

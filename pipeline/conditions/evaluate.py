@@ -17,7 +17,8 @@ from pipeline.conditions.certify import branch_and_bound, cross_check
 from pipeline.conditions.search import SearchOutcome, search
 from pipeline.conditions.threats import Condition
 from pipeline.results import (Accuracy, ConditionCertification, ConditionFailure, ConditionHeatMap,
-                              ConditionRecord, ConditionSanity, ConditionSearchRecord, NotApplicable)
+                              ConditionRecord, ConditionSanity, ConditionSearchRecord, ConditionSmoothing,
+                              NotApplicable)
 from pipeline.threat import Domain
 
 UNCERTIFIABLE = {
@@ -26,6 +27,9 @@ UNCERTIFIABLE = {
     "rotation": "bilinear interpolation over the angle is not bounded here",
     "scaling": "bilinear interpolation over the scale is not bounded here",
 }
+
+
+BOUND_LABELS = {"crown": "CROWN", "forward_crown": "forward-mode bounds on the folded transform, then CROWN"}
 
 
 def generator_for(seed: int, name: str) -> torch.Generator:
@@ -127,16 +131,40 @@ def certify(model, x, y, condition: Condition, domain: Domain, num_classes: int,
             outcome.worst.prediction[found] = model(moved).argmax(1)
     outcome.robust &= ~bab.counterexample
     accuracy = Accuracy.of(int(certified.sum()), n, "lower_bound",
-                           f"CROWN over the parameter box, branch and bound up to {settings.certify.max_boxes} boxes")
+                           f"{BOUND_LABELS[settings.certify.method]} over the parameter box, branch and bound up to "
+                           f"{settings.certify.max_boxes} boxes")
     return accuracy, ConditionCertification(
-        method="crown_bab", complete=False, boxes=bab.boxes, rounds=bab.rounds,
+        method="crown_bab", bound_method=settings.certify.method, complete=False, boxes=bab.boxes, rounds=bab.rounds,
         max_boxes_per_sample=settings.certify.max_boxes, budget_exhausted=bab.budget_exhausted,
         counterexamples=int(found.sum()), samples_cross_checked=checked, conflicts=0, seconds=round(bab.seconds, 3))
 
 
+def smoothed(model, x, y, condition: Condition, domain: Domain, num_classes: int, cfg, seed: int,
+             batch_size: int) -> ConditionSmoothing:
+    """The angle-smoothed classifier's certificate at the condition's radius (pipeline/conditions/smoothing.py)."""
+    from pipeline.conditions.smoothing import largest_certifiable_radius, smooth_condition
+
+    started = time.perf_counter()
+    outcome = smooth_condition(model, x, y, condition, domain, num_classes, cfg,
+                               generator_for(seed, condition.name + "/smoothing"), batch_size)
+    n = len(y)
+    accuracy = Accuracy.of(int(outcome.certified.sum()), n, "probabilistic_certificate",
+                           f"randomized smoothing over the {condition.axes[0]}, θ ~ N(0, {cfg.sigma:g}²), "
+                           f"Clopper-Pearson at α = {cfg.alpha:g}")
+    return ConditionSmoothing(
+        sigma=cfg.sigma, units=condition.units[0], n0=cfg.n0, n=cfg.n, alpha=cfg.alpha, radius=outcome.radius,
+        largest_certifiable_radius=round(largest_certifiable_radius(cfg.sigma, cfg.n, cfg.alpha), 6),
+        certified_accuracy=accuracy, abstained=int((outcome.predictions < 0).sum()),
+        median_radius=float(outcome.radii.median()) if n else 0.0, offsets_checked=outcome.offsets_checked,
+        disagreements=outcome.disagreements, interpolation_gap_mean=round(outcome.gap_mean, 6),
+        interpolation_gap_max=round(outcome.gap_max, 6), forward_passes=outcome.forward_passes,
+        seconds=round(time.perf_counter() - started, 3))
+
+
 def evaluate_condition(model, x, y, condition: Condition, domain: Domain, num_classes: int, settings,
-                       seed: int, config_sha256: str) -> Evaluation:
-    """Everything the report and the gate say about one condition."""
+                       seed: int, config_sha256: str, smoothing=None) -> Evaluation:
+    """Everything the report and the gate say about one condition; `smoothing` (the condition's
+    smoothing settings, rotation only) adds the smoothed classifier's probabilistic certificate."""
     started = time.perf_counter()
     outcome = search(model, x, y, condition, domain, settings.search, generator_for(seed, condition.name),
                      settings.batch_size)
@@ -172,7 +200,9 @@ def evaluate_condition(model, x, y, condition: Condition, domain: Domain, num_cl
         heat_map=ConditionHeatMap(axes=grid_axes, points=[[float(v) for v in p] for p in outcome.grid],
                                   accuracy=[float(a) for a in outcome.grid_accuracy], n=n),
         sanity=checks, sanity_all_passed=float(all(c.status != "fail" for c in checks.values())),
-        failures=failures, config_sha256=config_sha256)
+        failures=failures, config_sha256=config_sha256,
+        smoothed=None if smoothing is None else smoothed(model, x, y, condition, domain, num_classes, smoothing,
+                                                         seed, settings.batch_size))
     return Evaluation(record, rows, images)
 
 

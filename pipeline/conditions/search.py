@@ -4,6 +4,11 @@ Exhaustive enumeration where the set is finite (integer translations, patch posi
 grid, random draws and, where the transform is differentiable in its parameters, signed-gradient
 descent on the margin from the worst points found. A sample counts as robust only when it is
 classified correctly and no evaluated parameter changes the decision: an upper bound.
+
+Cost: grid points and random draws of all samples share batched forwards (several parameter points
+per forward when the samples are fewer than the batch), and a sample leaves the random and gradient
+phases once it is broken or was wrong on the clean input (its verdict cannot change); the grid is
+always evaluated in full, since the heat map needs every sample at every point.
 """
 from __future__ import annotations
 
@@ -82,10 +87,11 @@ class SearchOutcome:
     clean_correct: torch.Tensor  # (N,) bool
     robust: torch.Tensor  # (N,) bool: correct, and no evaluated parameter broke it
     worst: Worst
-    copies_per_sample: int  # transformed copies evaluated per sample (the search's cost)
+    copies_per_sample: int  # the budget: transformed copies a sample that is never broken gets
     exhaustive: bool
     grid: np.ndarray  # (M, d) grid points
     grid_accuracy: np.ndarray  # (M,) accuracy at each grid point
+    copies_evaluated: int = 0  # transformed copies actually evaluated, all samples (early exit saves the rest)
 
 
 def _uniform(n: int, condition: Condition, generator: torch.Generator, device) -> torch.Tensor:
@@ -109,22 +115,29 @@ def search(model, x, y, condition: Condition, domain: Domain, cfg, generator: to
     gridded = "grid" in use or finite is not None
     points = grid_points(condition, cfg.grid) if gridded else np.zeros((0, condition.dims))
     grid_accuracy = np.zeros(len(points))
-    for i, point in enumerate(points):
-        theta = torch.as_tensor(point, device=device).expand(n, -1).contiguous()
-        margin, prediction = evaluate(x, y, theta)
-        worst.update(margin, theta, prediction)
-        grid_accuracy[i] = float((prediction == y).float().mean())
+    per_forward = max(1, batch_size // max(n, 1))  # parameter points per batched forward (small n: several)
+    budget = len(points)
+    for first in range(0, len(points), per_forward):
+        chunk = torch.as_tensor(points[first:first + per_forward], device=device)  # (k, d)
+        theta = chunk.repeat_interleave(n, dim=0)  # point-major: k blocks of n rows
+        margin, prediction = evaluate(_tile(x, len(chunk)), y.repeat(len(chunk)), theta)
+        for j in range(len(chunk)):
+            rows = slice(j * n, (j + 1) * n)
+            worst.update(margin[rows], theta[rows], prediction[rows])
+            grid_accuracy[first + j] = float((prediction[rows] == y).float().mean())
     if finite is None:
-        for _ in range(cfg.random if random_draws is None else random_draws):
-            theta = _uniform(n, condition, generator, device)
-            worst.update(*_pair(evaluate(x, y, theta), theta))
+        draws = cfg.random if random_draws is None else random_draws
+        if draws:
+            _random(evaluate, x, y, condition, worst, clean_correct, generator, draws, per_forward)
+        budget += draws
         if condition.differentiable and "gradient" in use:
-            _descend(evaluate, x, y, condition, cfg, worst, generator,
-                     cfg.steps if gradient_steps is None else gradient_steps)
+            steps = cfg.steps if gradient_steps is None else gradient_steps
+            _descend(evaluate, x, y, condition, cfg, worst, generator, steps, clean_correct)
+            budget += cfg.restarts * (steps + 1)
     broken = worst.prediction != y
     broken &= worst.prediction >= 0
-    return SearchOutcome(clean_correct, clean_correct & ~broken, worst, evaluate.copies // max(n, 1),
-                         finite is not None, points, grid_accuracy)
+    return SearchOutcome(clean_correct, clean_correct & ~broken, worst, budget, finite is not None, points,
+                         grid_accuracy, evaluate.copies)
 
 
 def _pair(result, theta):
@@ -132,19 +145,67 @@ def _pair(result, theta):
     return margin, theta, prediction
 
 
-def _descend(evaluate: Evaluator, x, y, condition: Condition, cfg, worst: Worst, generator, steps: int) -> None:
+def _tile(x: torch.Tensor, times: int) -> torch.Tensor:
+    """`times` copies of the batch, one after the other (block j holds the j-th parameter point)."""
+    return x.repeat(times, *([1] * (x.dim() - 1)))
+
+
+def _alive(worst: Worst, y: torch.Tensor, clean_correct: torch.Tensor) -> torch.Tensor:
+    """Samples the search has not settled: correct on clean inputs and not broken yet. The others are left
+    out of the random and gradient phases (early exit): no further copy can change their verdict."""
+    return torch.nonzero(clean_correct & ((worst.prediction == y) | (worst.prediction < 0))).flatten()
+
+
+def _update_rows(worst: Worst, rows: torch.Tensor, margin, theta, prediction) -> None:
+    """`Worst.update` for the samples `rows` only."""
+    better = margin < worst.margin[rows]
+    chosen = rows[better]
+    worst.margin[chosen] = margin[better]
+    worst.theta[chosen] = theta[better]
+    worst.prediction[chosen] = prediction[better]
+
+
+def _random(evaluate: Evaluator, x, y, condition: Condition, worst: Worst, clean_correct, generator,
+            draws: int, per_forward: int) -> None:
+    """`draws` uniform parameters per sample. Every draw is made (the random stream does not depend on which
+    samples are left); the samples still alive are evaluated, several draws per batched forward."""
+    n = len(x)
+    for first in range(0, draws, per_forward):
+        count = min(per_forward, draws - first)
+        thetas = [_uniform(n, condition, generator, x.device) for _ in range(count)]
+        alive = _alive(worst, y, clean_correct)
+        if not len(alive):
+            continue
+        theta = torch.cat([t[alive] for t in thetas])
+        margin, prediction = evaluate(_tile(x[alive], count), y[alive].repeat(count), theta)
+        for j in range(count):
+            rows = slice(j * len(alive), (j + 1) * len(alive))
+            _update_rows(worst, alive, margin[rows], theta[rows], prediction[rows])
+
+
+def _descend(evaluate: Evaluator, x, y, condition: Condition, cfg, worst: Worst, generator, steps: int,
+             clean_correct: torch.Tensor | None = None) -> None:
     """Signed-gradient descent on the margin in parameter space, projected onto the box: the first
     restart from the worst point found so far (a random point when nothing was evaluated yet),
-    the others from random points."""
+    the others from random points. A sample leaves the descent once it is broken (early exit)."""
     low, high = condition.box(x.device)
     step = cfg.step_fraction * (high - low)
+    if clean_correct is None:
+        clean_correct = torch.ones(len(x), dtype=torch.bool, device=x.device)
     for restart in range(cfg.restarts):
         if restart == 0 and torch.isfinite(worst.margin).all():
             theta = worst.theta.clone()
         else:
             theta = _uniform(len(x), condition, generator, x.device)
+        alive = _alive(worst, y, clean_correct)
+        theta = theta[alive]
         for _ in range(steps):
-            margin, prediction, grad = evaluate.gradient(x, y, theta)
-            worst.update(margin, theta, prediction)
+            if not len(alive):
+                break
+            margin, prediction, grad = evaluate.gradient(x[alive], y[alive], theta)
+            _update_rows(worst, alive, margin, theta, prediction)
             theta = torch.maximum(torch.minimum(theta - step * grad.sign(), high), low)
-        worst.update(*_pair(evaluate(x, y, theta), theta))
+            still = prediction == y[alive]
+            alive, theta = alive[still], theta[still]
+        if len(alive):
+            _update_rows(worst, alive, *_pair(evaluate(x[alive], y[alive], theta), theta))

@@ -67,6 +67,12 @@ class Condition(Threat):
         """Every parameter vector, when the set is finite (enumeration is then complete)."""
         return None
 
+    def affine_design(self, x: torch.Tensor, domain: Domain) -> Optional[tuple[torch.Tensor, torch.Tensor]]:
+        """For transforms affine in θ before the clipping, (W, c) per sample with shapes (N, numel, d) and
+        (N, numel) such that transform(x, θ) = clip(W θ + c) flattened: the parameter-to-image map is then one
+        linear layer, which bound propagation handles cheaply (pipeline/conditions/certify.py). None otherwise."""
+        return None
+
     def box(self, device=None) -> tuple[torch.Tensor, torch.Tensor]:
         return (torch.tensor(self.low, dtype=torch.float32, device=device),
                 torch.tensor(self.high, dtype=torch.float32, device=device))
@@ -114,6 +120,10 @@ class Brightness(Condition):
     def transform(self, x, theta, domain, noise=None):
         return clip(x + column(theta, 0, x), domain.lower.to(x), domain.upper.to(x))
 
+    def affine_design(self, x, domain):
+        flat = x.flatten(1)
+        return torch.ones_like(flat).unsqueeze(2), flat
+
     def check(self, domain, input_shape, key):
         super().check(domain, input_shape, key)
         _check_offset(self, domain, f"{key}.range")
@@ -138,6 +148,10 @@ class Contrast(Condition):
         mean, centred = _centred(x)
         return clip(mean + column(theta, 0, x) * centred, domain.lower.to(x), domain.upper.to(x))
 
+    def affine_design(self, x, domain):
+        mean, centred = _centred(x)
+        return centred.flatten(1).unsqueeze(2), mean.expand_as(x).flatten(1)
+
 
 @dataclass(frozen=True)
 class BrightnessContrast(Condition):
@@ -153,6 +167,11 @@ class BrightnessContrast(Condition):
         mean, centred = _centred(x)
         out = mean + column(theta, 1, x) * centred + column(theta, 0, x)
         return clip(out, domain.lower.to(x), domain.upper.to(x))
+
+    def affine_design(self, x, domain):
+        mean, centred = _centred(x)
+        flat = centred.flatten(1)
+        return torch.stack([torch.ones_like(flat), flat], 2), mean.expand_as(x).flatten(1)
 
     def check(self, domain, input_shape, key):
         super().check(domain, input_shape, key)
@@ -196,6 +215,9 @@ class Fog(Condition):
     def transform(self, x, theta, domain, noise=None):
         lower, upper = domain.lower.to(x), domain.upper.to(x)
         return clip(x + column(theta, 0, x) * (self._level(x, domain) - x), lower, upper)
+
+    def affine_design(self, x, domain):
+        return (self._level(x, domain) - x).flatten(1).unsqueeze(2), x.flatten(1)
 
     def check(self, domain, input_shape, key):
         super().check(domain, input_shape, key)

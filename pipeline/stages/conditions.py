@@ -72,7 +72,8 @@ def main(ws: Workspace) -> int:
             print(f"conditions: {name}: unchanged since the last run, carried over")
             continue
         print(f"conditions: {name}: {condition.describe()} on {len(y)} samples ...")
-        evaluation = evaluate_condition(model, x, y, condition, domain, data.num_classes, cfg, params.seed, digest)
+        evaluation = evaluate_condition(model, x, y, condition, domain, data.num_classes, cfg, params.seed, digest,
+                                        smoothing=getattr(cfg.threats[name], "smoothing", None))
         record = evaluation.record
         write_text(rows_path, "".join(json.dumps(row) + "\n" for row in evaluation.rows))
         images = evaluation.failure_images
@@ -89,6 +90,11 @@ def main(ws: Workspace) -> int:
         print(f"conditions: {name}: robust {record.robust_accuracy.value:.3f} "
               f"[{record.robust_accuracy.ci[0]:.3f}, {record.robust_accuracy.ci[1]:.3f}], {certified_text}; "
               f"sanity: " + ", ".join(f"{k} {v.status}" for k, v in record.sanity.items()))
+        if record.smoothed is not None:
+            smooth = record.smoothed
+            print(f"conditions: {name}: smoothed over θ ~ N(0, {smooth.sigma:g}²): certified at ±{smooth.radius:g} "
+                  f"{smooth.certified_accuracy.value:.3f} (probabilistic, α = {smooth.alpha:g}; "
+                  f"{smooth.forward_passes} forward passes in {smooth.seconds:.1f}s)")
     for stale in folder.glob("*") if folder.is_dir() else []:
         if stale.stem not in conditions:
             stale.unlink()

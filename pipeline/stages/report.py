@@ -107,7 +107,7 @@ def condition_sections(ws: Workspace, metrics: dict) -> list[dict]:
                                                      list(record["axes"]))
         sections.append({
             "name": name, "record": record, "label": claims.CONDITION_LABELS[record["kind"]],
-            "scope": claims.condition_scope(record), "failures_png": failures_png,
+            "scope": claims.condition_scope(record, name, metrics.get("train")), "failures_png": failures_png,
             "heat_png": condition_heat_map(record["heat_map"], f"{name}: accuracy at each grid point"),
         })
     return sections

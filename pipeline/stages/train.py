@@ -14,16 +14,17 @@ from tqdm import tqdm
 
 from pipeline import results
 from pipeline.attacks.pgd import PGD
+from pipeline.config import LP_THREAT
 from pipeline.data.loader import ArrayDataset
 from pipeline.errors import UsageError
 from pipeline.feasibility import check_runnable
-from pipeline.io import atomic_write, confine, sha256_file, write_json
+from pipeline.io import atomic_write, confine, sha256_bytes, sha256_file, write_json
 from pipeline.models import build_model, load_weights, save_checkpoint, set_input_statistics
 from pipeline.results import TrainResult, dump
 from pipeline.runtime import ShardedShuffle, join, rank_seed, torchrun_command, under_torchrun
 from pipeline.stages.common import load_data, seed_everything, start_runtime
-from pipeline.threat import from_params
-from pipeline.training.loop import FitConfig, TrainingDiverged, TrainState, fit, selection_metric
+from pipeline.threat import Domain, from_params
+from pipeline.training.loop import CLEAN_SELECTED, FitConfig, TrainingDiverged, TrainState, fit, selection_metric
 from pipeline.workspace import Workspace
 
 
@@ -34,6 +35,9 @@ def fit_config(params, data=None) -> FitConfig:
     own = {name: getattr(t, name) for name in t.own_settings()}
     pgd = own.pop("pgd", None)
     loop_settings = {key: own.pop(key) for key in ("noise_sigma", "catastrophic_drop") if key in own}
+    condition = training_condition(params, data, own.pop("threat", LP_THREAT))
+    if own.get("worst_of_k") is None:  # an Lp-trained method: the setting is not in effect
+        own.pop("worst_of_k", None)
     return FitConfig(
         method=t.method,
         epochs=t.epochs,
@@ -50,8 +54,44 @@ def fit_config(params, data=None) -> FitConfig:
         lr_schedule=t.lr_schedule,
         early_stopping_patience=t.early_stopping_patience,
         context=own,  # what is left: the method's hyperparameters (beta, awp_gamma, kappa_end, ...)
+        condition=condition,
+        condition_search=params.conditions.search if condition is not None else None,
         **loop_settings,
     )
+
+
+def training_condition(params, data, name: str):
+    """The condition `train.threat` names (None: the Lp ball), refused in one line when it does not apply
+    to the data (rotation of tabular features) or its range lies outside the data domain."""
+    if name == LP_THREAT:
+        return None
+    from pipeline.conditions.threats import from_config
+
+    shape = tuple(data.x["train"].shape[1:]) if data is not None else ()
+    condition = from_config(name, params.conditions.threats[name], shape)
+    if data is not None:
+        condition.check(Domain.from_arrays(data.lower, data.upper), shape,
+                        f"train.threat = {name!r}: conditions.threats.{name}")
+    return condition
+
+
+def selection_rule(cfg: FitConfig, selected_by: str) -> str:
+    rule = f"the epoch with the highest {selected_by.replace('_', ' ')} among the epochs trained at "
+    if cfg.condition is not None:
+        return rule + (f"the full range of condition {cfg.condition.name!r} (validation: the worst case of the "
+                       "conditions.search settings under it)")
+    return rule + "the full training ε" + (f" (validation attack: {cfg.val_pgd.name} {cfg.val_pgd.settings()})"
+                                           if selected_by == "val_robust_accuracy" else "")
+
+
+def trained_for(cfg: FitConfig) -> dict | None:
+    """What the model was trained to resist, as the train metrics record it (claims.py words it); None for
+    the methods that train on clean or noisy inputs and resist no threat (standard, gaussian)."""
+    if cfg.method in CLEAN_SELECTED:
+        return None
+    if cfg.condition is None:
+        return {"name": LP_THREAT, "kind": cfg.threat.kind, "description": cfg.threat.describe()}
+    return {"name": cfg.condition.name, "kind": cfg.condition.kind, "description": cfg.condition.describe()}
 
 
 def start_from_checkpoint(model, params, root) -> None:
@@ -120,6 +160,9 @@ def main(ws: Workspace, resume: bool = False) -> int:
     # threat.rationale is report prose: editing it must not invalidate the model (nor a resume)
     fingerprint_now = params.section_hash("seed", "data", "model", "threat", "train",
                                           exclude={"threat": {"rationale"}})
+    if cfg.condition is not None:  # the condition trained for is part of what a resume must match
+        fingerprint_now = sha256_bytes((fingerprint_now + params.conditions.threats[cfg.condition.name]
+                                       .model_dump_json(exclude={"rationale"})).encode())
     previous = None
     if resume:
         previous = load_state(state_file, fingerprint_now, distributed)
@@ -196,9 +239,7 @@ def main(ws: Workspace, resume: bool = False) -> int:
     write_json(ws.metrics("train"), dump(TrainResult(
         model_sha256=sha256_file(ws.checkpoint),
         selected_by=selected_by,
-        selection_rule=f"the epoch with the highest {selected_by.replace('_', ' ')} among the epochs trained at "
-                       "the full training ε" + (f" (validation attack: {cfg.val_pgd.name} {cfg.val_pgd.settings()})"
-                                                 if selected_by == "val_robust_accuracy" else ""),
+        selection_rule=selection_rule(cfg, selected_by),
         method=cfg.method,
         epochs=cfg.epochs,
         epochs_run=len(result.history),
@@ -209,7 +250,9 @@ def main(ws: Workspace, resume: bool = False) -> int:
         best_val_robust_accuracy=best["val_robust_accuracy"],
         best_val_verified_accuracy=best.get("val_verified_accuracy"),
         train_epsilon=cfg.target_epsilon,
-        val_robust_attack={"name": "pgd", **cfg.val_pgd.settings()},
+        val_robust_attack=({"name": "pgd", **cfg.val_pgd.settings()} if cfg.condition is None else
+                           {"name": "condition_search", **cfg.condition_search.model_dump(mode="json")}),
+        trained_for=trained_for(cfg),
         seed=params.seed,
         dataset_fingerprint=data_fingerprint,
         params=params.train.model_dump(mode="json"),

@@ -13,7 +13,7 @@ import copy
 import math
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Optional
+from typing import Any, Callable, Optional
 
 import torch
 from torch import nn
@@ -57,6 +57,8 @@ class FitConfig:
     catastrophic_drop: float = 0.2  # fast_at: robust val accuracy falling this far below its best
     context: dict = field(default_factory=dict)  # method hyperparameters for BatchContext
     train_epsilon: Optional[float] = None  # ε of the inner maximisation / bounds; None: `epsilon`
+    condition: Any = None  # train.threat naming a condition: trained and validated over its parameters
+    condition_search: Any = None  # conditions.search: the validation worst case under the condition
 
     @property
     def target_epsilon(self) -> float:
@@ -113,6 +115,27 @@ def robust_accuracy(model, pgd: PGD, data: ArrayDataset, threat: LpBall, domain,
     for xb, yb in in_batches(data, batch_size, device):
         x_adv = pgd(model, xb, yb, threat, domain, generator)
         robust += int((predict(model, x_adv, batch_size) == yb).sum())
+    return robust / len(data)
+
+
+def condition_context(cfg: FitConfig, ramp: float) -> dict:
+    """The condition for this epoch's batches: its range grows with the warm-up as ε does."""
+    if cfg.condition is None:
+        return {}
+    return {"condition": cfg.condition if ramp == 1.0 else cfg.condition.scaled(ramp)}
+
+
+def condition_robust_accuracy(model, data: ArrayDataset, cfg: FitConfig, domain, device,
+                              batch_size: int = 512) -> float:
+    """Share of validation samples the condition's worst-case search (conditions.search settings) does not
+    break, batch-wise; its own generator, so validation does not shift the training stream."""
+    from pipeline.conditions.search import search
+
+    generator = torch.Generator().manual_seed(0)
+    robust = 0
+    for x, y in in_batches(data, batch_size, device):
+        robust += int(search(model, x, y, cfg.condition, domain, cfg.condition_search, generator, batch_size)
+                      .robust.sum())
     return robust / len(data)
 
 
@@ -244,7 +267,8 @@ def fit(
         epsilon = epoch_epsilon(cfg, epoch)
         ramp = warmup_progress(cfg, epoch)
         ctx = BatchContext(cfg.threat.with_epsilon(epsilon), domain, cfg.train_pgd, generator, num_classes,
-                           noise_sigma=cfg.noise_sigma, ramp=ramp, bounds=bounds, **cfg.context)
+                           noise_sigma=cfg.noise_sigma, ramp=ramp, bounds=bounds, **cfg.context,
+                           **condition_context(cfg, ramp))
         batches.start_epoch(epoch, generator)  # the epoch's order, drawn where it always was
         loss_sum, seen = 0.0, 0
         model.train()
@@ -272,7 +296,8 @@ def fit(
         model.eval()
         train_clean = clean_accuracy(model, train_set, device)
         val_clean = clean_accuracy(model, val_set, device)
-        val_robust = robust_accuracy(model, cfg.val_pgd, val_set, cfg.threat, domain, generator, device)
+        val_robust = (robust_accuracy(model, cfg.val_pgd, val_set, cfg.threat, domain, generator, device)
+                      if cfg.condition is None else condition_robust_accuracy(model, val_set, cfg, domain, device))
         row = {
             "epoch": epoch + 1,
             "epsilon": epsilon,

@@ -3,7 +3,10 @@
 Each method maps a batch to the loss whose gradient updates the weights. The
 adversarial ones approximately solve the inner maximisation of
 min_θ E[max_{‖δ‖≤ε} L(f_θ(x+δ), y)]; the certified ones minimise an upper bound
-on the worst-case loss computed by bound propagation.
+on the worst-case loss computed by bound propagation. With a condition in the context
+(`train.threat` naming one of `conditions.threats`), PGD-AT, TRADES and consistency maximise
+over the condition's parameters instead of the ε-ball (pipeline/conditions/training.py), and
+`worst_of_k` / `augmentation` train for the condition without gradient steps.
 """
 from __future__ import annotations
 
@@ -39,9 +42,30 @@ class BatchContext:
     beta_end: float = 0.0  # crown_ibp: final weight of the CROWN-IBP bound (Zhang et al. 2020 end at 0)
     bounds: Any = None  # a BoundComputer-like object for certified training
     after_backward: list = field(default_factory=list)  # callbacks run between backward and step (AWP)
+    condition: Any = None  # a pipeline.conditions Condition: the inner maximisation is over its parameters
+    worst_of_k: int = 8  # random parameter draws per sample before the gradient steps (conditions)
+
+
+def _no_threat(ctx: BatchContext) -> bool:
+    """Nothing to maximise over: the Lp ball at ε = 0 (a condition always has its box)."""
+    return ctx.condition is None and ctx.threat.epsilon == 0
+
+
+def _condition_point(model: nn.Module, x, ctx: BatchContext, loss, steps: Optional[int] = None) -> torch.Tensor:
+    """The inner maximisation over the condition's parameters: worst of k draws, then `pgd.steps` signed
+    ascent steps of `pgd.step_size` × each axis' range (read as a share of the range, not input units)."""
+    from pipeline.conditions.training import inner_max
+
+    pgd = ctx.pgd
+    steps = (pgd.steps if pgd is not None else 0) if steps is None else steps
+    step_fraction = pgd.step_size if pgd is not None else 0.0
+    return inner_max(model, x, ctx.condition, ctx.domain, ctx.generator, loss, ctx.worst_of_k, steps,
+                     step_fraction).x
 
 
 def _adversarial(model: nn.Module, x, y, ctx: BatchContext) -> torch.Tensor:
+    if ctx.condition is not None:
+        return _condition_point(model, x, ctx, lambda logits: F.cross_entropy(logits, y, reduction="none"))
     model.eval()
     try:
         return ctx.pgd.perturb(model, x, y, ctx.threat, ctx.domain, ctx.generator).detach()
@@ -56,13 +80,17 @@ def standard(model: nn.Module, x, y, ctx: BatchContext) -> torch.Tensor:
 
 def pgd_at(model: nn.Module, x, y, ctx: BatchContext) -> torch.Tensor:
     """Madry et al. 2018: cross-entropy on PGD points from a random start in the ε-ball."""
-    if ctx.threat.epsilon == 0:
+    if _no_threat(ctx):
         return standard(model, x, y, ctx)
     return F.cross_entropy(model(_adversarial(model, x, y, ctx)), y)
 
 
 def _trades_point(model: nn.Module, x, ctx: BatchContext) -> torch.Tensor:
     """Inner maximisation of TRADES: ascend KL(f(x) ‖ f(x')) from a small random start."""
+    if ctx.condition is not None:
+        with torch.no_grad():
+            log_clean = F.log_softmax(model(x), dim=1)
+        return _condition_point(model, x, ctx, lambda logits: _kl_rows(log_clean, F.log_softmax(logits, dim=1)))
     model.eval()
     try:
         with torch.no_grad():
@@ -82,7 +110,7 @@ def _trades_point(model: nn.Module, x, ctx: BatchContext) -> torch.Tensor:
 
 def trades(model: nn.Module, x, y, ctx: BatchContext) -> torch.Tensor:
     """Zhang et al. 2019: CE on clean inputs + β·KL(f(x) ‖ f(x')), x' maximising the KL."""
-    if ctx.threat.epsilon == 0:
+    if _no_threat(ctx):
         return standard(model, x, y, ctx)
     x_adv = _trades_point(model, x, ctx)
     logits = model(x)
@@ -161,7 +189,7 @@ def _shift(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
 def consistency(model: nn.Module, x, y, ctx: BatchContext) -> torch.Tensor:
     """Tack et al. 2022 style: adversarial examples of two views, CE on both, plus a
     temperature-scaled Jensen-Shannon consistency between their predictions."""
-    if ctx.threat.epsilon == 0:
+    if _no_threat(ctx):
         return standard(model, x, y, ctx)
     views = [x, _shift(x, ctx.generator)]
     adversarial = [_adversarial(model, view, y, ctx) for view in views]
@@ -224,6 +252,19 @@ def gaussian(model: nn.Module, x, y, ctx: BatchContext) -> torch.Tensor:
     return F.cross_entropy(model(x + noise), y)
 
 
+def worst_of_k(model: nn.Module, x, y, ctx: BatchContext) -> torch.Tensor:
+    """Engstrom et al. 2019: cross-entropy on the worst of k random parameters of the condition, per sample."""
+    point = _condition_point(model, x, ctx, lambda logits: F.cross_entropy(logits, y, reduction="none"), steps=0)
+    return F.cross_entropy(model(point), y)
+
+
+def augmentation(model: nn.Module, x, y, ctx: BatchContext) -> torch.Tensor:
+    """Plain augmentation: each sample under one random parameter of the condition (the baseline to beat)."""
+    from pipeline.conditions.training import augmented
+
+    return F.cross_entropy(model(augmented(model, x, y, ctx.condition, ctx.domain, ctx.generator)), y)
+
+
 METHODS: dict[str, Callable[[nn.Module, torch.Tensor, torch.Tensor, BatchContext], torch.Tensor]] = {
     "standard": standard,
     "pgd_at": pgd_at,
@@ -235,5 +276,8 @@ METHODS: dict[str, Callable[[nn.Module, torch.Tensor, torch.Tensor, BatchContext
     "ibp": ibp,
     "crown_ibp": crown_ibp,
     "gaussian": gaussian,
+    "worst_of_k": worst_of_k,
+    "augmentation": augmentation,
 }
 CERTIFIED = ("ibp", "crown_ibp")
+CONDITION_ONLY = ("worst_of_k", "augmentation")  # methods that train for a condition, never an Lp ball
