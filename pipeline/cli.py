@@ -18,6 +18,7 @@ from pipeline.errors import EvidenceError, UsageError
 
 STAGES = {
     "prepare": "load, validate, split and fingerprint the dataset",
+    "train_threat": "write what of the conditions section training uses (the file train depends on)",
     "train": "train the model with train.method (adversarial, certified or noise training)",
     "attack": "robust accuracy under the worst case of FGSM, PGD, APGD and Square, with intervals",
     "certify": "IBP and CROWN verified accuracy through auto_LiRPA, cross-checked",

@@ -14,7 +14,6 @@ import torch
 
 from pipeline.config import parse_params
 from pipeline.conditions.threats import from_config
-from pipeline.errors import UsageError
 from pipeline.training.methods import METHODS, BatchContext
 from tests.conftest import TINY_PARAMS, make_workspace, run_stage
 
@@ -137,3 +136,31 @@ def test_a_bad_training_threat_is_one_line_exit_2_and_writes_nothing(tmp_path, c
     err = capsys.readouterr().err.strip()
     assert message in err and len(err.splitlines()) == 1, err
     assert not (root / "models" / "model.pt").exists() and not (root / "metrics" / "train.json").exists()
+
+
+def test_train_depends_on_the_named_condition_only():
+    """`train` depends on artifacts/train_threat.json, not on conditions.*: the file must change with
+    what training uses (the named condition's range, the search) and with nothing else (another
+    condition, a rationale, the smoothing settings), so DVC re-trains exactly when it must.
+    Before: train listed conditions.threats, and any condition edit re-ran training."""
+    from pipeline.stages.train_threat import training_threat
+
+    base = copy.deepcopy(TINY_PARAMS)
+    base["conditions"]["threats"]["glare"] = dict(GLARE)
+    base["train"] = {**{k: v for k, v in base["train"].items() if k not in ("pgd", "val_pgd")}, "method": "worst_of_k",
+                     "threat": "glare", "worst_of_k": 4}
+
+    def record(edit=lambda p: None):
+        params = copy.deepcopy(base)
+        edit(params)
+        return training_threat(parse_params(params))
+
+    first = record()
+    assert first["threat"] == "glare" and first["condition"]["range"] == [-0.1, 0.1] and "search" in first
+    assert "rationale" not in first["condition"]
+    assert record(lambda p: p["conditions"]["threats"]["jitter"].update(pixels=2)) == first
+    assert record(lambda p: p["conditions"]["threats"]["glare"].update(rationale="low sun")) == first
+    assert record(lambda p: p["conditions"]["threats"]["glare"].update(range=[-0.2, 0.2])) != first
+    assert record(lambda p: p["conditions"]["search"].update(steps=7)) != first
+    lp = copy.deepcopy(TINY_PARAMS)
+    assert training_threat(parse_params(lp)) == {"threat": "lp"}

@@ -67,24 +67,25 @@ def test_repro_noop_partial_rerun_and_failing_gate(repo_copy):
     root = repo_copy
     first = sh(["dvc", "repro"], root)
     order = ran(first.stdout)
-    assert sorted(order) == sorted(["prepare", "train", "attack", "certify", "smooth", "clinical", "conditions",
-                                    "export", "properties", "report", "gate", "register"])
-    assert order[:2] == ["prepare", "train"] and order[-3:] == ["report", "gate", "register"]
+    assert sorted(order) == sorted(["prepare", "train_threat", "train", "attack", "certify", "smooth", "clinical",
+                                    "conditions", "export", "properties", "report", "gate", "register"])
+    assert order.index("train") > max(order.index("prepare"), order.index("train_threat"))
+    assert order[-3:] == ["report", "gate", "register"]
     assert (root / "reports/build/report.html").is_file()
     register = json.loads((root / "metrics/register.json").read_text())
     assert register["approved"] and approved_version(root) == register["version"]
 
     assert ran(sh(["dvc", "repro"], root).stdout) == []  # nothing changed, nothing runs
 
-    # one triggering condition edited: train re-runs (train.threat may name a condition, so DVC lists
-    # conditions.threats among its params) but gives the same model.pt, so no evaluation stage of the
-    # model follows; the conditions stage re-evaluates that one condition only (the others are carried
-    # over from the persisted metrics), then the report, gate and registration
+    # one triggering condition edited: train_threat re-runs (train.threat may name a condition) and
+    # writes the same file (the model is trained for the Lp ball), so train and every evaluation of
+    # the model are skipped; the conditions stage re-evaluates that one condition only (the others
+    # are carried over from the persisted metrics), then the report, gate and registration
     params = yaml.safe_load((root / "params.yaml").read_text())
     params["conditions"]["threats"]["glare"]["range"] = [-0.08, 0.08]
     (root / "params.yaml").write_text(yaml.safe_dump(params))
     edited = sh(["dvc", "repro"], root)
-    assert ran(edited.stdout) == ["train", "conditions", "report", "gate", "register"]
+    assert ran(edited.stdout) == ["train_threat", "conditions", "report", "gate", "register"]
     assert "jitter: unchanged since the last run, carried over" in edited.stdout
     assert "glare: unchanged" not in edited.stdout
     assert json.loads((root / "metrics/conditions.json").read_text())["glare"]["axes"]["brightness"] == [-0.08, 0.08]
