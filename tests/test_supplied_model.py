@@ -152,10 +152,14 @@ def test_properties_instances_are_hashed_and_counterexamples_drawn(tmp_path, dig
     assert {"bench/instances.csv", "bench/huge.vnnlib"} <= set(json.dumps(manifest).replace('"', " ").split())
 
 
-def test_properties_instance_outside_the_workspace_exit_2(tmp_path, digits_model, capsys):
+@pytest.mark.parametrize("row,message", [
+    ("supplied/net.onnx,../outside.vnnlib,10", "outside.vnnlib lies outside"),
+    ("supplied/net.onnx,missing.vnnlib,10", "missing.vnnlib does not exist"),
+], ids=["outside-the-workspace", "missing-file"])
+def test_properties_instances_bad_row_exit_2(tmp_path, digits_model, capsys, row, message):
     root = _supplied_workspace(tmp_path / "ws", digits_model, "nchw")
     (tmp_path / "outside.vnnlib").write_text("(declare-const X_0 Real)\n")
-    (root / "instances.csv").write_text("supplied/net.onnx,../outside.vnnlib,10\n")
+    (root / "instances.csv").write_text(row + "\n")
     params = yaml.safe_load((root / "params.yaml").read_text())
     params["properties"] = {"instances": "instances.csv"}
     (root / "params.yaml").write_text(yaml.safe_dump(params))
@@ -163,19 +167,5 @@ def test_properties_instance_outside_the_workspace_exit_2(tmp_path, digits_model
         assert run_stage(stage, root) == 0, stage
     assert run_stage("properties", root) == 2
     err = capsys.readouterr().err
-    assert "instances.csv:1:" in err and "outside.vnnlib lies outside" in err
-    assert not (root / "metrics" / "properties.json").exists()
-
-
-def test_properties_instances_bad_row_exit_2(tmp_path, digits_model, capsys):
-    root = _supplied_workspace(tmp_path / "ws", digits_model, "nchw")
-    (root / "instances.csv").write_text("supplied/net.onnx,missing.vnnlib,10\n")
-    params = yaml.safe_load((root / "params.yaml").read_text())
-    params["properties"] = {"instances": "instances.csv"}
-    (root / "params.yaml").write_text(yaml.safe_dump(params))
-    for stage in ("prepare", "train", "attack", "certify", "export"):
-        assert run_stage(stage, root) == 0, stage
-    assert run_stage("properties", root) == 2
-    err = capsys.readouterr().err
-    assert "instances.csv:1:" in err and "missing.vnnlib does not exist" in err
+    assert "instances.csv:1:" in err and message in err
     assert not (root / "metrics" / "properties.json").exists()
