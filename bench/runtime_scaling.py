@@ -56,6 +56,7 @@ def part_shards(tmp: Path, tiny: bool) -> list[str]:
         seconds[processes] = stage(root, "attack")[0]
         metrics[processes] = json.loads((root / "metrics" / "attack.json").read_text())
         metrics[processes].pop("seconds", None)
+        metrics[processes].pop("runtime", None)  # names the process count
     lines.append(f"| {seconds[1]:.1f} | {seconds[2]:.1f} | {seconds[1] / seconds[2]:.2f}× | {metrics[1] == metrics[2]} |")
     lines += ["", "The gradient-masking checks are off here: they compare whole-set accuracies and run once, after the "
               "merge, in the parent process, so with them on that serial part bounds the speed-up (Amdahl). "

@@ -327,8 +327,9 @@ def clinical_findings(metrics: dict) -> list[str]:
                      f"(coverage {100 * smoothed['coverage']:.1f}%).")
     if clinical["subgroup_columns"]:
         smallest = clinical.get("smallest_subgroup")
+        exact = "; the complete MILP verification" if any(g.get("exact") for g in clinical["subgroups"]) else ""
         notes.append(f"Every diagnostic figure (sensitivity and specificity clean, robust and verified; PPV and NPV "
-                     f"clean and at the attacks' worst inputs; calibration; selective prediction) is repeated for "
+                     f"clean and at the attacks' worst inputs; calibration; selective prediction{exact}) is repeated for "
                      f"{len(clinical['subgroups'])} subgroups of {listing(clinical['subgroup_columns'])}, each with "
                      f"its n; the smallest subgroup{f' ({smallest})' if smallest else ''} has n = "
                      f"{clinical['smallest_subgroup_n']}.")

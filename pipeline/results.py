@@ -412,6 +412,7 @@ class SubgroupRecord(_Record):
     positive: ClassFigures
     calibration: Optional[CalibrationRecord] = None
     selective: list[SelectivePoint] = Field(default_factory=list)
+    exact: Optional[ExactRecord] = None
 
 
 class ClinicalResult(_Record):

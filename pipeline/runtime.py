@@ -125,17 +125,18 @@ def _worker_init(threads: int) -> None:
 
 
 def run_shards(task: Callable, shard_args: Sequence[tuple], threads: int) -> list:
-    """Run `task(*args)` for each shard, each in its own spawned process, and return the results in
-    shard order. A shard whose process dies (killed, out of memory) is re-run alone, once."""
+    """Run `task(*args)` for each shard and return the results in shard order: the first shard in
+    this process (which would otherwise wait idle, while the others start), every other in its own
+    spawned process. A shard whose process dies (killed, out of memory) is re-run alone, once."""
     if len(shard_args) == 1:
         return [task(*shard_args[0])]
     context = torch.multiprocessing.get_context("spawn")
     pools = [ProcessPoolExecutor(1, mp_context=context, initializer=_worker_init, initargs=(threads,))
-             for _ in shard_args]
+             for _ in shard_args[1:]]
     try:
-        futures = [pool.submit(task, *args) for pool, args in zip(pools, shard_args)]
-        results = []
-        for args, future in zip(shard_args, futures):
+        futures = [pool.submit(task, *args) for pool, args in zip(pools, shard_args[1:])]
+        results = [_run_here(task, shard_args[0], threads)]
+        for args, future in zip(shard_args[1:], futures):
             try:
                 results.append(future.result())
             except BrokenProcessPool:
@@ -146,6 +147,17 @@ def run_shards(task: Callable, shard_args: Sequence[tuple], threads: int) -> lis
     finally:
         for pool in pools:
             pool.shutdown(cancel_futures=True)
+
+
+def _run_here(task: Callable, args: tuple, threads: int):
+    """One shard in this process, under the settings a worker process has (_worker_init)."""
+    previous = (torch.get_num_threads(), torch.are_deterministic_algorithms_enabled())
+    _worker_init(threads)
+    try:
+        return task(*args)
+    finally:
+        torch.set_num_threads(previous[0])
+        torch.use_deterministic_algorithms(previous[1])
 
 
 @dataclass(frozen=True)

@@ -75,6 +75,10 @@ def test_every_figure_is_repeated_per_subgroup_with_its_n(workspace):
     # answered cases add up over the subgroups to the whole split's, threshold by threshold
     for k, point in enumerate(c["selective"]):
         assert sum(g["selective"][k]["answered"] for g in groups) == point["answered"]
+    # the MILP's answers too, counted again per subgroup: they add up to the whole split's
+    for key in ("verified", "counterexample", "unknown", "positive_counterexamples"):
+        assert sum(g["exact"][key] for g in groups) == c["exact"][key]
+    assert sum(g["exact"]["n"] for g in groups) == c["exact"]["n"] == c["n"]
     smallest = min(groups, key=lambda g: g["n"])
     assert c["smallest_subgroup_n"] == smallest["n"]
     assert c["smallest_subgroup"] == f"size_tertile = {smallest['value']:g}"
@@ -86,6 +90,7 @@ def test_the_report_tables_every_subgroup_figure_and_draws_the_two_plots(workspa
     assert f"the smallest, {c['smallest_subgroup']}, has n = {c['smallest_subgroup_n']}" in html
     assert "ECE [95%]" in html and "Abstain &lt; 0.95: coverage / risk" in html
     assert html.count("size_tertile = ") >= 6  # each subgroup in both subgroup tables
+    assert "Exactly verified sensitivity (MILP)" in html and "the complete MILP verification) is repeated" in html
     assert 'alt="Reliability diagram" src="data:image/png;base64,' in html
     assert 'alt="Coverage against risk of selective prediction" src="data:image/png;base64,' in html
     assert "Every diagnostic figure" in html and f"({c['smallest_subgroup']}) has n = " in html

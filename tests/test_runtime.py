@@ -37,9 +37,9 @@ def copy_workspace(source, target):
 
 
 def without_timings(value):
-    """Metrics with wall-clock fields dropped (they differ between any two runs)."""
+    """Metrics with wall-clock fields and the runtime record (it names the process count) dropped."""
     if isinstance(value, dict):
-        return {k: without_timings(v) for k, v in value.items() if k != "seconds"}
+        return {k: without_timings(v) for k, v in value.items() if k not in ("seconds", "runtime")}
     if isinstance(value, list):
         return [without_timings(v) for v in value]
     return value
@@ -108,9 +108,10 @@ def test_one_and_two_processes_give_identical_evaluation(pipeline_workspace, tmp
                    smoothing={"max_samples": 6}, runtime={"processes": processes, "threads": 1})
         for stage in ("attack", "certify", "smooth"):
             assert run_stage(stage, root) == 0, (stage, processes)
-        outputs[processes] = {
-            stage: without_timings(json.loads((root / "metrics" / f"{stage}.json").read_text()))
-            for stage in ("attack", "certify", "smooth")}
+        metrics = {stage: json.loads((root / "metrics" / f"{stage}.json").read_text())
+                   for stage in ("attack", "certify", "smooth")}
+        assert all(m["runtime"]["processes"] == processes for m in metrics.values())
+        outputs[processes] = {stage: without_timings(m) for stage, m in metrics.items()}
         for name in ("attack/samples.jsonl", "certify/samples.jsonl", "smooth/samples.jsonl"):
             outputs[processes][name] = (root / "artifacts" / name).read_text()
         outputs[processes]["adversarial"] = sha256_file(root / "artifacts" / "attack" / "adversarial.npz")

@@ -45,9 +45,10 @@ def _bound_to(ws: Workspace, stage: str, model_sha: str) -> dict:
 
 
 def _subgroups(x: np.ndarray, outcomes: Outcomes, probabilities: np.ndarray, cfg, names, positive: int,
-               attacks: str, certifiers: str, seed: int) -> list[SubgroupRecord]:
-    """Per value of each subgroup column: the positive class's figures, calibration and selective
-    prediction on that subgroup's test cases alone."""
+               attacks: str, certifiers: str, seed: int, exact_of=None) -> list[SubgroupRecord]:
+    """Per value of each subgroup column: the positive class's figures, calibration, selective
+    prediction and (`exact_of`, given the MILP's answers) the exact verification on that subgroup's
+    test cases alone."""
     groups = []
     for column in cfg.subgroups:
         values = x[:, names.index(column)]
@@ -62,33 +63,34 @@ def _subgroups(x: np.ndarray, outcomes: Outcomes, probabilities: np.ndarray, cfg
                 column=column, value=float(value), n=int(members.sum()),
                 positive=class_figures(outcomes.subset(members), positive, cfg.positive_class, attacks, certifiers),
                 calibration=calibration(probs, y, cfg.calibration_bins, cfg.bootstrap, seed),
-                selective=selective(probs, y, positive, cfg.thresholds)))
+                selective=selective(probs, y, positive, cfg.thresholds),
+                exact=None if exact_of is None else exact_of(members)))
     return groups
 
 
 def exact_verification(model, params, data, domain, x, y, outcomes: Outcomes, positive: int):
     """Complete MILP verification of every case within clinical.exact_time_budget_s, cross-checked:
     a case it proves may not have an adversarial example, nor a case a certifier proved a
-    counterexample. None when not asked for; NotApplicable when the network or threat does not fit."""
+    counterexample. Returns the record (None when not asked for; NotApplicable when the network or
+    threat does not fit) and the per-case answers (None without them), which subgroups count again."""
     import time
 
-    from pipeline.certify.milp import COUNTEREXAMPLE, UNKNOWN, VERIFIED, Unsupported, affine_layers, decide
+    from pipeline.certify.milp import COUNTEREXAMPLE, VERIFIED, Unsupported, affine_layers, decide
 
     cfg = params.clinical
     if cfg.exact_time_budget_s is None:
-        return None
+        return None, None
     threat = from_params(params, data)
     if threat.norm != "linf":
-        return NotApplicable(status="not_applicable", reason="the MILP encodes L∞ boxes; threat.norm is l2")
+        return NotApplicable(status="not_applicable", reason="the MILP encodes L∞ boxes; threat.norm is l2"), None
     if getattr(model, "not_boundable", None):  # a supplied model without its layers (pipeline.supplied.model)
         return NotApplicable(status="not_applicable", reason=f"the MILP needs the network's layers: "
-                                                             f"{model.not_boundable}")
+                                                             f"{model.not_boundable}"), None
     try:
         affine_layers(model)
     except Unsupported as error:
-        return NotApplicable(status="not_applicable", reason=f"the MILP reads ReLU MLPs only: {error}")
+        return NotApplicable(status="not_applicable", reason=f"the MILP reads ReLU MLPs only: {error}"), None
     low, high = threat.box(x, domain)
-    started = time.perf_counter()
     decided = decide(model, x, y, low, high, data.num_classes, cfg.exact_case_limit_s,
                      deadline=time.monotonic() + cfg.exact_time_budget_s, integer=threat.integer)
     status = np.array([d.status for d in decided])
@@ -99,13 +101,22 @@ def exact_verification(model, params, data, domain, x, y, outcomes: Outcomes, po
     if len(refuted_but_certified):
         raise SoundnessViolation(f"MILP found a counterexample for case {int(refuted_but_certified[0])}, "
                                  "which a certifier verified")
-    pos = outcomes.y == positive
+    method = ("MILP (big-M, interval pre-activation bounds), HiGHS via scipy.optimize.milp"
+              + ("; integer features as integer variables" if threat.integer is not None else ""))
+    return exact_record(decided, outcomes.y, positive, method, cfg), decided
+
+
+def exact_record(decided: list, y: np.ndarray, positive: int, method: str, cfg) -> ExactRecord:
+    """The MILP's per-case answers counted, for the whole test split or one subgroup's cases."""
+    from pipeline.certify.milp import COUNTEREXAMPLE, UNKNOWN, VERIFIED
+
+    status = np.array([d.status for d in decided])
+    pos = y == positive
     return ExactRecord(
-        method="MILP (big-M, interval pre-activation bounds), HiGHS via scipy.optimize.milp"
-               + ("; integer features as integer variables" if threat.integer is not None else ""),
-        n=len(status), verified=int((status == VERIFIED).sum()), counterexample=int((status == COUNTEREXAMPLE).sum()),
-        unknown=int((status == UNKNOWN).sum()), seconds=time.perf_counter() - started,
-        time_budget_s=cfg.exact_time_budget_s, case_limit_s=cfg.exact_case_limit_s,
+        method=method, n=len(status), verified=int((status == VERIFIED).sum()),
+        counterexample=int((status == COUNTEREXAMPLE).sum()), unknown=int((status == UNKNOWN).sum()),
+        seconds=float(sum(d.seconds for d in decided)), time_budget_s=cfg.exact_time_budget_s,
+        case_limit_s=cfg.exact_case_limit_s,
         positive_verified=share(int((pos & (status == VERIFIED)).sum()), int(pos.sum()), "lower_bound",
                                 "MILP (complete)", "no positive case"),
         positive_counterexamples=int((pos & (status == COUNTEREXAMPLE)).sum()))
@@ -170,10 +181,13 @@ def main(ws: Workspace) -> int:
                 "them, a superset, so their verified figures are conservative")
         if "categorical" in kinds:
             handling.append("categorical features: immutable (radius 0)")
+    exact, decided = exact_verification(model, params, data, domain, x, y, outcomes, positive)
+    exact_of = None if decided is None else (
+        lambda members: exact_record([d for d, m in zip(decided, members) if m], outcomes.y[members], positive,
+                                     exact.method, cfg))
     subgroups = _subgroups(x.numpy(), outcomes, probabilities, cfg, list(data.feature_names or ()), positive,
-                           attacks, certified_by, params.seed)
+                           attacks, certified_by, params.seed, exact_of)
     smallest = min(subgroups, key=lambda g: g.n, default=None)
-    exact = exact_verification(model, params, data, domain, x, y, outcomes, positive)
     result = ClinicalResult(
         status="ok", seed=params.seed, dataset_fingerprint=data_fingerprint, model_sha256=model_sha, n=n,
         threat=ThreatRecord(norm=threat.norm, epsilon=threat.epsilon), positive_class=cfg.positive_class,
