@@ -13,6 +13,7 @@ order. One process and N shards therefore give identical per-sample results and 
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import os
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
@@ -117,6 +118,25 @@ def shard_ranges(n: int, shards: int, block: int) -> list[tuple[int, int]]:
                          f"of {block} for {n} sample(s)); lower runtime.processes")
     cuts = [round(i * blocks / shards) * block for i in range(shards + 1)]
     return [(cuts[i], min(cuts[i + 1], n)) for i in range(shards)]
+
+
+def release_freed_memory() -> None:
+    """Hand memory freed by the last batch back to the operating system (Linux/glibc; a no-op
+    elsewhere). glibc raises its mmap threshold after large blocks are freed, so a batch's freed
+    activations stay in the heap and the resident size grew with every batch: the attack stage on
+    10,000 MNIST images peaked 228 MiB above 2,000; trimmed after each batch, 70 MiB (its inputs and
+    its outputs), at no measurable cost (bench/memory_scaling.py)."""
+    global _malloc_trim
+    if _malloc_trim is None:
+        try:
+            _malloc_trim = ctypes.CDLL("libc.so.6").malloc_trim
+        except (OSError, AttributeError):
+            _malloc_trim = False
+    if _malloc_trim:
+        _malloc_trim(0)
+
+
+_malloc_trim = None
 
 
 def _worker_init(threads: int) -> None:

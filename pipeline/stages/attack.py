@@ -21,7 +21,7 @@ from pipeline.io import atomic_write, confine, sha256_file, write_json, write_te
 from pipeline.policy import load_policy
 from pipeline.results import (Accuracy, AttackRecord, AttackResult, AttackSweep, ClassRecord, NotApplicable,
                               ReferenceCoverage, RuntimeRecord, ThreatRecord, dump)
-from pipeline.runtime import block_generator, run_shards, shard_ranges
+from pipeline.runtime import block_generator, release_freed_memory, run_shards, shard_ranges
 from pipeline.stages.common import (check_model_outputs, load_data, load_model_for, seed_everything, shard_setup,
                                     start_runtime, tensors)
 from pipeline.stats import proportion
@@ -247,7 +247,8 @@ def main(ws: Workspace) -> int:
     metrics, result = evaluate(
         model, params, x, y, domain.to(runtime.device), data.num_classes, generator, model_sha256=model_sha,
         data_fingerprint=data_fingerprint, data=data, samples=samples,
-        progress=lambda name, count: (bar.set_postfix_str(name, refresh=False), bar.update(count)))
+        progress=lambda name, count: (bar.set_postfix_str(name, refresh=False), bar.update(count),
+                                     release_freed_memory()))
     bar.close()
     x, y = x.cpu(), y.cpu()
     names = list(metrics.attacks)
@@ -287,4 +288,4 @@ def _attack_shard(ws: Workspace, data_fingerprint: str, start: int, stop: int) -
     """One shard of :func:`main`, in its own process: test samples [start, stop)."""
     s = shard_setup(ws, data_fingerprint, start, stop)
     return attack_samples(s.model, s.params, s.x, s.y, s.domain, s.data.num_classes, s.params.seed,
-                          start, data=s.data)
+                          start, progress=lambda name, count: release_freed_memory(), data=s.data)
