@@ -21,7 +21,7 @@ from pipeline.feasibility import check_runnable
 from pipeline.io import atomic_write, confine, sha256_bytes, sha256_file, write_json
 from pipeline.models import build_model, load_weights, save_checkpoint, set_input_statistics
 from pipeline.results import TrainResult, dump
-from pipeline.runtime import ShardedShuffle, join, rank_seed, torchrun_command, under_torchrun
+from pipeline.runtime import ShardedShuffle, join, release_freed_memory, rank_seed, torchrun_command, under_torchrun
 from pipeline.stages.common import load_data, seed_everything, start_runtime
 from pipeline.threat import Domain, from_params
 from pipeline.training.loop import CLEAN_SELECTED, FitConfig, TrainingDiverged, TrainState, fit, selection_metric
@@ -178,6 +178,7 @@ def main(ws: Workspace, resume: bool = False) -> int:
     def on_batch(epoch: int, size: int, loss: float) -> None:
         bar.set_postfix_str(f"epoch {epoch + 1}/{cfg.epochs} loss {loss:.3f}", refresh=False)
         bar.update(size)
+        release_freed_memory()  # the batch's activations back to the OS, or the heap grows batch by batch
 
     def on_epoch(row: dict) -> None:
         bar.write(
