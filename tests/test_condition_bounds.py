@@ -14,6 +14,7 @@ import torch
 from pipeline.conditions.certify import branch_and_bound
 from pipeline.config import parse_params
 from pipeline.conditions.threats import from_config
+from tests.test_conditions import assert_certified_on_a_dense_grid
 
 AFFINE = [{"kind": "brightness", "range": [-0.2, 0.2]}, {"kind": "contrast", "range": [0.6, 1.4]},
           {"kind": "brightness_contrast", "brightness": [-0.15, 0.15], "contrast": [0.7, 1.3]},
@@ -53,14 +54,7 @@ def test_folded_certificates_hold_on_a_dense_grid_and_match_crown(spec, digits_m
     crown = branch_and_bound(model, x, y, cond, domain, 10, condition(spec, "crown")[1].certify)
     assert folded.verified.any()
     assert int(folded.verified.sum()) >= 0.9 * int(crown.verified.sum())
-    low, high = cond.box()
-    axes = [torch.linspace(float(lo), float(hi), 400 if cond.dims == 1 else 20) for lo, hi in zip(low, high)]
-    points = torch.cartesian_prod(*axes).reshape(-1, cond.dims)
-    certified = torch.nonzero(folded.verified).flatten()
-    with torch.no_grad():
-        for point in points:
-            prediction = model(cond.transform(x[certified], point.expand(len(certified), -1), domain)).argmax(1)
-            assert (prediction == y[certified]).all(), (spec, point)
+    assert_certified_on_a_dense_grid(model, x, y, cond, domain, folded.verified)
 
 
 def test_forward_crown_refuses_a_transform_that_is_not_affine(digits_model):

@@ -18,7 +18,7 @@ from pipeline.config import parse_params
 from pipeline.conditions.certify import branch_and_bound, cross_check
 from pipeline.conditions.search import margin_and_prediction, search
 from pipeline.conditions.threats import KINDS, from_config
-from pipeline.errors import SoundnessViolation, UsageError
+from pipeline.errors import SoundnessViolation
 from tests.conftest import TINY_PARAMS, make_workspace, run_stage
 
 SHAPE = (1, 8, 8)
@@ -99,15 +99,20 @@ def test_branch_and_bound_certificates_hold_on_a_dense_grid(spec, digits_model):
     cond, settings = condition(spec)
     outcome = branch_and_bound(model, x, y, cond, domain, 10, settings.certify)
     assert outcome.verified.any()
+    assert_certified_on_a_dense_grid(model, x, y, cond, domain, outcome.verified)
+
+
+def assert_certified_on_a_dense_grid(model, x, y, cond, domain, verified: torch.Tensor) -> None:
+    """Every certified sample is classified correctly at each point of a dense grid over the parameter
+    box (400 points on one axis, 20 × 20 on two; corners included)."""
     low, high = cond.box()
     axes = [torch.linspace(float(lo), float(hi), 400 if cond.dims == 1 else 20) for lo, hi in zip(low, high)]
     points = torch.cartesian_prod(*axes).reshape(-1, cond.dims)
-    certified = torch.nonzero(outcome.verified).flatten()
+    certified = torch.nonzero(verified).flatten()
     with torch.no_grad():
         for point in points:
-            theta = point.expand(len(certified), -1)
-            prediction = model(cond.transform(x[certified], theta, domain)).argmax(1)
-            assert (prediction == y[certified]).all(), (spec, point)
+            prediction = model(cond.transform(x[certified], point.expand(len(certified), -1), domain)).argmax(1)
+            assert (prediction == y[certified]).all(), (cond, point)
 
 
 def test_a_certificate_contradicted_by_the_search_is_a_soundness_violation():

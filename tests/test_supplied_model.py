@@ -74,14 +74,12 @@ def test_wrong_layout_is_one_line_exit_2(tmp_path, digits_model, capsys):
     assert not (root / "models" / "model.pt").exists()
 
 
-def test_properties_stage_claims_and_instances(tmp_path, digits_model):
-    """Claims are written for exactly the certified samples and re-prove unsat on the shipped file;
-    a listed instances.csv is decided with per-instance results and totals. New stage: before,
-    `robustgate properties` did not exist."""
+def _instances_run(tmp_path, digits_model, radii: dict[str, float], max_claims: int):
+    """A supplied-ONNX workspace whose bench/instances.csv lists one robustness property per name in
+    `radii` (L∞ radius around a grey image, on the supplied file), run through the report."""
     import numpy as np
 
     from pipeline import vnnlib
-    from pipeline.prove_cli import prove_files
 
     root = _supplied_workspace(tmp_path / "ws", digits_model, "nchw")
     bench = root / "bench"
@@ -89,14 +87,24 @@ def test_properties_stage_claims_and_instances(tmp_path, digits_model):
     x0 = np.full((1, 8, 8), 0.5)
     with torch.no_grad():
         label = int(digits_model[0](torch.as_tensor(x0, dtype=torch.float32)[None]).argmax())
-    (bench / "tiny.vnnlib").write_text(vnnlib.robustness_property(x0, 1e-4, 0.0, 1.0, label, 10))
-    (bench / "huge.vnnlib").write_text(vnnlib.robustness_property(x0, 1.0, 0.0, 1.0, label, 10))
-    (bench / "instances.csv").write_text("../supplied/net.onnx,tiny.vnnlib,30\n../supplied/net.onnx,huge.vnnlib,30\n")
+    for name, radius in radii.items():
+        (bench / f"{name}.vnnlib").write_text(vnnlib.robustness_property(x0, radius, 0.0, 1.0, label, 10))
+    (bench / "instances.csv").write_text("".join(f"../supplied/net.onnx,{name}.vnnlib,30\n" for name in radii))
     params = yaml.safe_load((root / "params.yaml").read_text())
-    params["properties"] = {"instances": "bench/instances.csv", "max_claims": 3}
+    params["properties"] = {"instances": "bench/instances.csv", "max_claims": max_claims}
     (root / "params.yaml").write_text(yaml.safe_dump(params))
     for stage in ("prepare", "train", "attack", "certify", "smooth", "export", "properties", "report"):
         assert run_stage(stage, root) == 0, stage
+    return root
+
+
+def test_properties_stage_claims_and_instances(tmp_path, digits_model):
+    """Claims are written for exactly the certified samples and re-prove unsat on the shipped file;
+    a listed instances.csv is decided with per-instance results and totals. New stage: before,
+    `robustgate properties` did not exist."""
+    from pipeline.prove_cli import prove_files
+
+    root = _instances_run(tmp_path, digits_model, {"tiny": 1e-4, "huge": 1.0}, max_claims=3)
     metrics = json.loads((root / "metrics" / "properties.json").read_text())
     html = (root / "reports" / "build" / "report.html").read_text()
     assert "<code>bench/tiny.vnnlib</code></td><td><strong>unsat</strong>" in html
@@ -123,22 +131,10 @@ def test_properties_instances_are_hashed_and_counterexamples_drawn(tmp_path, dig
     code before: no hashes in the metrics or manifest, no counterexample image."""
     import numpy as np
 
-    from pipeline import vnnlib
     from pipeline.io import sha256_file
 
-    root = _supplied_workspace(tmp_path / "ws", digits_model, "nchw")
+    root = _instances_run(tmp_path, digits_model, {"huge": 1.0}, max_claims=1)
     bench = root / "bench"
-    bench.mkdir()
-    x0 = np.full((1, 8, 8), 0.5)
-    with torch.no_grad():
-        label = int(digits_model[0](torch.as_tensor(x0, dtype=torch.float32)[None]).argmax())
-    (bench / "huge.vnnlib").write_text(vnnlib.robustness_property(x0, 1.0, 0.0, 1.0, label, 10))
-    (bench / "instances.csv").write_text("../supplied/net.onnx,huge.vnnlib,30\n")
-    params = yaml.safe_load((root / "params.yaml").read_text())
-    params["properties"] = {"instances": "bench/instances.csv", "max_claims": 1}
-    (root / "params.yaml").write_text(yaml.safe_dump(params))
-    for stage in ("prepare", "train", "attack", "certify", "smooth", "export", "properties", "report"):
-        assert run_stage(stage, root) == 0, stage
     metrics = json.loads((root / "metrics" / "properties.json").read_text())
     assert metrics["instances_sha256"] == sha256_file(bench / "instances.csv")
     (record,) = metrics["instances"]
