@@ -49,7 +49,8 @@ def _clinical(clinical: dict) -> list[str]:
 
 
 def _conditions(conditions: dict) -> Optional[str]:
-    """One line: per condition, robust (search) / certified accuracy."""
+    """One line: per condition, robust (search) / certified accuracy, and the smoothed classifier's
+    probabilistic certificate where smoothing over the parameter ran."""
     records = {name: r for name, r in conditions.items() if isinstance(r, dict) and "robust_accuracy" in r}
     if not records:
         return None
@@ -57,7 +58,9 @@ def _conditions(conditions: dict) -> Optional[str]:
     for name, record in records.items():
         certified = record["certified_accuracy"]
         shown = f"{certified['value']:.3f}" if certified.get("status") == "ok" else "n/a"
-        parts.append(f"{name} {record['robust_accuracy']['value']:.3f}/{shown}")
+        smoothed = (record.get("smoothed") or {}).get("certified_accuracy") or {}
+        extra = f" (smoothed classifier {smoothed['value']:.3f})" if smoothed.get("status") == "ok" else ""
+        parts.append(f"{name} {record['robust_accuracy']['value']:.3f}/{shown}{extra}")
     return "conditions   robust/certified: " + ", ".join(parts)
 
 

@@ -35,6 +35,19 @@ def test_summary_prints_a_dozen_headline_lines(pipeline_workspace, capsys):
     assert not any(l.startswith("clinical") for l in lines)  # not applicable to digits: no line
 
 
+def test_summary_names_the_smoothed_certificate_of_a_condition():
+    """Rotation has no deterministic certificate but may carry the smoothed classifier's; before, the
+    summary printed "n/a" alone while the report showed the smoothed figure."""
+    from pipeline.summary import _conditions
+
+    smoothed = {"status": "ok", "value": 0.885}
+    line = _conditions({"rotation": {"robust_accuracy": {"value": 0.915},
+                                     "certified_accuracy": {"status": "not_applicable", "reason": "r"},
+                                     "smoothed": {"certified_accuracy": smoothed}},
+                        "n": 200})
+    assert line == "conditions   robust/certified: rotation 0.915/n/a (smoothed classifier 0.885)"
+
+
 def test_plots_page_is_self_contained(pipeline_workspace, capsys):
     """Before: only `dvc plots show`, whose page loads vega from a CDN (blank offline)."""
     assert cli(["plots", "--workspace", str(pipeline_workspace)]) == 0
