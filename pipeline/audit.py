@@ -141,7 +141,7 @@ def summary_lines(root: Path) -> list[str]:
 
 def audit(rev: str, repo: str, remote: Optional[str] = None, registry: Optional[str] = None,
           public_key: Optional[Path] = None, keep: Optional[Path] = None) -> int:
-    from pipeline.verify_cli import check
+    from pipeline.verify_cli import check, print_findings
 
     if keep is not None and keep.exists():
         raise UsageError(f"--keep {keep}: exists already; give a new directory")
@@ -164,10 +164,7 @@ def audit(rev: str, repo: str, remote: Optional[str] = None, registry: Optional[
               f"{remote or 'the default DVC remote'} ({'complete' if pulled else 'INCOMPLETE'})")
         print("\n".join(summary_lines(root)))
         print()
-        for state in states:
-            print(f"audit: {state}")
-        for problem in problems:
-            print(f"audit: MISMATCH {problem}")
+        print_findings("audit", states, problems)
         if problems:
             raise IntegrityMismatch(f"{len(problems)} problem(s) in the evidence of {commit[:12]}; first: {problems[0]}")
         print(f"audit: OK, {checked_outs} DVC outputs match dvc.lock and {checked} artifacts match the manifest "

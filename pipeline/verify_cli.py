@@ -132,12 +132,17 @@ def check(directory: Path, public_key: Optional[Path] = None, registry: Optional
     return problems, [state for state in states if state], checked, manifest
 
 
+def print_findings(command: str, states: list[str], problems: list[str]) -> None:
+    """What was checked, then every mismatch, one line each (verify and audit print alike)."""
+    for state in states:
+        print(f"{command}: {state}")
+    for problem in problems:
+        print(f"{command}: MISMATCH {problem}")
+
+
 def verify(directory: Path, public_key: Optional[Path] = None, registry: Optional[str] = None) -> int:
     problems, states, checked, manifest = check(directory, public_key, registry)
-    for problem in problems:
-        print(f"verify: MISMATCH {problem}")
-    for state in states:
-        print(f"verify: {state}")
+    print_findings("verify", states, problems)
     if problems:
         raise IntegrityMismatch(f"{len(problems)} problem(s) in {manifest}")
     print(f"verify: OK, {checked} artifacts match {manifest}")
