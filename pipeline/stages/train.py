@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import io
+import json
 import os
 import subprocess
 import sys
@@ -23,6 +24,7 @@ from pipeline.models import build_model, load_weights, save_checkpoint, set_inpu
 from pipeline.results import TrainResult, dump
 from pipeline.runtime import ShardedShuffle, join, release_freed_memory, rank_seed, torchrun_command, under_torchrun
 from pipeline.stages.common import load_data, seed_everything, start_runtime
+from pipeline.stages.train_threat import training_threat
 from pipeline.threat import Domain, from_params
 from pipeline.training.loop import CLEAN_SELECTED, FitConfig, TrainingDiverged, TrainState, fit, selection_metric
 from pipeline.workspace import Workspace
@@ -160,9 +162,9 @@ def main(ws: Workspace, resume: bool = False) -> int:
     # threat.rationale is report prose: editing it must not invalidate the model (nor a resume)
     fingerprint_now = params.section_hash("seed", "data", "model", "threat", "train",
                                           exclude={"threat": {"rationale"}})
-    if cfg.condition is not None:  # the condition trained for is part of what a resume must match
-        fingerprint_now = sha256_bytes((fingerprint_now + params.conditions.threats[cfg.condition.name]
-                                       .model_dump_json(exclude={"rationale"})).encode())
+    if cfg.condition is not None:  # what training uses of the condition (train_threat's record) must match too
+        fingerprint_now = sha256_bytes((fingerprint_now + json.dumps(training_threat(params), sort_keys=True))
+                                       .encode())
     previous = None
     if resume:
         previous = load_state(state_file, fingerprint_now, distributed)
