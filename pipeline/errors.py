@@ -45,3 +45,10 @@ class RegistryUnreachable(EvidenceError):
     """The model registry could not be reached or refused the request; nothing was read or moved."""
 
     prefix = "REGISTRY UNREACHABLE"
+
+
+def first_line(error: BaseException, limit: int = 200) -> str:
+    """The first line of an exception's message, cut to `limit` characters (third-party errors run
+    to pages; one line goes to the user), or its type's name when it has no message."""
+    text = str(error).strip()
+    return text.splitlines()[0][:limit] if text else type(error).__name__

@@ -10,7 +10,7 @@ import json
 from pathlib import Path
 from typing import Optional
 
-from pipeline.errors import UsageError
+from pipeline.errors import UsageError, first_line
 from pipeline.io import sha256_bytes, sha256_file
 
 MANIFEST_VERSION = 1
@@ -54,7 +54,7 @@ def read_signing_key(path: Path, what: str) -> bytes:
         _load_private_key(pem)
     except (ValueError, TypeError) as error:  # cryptography: not PEM, encrypted, or another algorithm
         raise UsageError(f"{what} = {str(path)!r}: not an unencrypted Ed25519 private key in PEM form "
-                         f"({_first_line(error)})") from None
+                         f"({first_line(error)})") from None
     return pem
 
 
@@ -71,10 +71,6 @@ def configured_signing_key(root: Path, params) -> Optional[bytes]:
         return read_signing_key(confine(params.report.signing_key, root, "report.signing_key"), "report.signing_key")
     return None
 
-
-def _first_line(error: BaseException) -> str:
-    text = str(error).strip()
-    return text.splitlines()[0][:200] if text else type(error).__name__
 
 
 def public_key_pem(private_pem: bytes) -> bytes:
@@ -124,7 +120,7 @@ def read_json_bytes(raw: bytes, name: str) -> tuple[Optional[object], list[str]]
     try:
         return json.loads(raw.decode("utf-8")), []
     except (UnicodeDecodeError, json.JSONDecodeError) as error:
-        return None, [f"{name}: not valid JSON ({_first_line(error)}); the file is truncated or was edited"]
+        return None, [f"{name}: not valid JSON ({first_line(error)}); the file is truncated or was edited"]
 
 
 def sign_file(path: Path, private_pem: bytes) -> None:

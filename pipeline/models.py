@@ -15,7 +15,7 @@ from typing import Any, Callable, Sequence
 import torch
 from torch import nn
 
-from pipeline.errors import UsageError
+from pipeline.errors import UsageError, first_line
 from pipeline.io import atomic_write
 
 
@@ -128,7 +128,7 @@ def build_model(name: str, input_shape: Sequence[int], num_classes: int, options
     except UsageError:
         raise
     except Exception as error:  # user code: any failure is the user's model, reported in one line
-        raise UsageError(f"model.name = {name!r}: the factory raised {type(error).__name__}: {_first_line(error)}") from None
+        raise UsageError(f"model.name = {name!r}: the factory raised {type(error).__name__}: {first_line(error)}") from None
     if not isinstance(model, nn.Module):
         raise UsageError(f"model.name = {name!r}: factory returned {type(model).__name__}, not an nn.Module")
     try:
@@ -136,7 +136,7 @@ def build_model(name: str, input_shape: Sequence[int], num_classes: int, options
             out = model.eval()(torch.zeros(2, *input_shape))
     except Exception as error:
         raise UsageError(f"model.name = {name!r}: forward on a zero batch of shape {(2, *input_shape)} raised "
-                         f"{type(error).__name__}: {_first_line(error)}") from None
+                         f"{type(error).__name__}: {first_line(error)}") from None
     if not isinstance(out, torch.Tensor) or out.shape != (2, num_classes):
         shown = tuple(out.shape[1:]) if isinstance(out, torch.Tensor) else type(out).__name__
         raise UsageError(
@@ -144,10 +144,6 @@ def build_model(name: str, input_shape: Sequence[int], num_classes: int, options
         )
     return model
 
-
-def _first_line(error: BaseException) -> str:
-    text = str(error).strip()
-    return text.splitlines()[0][:200] if text else "no message"
 
 
 def save_checkpoint(model: nn.Module, directory: Path, meta: dict[str, Any]) -> None:
@@ -164,7 +160,7 @@ def _read_meta(meta_file: Path) -> dict[str, Any]:
     try:
         meta = json.loads(meta_file.read_text(encoding="utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise UsageError(f"{meta_file}: not valid JSON ({_first_line(error)}); re-run `robustgate train`") from None
+        raise UsageError(f"{meta_file}: not valid JSON ({first_line(error)}); re-run `robustgate train`") from None
     if not isinstance(meta, dict):
         raise UsageError(f"{meta_file}: must be a JSON object; re-run `robustgate train`")
     return meta
@@ -222,7 +218,7 @@ def load_weights(weights: Path) -> dict[str, torch.Tensor]:
         raise UsageError(f"{weights}: refused: the file holds Python objects other than tensors (only a plain "
                          "state_dict is loaded, nothing in it is executed); re-save it with `robustgate train`") from None
     except (RuntimeError, EOFError, OSError, ValueError) as error:
-        raise UsageError(f"{weights}: not a readable torch checkpoint ({_first_line(error)})") from None
+        raise UsageError(f"{weights}: not a readable torch checkpoint ({first_line(error)})") from None
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise UsageError(f"{weights}: refused: not a state_dict of tensors")
     return state

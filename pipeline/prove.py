@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from pipeline import lirpa_compat
+from pipeline.errors import first_line
 from pipeline.vnnlib import Property, Region
 
 UNSAT, SAT, UNKNOWN, TIMEOUT = "unsat", "sat", "unknown", "timeout"
@@ -208,7 +209,7 @@ class Prover:
                 example = self.to_bound(torch.zeros(1, *self.input_shape, dtype=torch.float64))
                 return self.lirpa.BoundedModule(self.bound_module64, example, device="cpu", bound_opts=options)
         except Exception as error:  # auto_LiRPA raises plain exceptions for operators it cannot trace
-            raise _NotBoundable(f"auto_LiRPA cannot bound this network: {_first_line(error)}") from None
+            raise _NotBoundable(f"auto_LiRPA cannot bound this network: {first_line(error)}") from None
 
     def _stop_at_deadline(self, bounds: torch.Tensor):
         """α-CROWN's optimisation loop asks this after every iteration: an all-True tensor ends it
@@ -256,7 +257,7 @@ class Prover:
                     lb, _ = bounded.compute_bounds(x=(self.lirpa.BoundedTensor(centre, ptb),), C=spec, method=name,
                                                    bound_upper=False)
         except Exception as error:  # an operator without a bound rule
-            raise _NotBoundable(f"auto_LiRPA cannot bound this network with {name}: {_first_line(error)}") from None
+            raise _NotBoundable(f"auto_LiRPA cannot bound this network with {name}: {first_line(error)}") from None
         return lb.detach() - b
 
     def _refuted(self, bounds: torch.Tensor, conjuncts) -> torch.Tensor:
@@ -347,7 +348,7 @@ class Prover:
             except _Deadline:
                 raise
             except Exception as error:  # auto_LiRPA cannot wrap or bound it under split bounds: say so, never guess
-                return Answer(UNKNOWN, "relu_bab", notes=[f"ReLU splitting failed: {_first_line(error)}"])
+                return Answer(UNKNOWN, "relu_bab", notes=[f"ReLU splitting failed: {first_line(error)}"])
         if outcome.status == "verified":
             return Answer(UNSAT, "relu_bab", boxes=outcome.domains)
         if outcome.status == "found":
@@ -395,7 +396,3 @@ def _inside(points: np.ndarray, lower: np.ndarray, upper: np.ndarray) -> np.ndar
     x[above] = np.nextafter(x[above], np.float32(-np.inf))
     return x
 
-
-def _first_line(error: BaseException) -> str:
-    text = str(error).strip()
-    return text.splitlines()[0][:200] if text else type(error).__name__

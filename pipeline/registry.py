@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
-from pipeline.errors import EvidenceError, IntegrityMismatch, RegistryUnreachable, UsageError
+from pipeline.errors import EvidenceError, IntegrityMismatch, RegistryUnreachable, UsageError, first_line
 from pipeline.io import sha256_file
 
 CANDIDATE, APPROVED = "candidate", "approved"
@@ -73,10 +73,6 @@ def check_reachable(tracking_uri: str, timeout_s: float = 5.0) -> None:
         ) from None
 
 
-def _first_line(error: BaseException) -> str:
-    text = str(error).strip()
-    return text.splitlines()[0][:300] if text else type(error).__name__
-
 
 @contextmanager
 def registry_errors(tracking_uri: str, doing: str):
@@ -88,7 +84,7 @@ def registry_errors(tracking_uri: str, doing: str):
         raise
     except Exception as error:  # noqa: BLE001 (only registry calls run inside)
         raise RegistryUnreachable(f"MLflow at {redact(tracking_uri)} failed while {doing}: "
-                                  f"{type(error).__name__}: {_first_line(error)}") from None
+                                  f"{type(error).__name__}: {first_line(error, 300)}") from None
 
 
 def _flatten(prefix: str, value, out: dict) -> None:
@@ -141,7 +137,7 @@ def alias_holder(client, model_name: str, alias: str) -> Optional[str]:
         if _is_absent(error):
             return None
         raise RegistryUnreachable(f"registry refused to read alias {alias!r} of {model_name!r}: "
-                                  f"{_first_line(error)}") from None
+                                  f"{first_line(error, 300)}") from None
 
 
 @contextmanager
@@ -160,7 +156,7 @@ def promotion_lock(client, model_name: str, wait_s: float = LOCK_WAIT_S, stale_s
             break
         except MlflowException as error:
             if getattr(error, "error_code", "") != "RESOURCE_ALREADY_EXISTS":
-                raise RegistryUnreachable(f"registry refused the promotion lock: {_first_line(error)}") from None
+                raise RegistryUnreachable(f"registry refused the promotion lock: {first_line(error, 300)}") from None
         try:
             since = float(client.get_registered_model(lock).tags.get("since", "0"))
         except MlflowException:

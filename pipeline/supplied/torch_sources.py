@@ -22,12 +22,8 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from pipeline.errors import UsageError
+from pipeline.errors import UsageError, first_line
 
-
-def _first_line(error: BaseException) -> str:
-    text = str(error).strip()
-    return text.splitlines()[0][:200] if text else type(error).__name__
 
 
 class FlatInput(nn.Module):
@@ -81,7 +77,7 @@ def load_torchscript(path: Path) -> torch.jit.ScriptModule:
             warnings.filterwarnings("ignore", message=r"`torch\.jit\.load` is deprecated", category=DeprecationWarning)
             module = torch.jit.load(str(path), map_location="cpu")
     except Exception as error:  # the loader raises RuntimeError/ValueError/zip errors: all "not a TorchScript file"
-        raise UsageError(f"{path}: not a loadable TorchScript file ({_first_line(error)})") from None
+        raise UsageError(f"{path}: not a loadable TorchScript file ({first_line(error)})") from None
     return module.eval()
 
 
@@ -92,7 +88,7 @@ def check_outputs(net: nn.Module, file_shape: Sequence[int], num_classes: int, l
             out = net(torch.zeros(2, *file_shape))
     except Exception as error:
         raise UsageError(f"{label}: forward on a zero batch of shape {(2, *file_shape)} raised "
-                         f"{type(error).__name__}: {_first_line(error)}") from None
+                         f"{type(error).__name__}: {first_line(error)}") from None
     if not isinstance(out, torch.Tensor) or tuple(out.shape) != (2, num_classes):
         shown = list(out.shape[1:]) if isinstance(out, torch.Tensor) else type(out).__name__
         raise UsageError(f"{label}: output shape {shown} per sample; the data has {num_classes} classes")
@@ -109,7 +105,7 @@ def torchscript_to_onnx(module: nn.Module, file_shape: Sequence[int], opset: int
         try:
             export_onnx(module, tuple(file_shape), target, opset, {})
         except (ExportError, Exception) as error:  # the checker raises its own types too
-            raise UsageError(f"the TorchScript module does not export to ONNX ({_first_line(error)})") from None
+            raise UsageError(f"the TorchScript module does not export to ONNX ({first_line(error)})") from None
         return target.read_bytes()
 
 
@@ -126,5 +122,5 @@ def load_state_dict_model(path: Path, name: str, options: dict, file_shape: Sequ
     try:
         net.load_state_dict(state, strict=True)
     except RuntimeError as error:
-        raise UsageError(f"{path}: the weights do not fit model.name {name!r}: {_first_line(error)}") from None
+        raise UsageError(f"{path}: the weights do not fit model.name {name!r}: {first_line(error)}") from None
     return net.eval()
