@@ -181,28 +181,29 @@ def condition_training_note(name: str, train: dict) -> str:
             "training time), so these figures measure a trained-for condition, not an unforeseen one.")
 
 
-RUNTIME_STAGES = ("train", "attack", "certify", "smooth")
+RUNTIME_STAGES = ("train", "attack", "certify", "smooth", "conditions")
 
 
 def runtime_used(metrics: dict) -> str:
     """Where each stage computed, from its metrics: the figures are reproducible bit for bit only
-    with the same thread count, torch build and CPU kernel set, so the report names them."""
+    with the same thread count, torch build and processor, so the report names them."""
     groups: dict[tuple, list[str]] = {}
     for stage in RUNTIME_STAGES:
         record = (metrics.get(stage) or {}).get("runtime")
         if record:
             key = (record["device"], record["threads"], record["processes"], record["precision"], record["torch"],
-                   record["cpu_capability"])
+                   record["cpu_capability"], record["cpu"], record.get("gpu"))
             groups.setdefault(key, []).append(stage)
     if not groups:
         return "not recorded (metrics from before the runtime record)"
     parts = []
-    for (device, threads, processes, precision, torch_version, capability), stages in groups.items():
-        parts.append(f"{listing(stages)}: {device}, {processes} process{'es' if processes > 1 else ''} of "
-                     f"{threads} thread{'s' if threads > 1 else ''}, {precision}, torch {torch_version}, "
-                     f"CPU kernels {capability}")
+    for (device, threads, processes, precision, torch_version, capability, cpu, gpu), stages in groups.items():
+        parts.append(f"{listing(stages)}: {device}{f' ({gpu})' if gpu else ''}, {processes} "
+                     f"process{'es' if processes > 1 else ''} of {threads} thread{'s' if threads > 1 else ''}, "
+                     f"{precision}, torch {torch_version}, CPU {cpu}, kernels {capability}")
     return ("; ".join(parts) + ". Re-running with the same params and seed reproduces these figures bit for bit "
-            "only with the same threads, torch build and CPU kernels: floating-point reductions are ordered by them.")
+            "only with the same threads, torch build and processor: floating-point reductions are ordered by "
+            "them, and another processor may train a different model.")
 
 
 def supplied_shipping(train: dict) -> str:
@@ -407,8 +408,12 @@ def condition_scope(record: dict, name: str = "", train: dict | None = None) -> 
                      "for this finite set.")
     else:
         how = listing([SEARCH_LABELS[c] for c in search["components"]])
+        gradient = (f", {search['gradient_copies']:,} of them with a gradient" if search["gradient_copies"] else "")
         notes.append(f"Robust accuracy under {label} is an upper bound: the worst case found by {how} "
-                     f"({search['copies_per_sample']} transformed copies per sample); a stronger search may lower it.")
+                     f"(up to {search['copies_per_sample']} transformed copies per sample, "
+                     f"{search['copies_evaluated']:,} evaluated in all{gradient}: a sample leaves the search once "
+                     "it is broken, and the gradient descent once it returns to a point it already evaluated); "
+                     "a stronger search may lower it.")
     if record["kind"] == "noise":
         notes.append("The noise direction is drawn at random for each evaluation: the worst case is over the "
                      "draws made, not over every noise pattern.")

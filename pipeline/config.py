@@ -647,7 +647,9 @@ class RegisterConfig(_Section):
 
 
 class RuntimeConfig(_Section):
-    """Where and how the work runs; none of it changes a CPU result (see pipeline/runtime.py)."""
+    """Where and how the work runs. Metrics are identical across processes; the thread count and the processor
+    order floating-point reductions, so they shape the low-order bits and may change a trained model (each
+    stage records them: pipeline/runtime.py)."""
 
     device: str = Field("auto", pattern=r"^(auto|cpu|cuda|cuda:\d+|mps)$",
                         description="auto: cuda, else mps, else cpu; a device not on this machine is refused")
@@ -673,7 +675,7 @@ class PropertiesConfig(_Section):
 CONDITION_NAME = re.compile(r"^[a-z][a-z0-9_]*$")
 # metrics/conditions.json holds one record per condition next to these keys
 RESERVED_CONDITION_NAMES = ("schema_version", "seed", "dataset_fingerprint", "model_sha256", "n", "split",
-                            "seconds", "reused", "conditions")
+                            "seconds", "reused", "conditions", "runtime")
 
 
 def _interval(values: list[float], name: str, positive: bool = False) -> list[float]:

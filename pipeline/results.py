@@ -79,7 +79,7 @@ class _StageResult(_Record):
 
 class RuntimeRecord(_Record):
     """Where a stage computed: same params and seed give the same figures only with the same
-    threads, torch build and CPU kernel set (pipeline.runtime.Runtime.record)."""
+    threads, torch build and processor (pipeline.runtime.Runtime.record)."""
 
     device: str
     threads: int = Field(ge=1)
@@ -87,6 +87,8 @@ class RuntimeRecord(_Record):
     precision: str
     torch: str
     cpu_capability: str
+    cpu: str = Field(description="vendor, family, model, stepping, name and a digest of the flags")
+    gpu: Optional[str] = None
 
 
 class _ModelResult(_StageResult):
@@ -474,7 +476,10 @@ class ConditionSearchRecord(_Record):
     random_draws: int
     gradient_steps: int
     restarts: int
-    copies_per_sample: int = Field(description="transformed copies evaluated per sample")
+    copies_per_sample: int = Field(description="the budget: the most transformed copies one sample is given")
+    copies_evaluated: int = Field(ge=0, description="transformed copies evaluated, all samples together (a "
+                                  "sample leaves once broken, and the descent once it repeats a point)")
+    gradient_copies: int = Field(ge=0, description="of which evaluated with a gradient")
     exhaustive: bool
     seconds: float
 

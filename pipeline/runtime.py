@@ -15,10 +15,13 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import functools
+import hashlib
 import os
+import platform
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import Callable, Sequence
 
 import numpy as np
@@ -48,11 +51,36 @@ class Runtime:
         and the CPU kernel set and torch build change them too."""
         return {"device": str(self.device), "threads": self.threads, "processes": self.processes,
                 "precision": self.precision, "torch": torch.__version__,
-                "cpu_capability": torch.backends.cpu.get_cpu_capability()}
+                "cpu_capability": torch.backends.cpu.get_cpu_capability(), "cpu": cpu_identity(),
+                "gpu": torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else None}
 
     def grad_scaler(self):
         """float16 gradients underflow without loss scaling; bf16 and float32 need none."""
         return torch.amp.GradScaler(self.device.type) if self.precision == "fp16" else None
+
+
+@functools.cache
+def cpu_identity() -> str:
+    """The processor, as precisely as the OS tells: vendor, family, model and stepping, its name, and a
+    digest of its instruction-set flags. torch's kernel set (AVX2, AVX512) is too coarse to name the
+    figures' machine: MKL's GEMM picks its code path and blocking by processor, and the default params
+    trained a different model on two machines that both report AVX512 (bench/results/runtime.md)."""
+    fields: dict[str, str] = {}
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            key = key.strip()
+            if not key:
+                break  # the first processor is enough: they are alike
+            fields.setdefault(key, value.strip())
+    except OSError:
+        pass
+    if not fields:
+        return f"{platform.machine()} {platform.processor()}".strip()
+    identity = (f"{fields.get('vendor_id', '?')} family {fields.get('cpu family', '?')} model {fields.get('model', '?')} "
+                f"stepping {fields.get('stepping', '?')} ({fields.get('model name', '?')})")
+    flags = " ".join(sorted(fields.get("flags", "").split()))
+    return f"{identity}, flags {hashlib.sha256(flags.encode()).hexdigest()[:12]}"
 
 
 def resolve_device(name: str) -> torch.device:

@@ -1,11 +1,13 @@
-"""The worst-case search's cost (issue 16, search cost vs floor): several parameter points share one
-batched forward, and a sample leaves the random and gradient phases once it is broken (early exit).
+"""The worst-case search's cost (issue 16, search cost vs floor): copies go through the model in full
+batches, a sample leaves the random and gradient phases once it is broken (early exit), and the
+descent once it returns to a point it already evaluated (from there it would only repeat itself).
 
-Before this change SearchOutcome had no `copies_evaluated` and every sample received the whole
-budget: the first test fails on the old code. The second pins that batching does not change what
-the search finds (a regression guard for the batched grid, stated as such)."""
+The descent test compares against signed-gradient descent without any exit: the exit may save
+copies, never change a verdict or a worst margin. The batching test pins that batching does not
+change what the search finds (a regression guard for the batched grid, stated as such)."""
 from __future__ import annotations
 
+import pytest
 import torch
 
 from pipeline.conditions.search import search
@@ -18,16 +20,53 @@ def condition(spec: dict):
     return from_config("c", params.conditions.threats["c"], (1, 8, 8)), params.conditions
 
 
-def test_broken_samples_leave_the_search_and_unbroken_ones_get_the_whole_budget(digits_model):
+def test_broken_samples_leave_the_search_and_unbroken_ones_get_every_forward_copy(digits_model):
     model, x, y, domain = digits_model
     cond, settings = condition({"kind": "brightness_contrast", "brightness": [-0.4, 0.4], "contrast": [0.5, 1.5]})
     outcome = search(model, x, y, cond, domain, settings.search, torch.Generator().manual_seed(0), 512)
     n, budget = len(y), outcome.copies_per_sample
-    assert budget == settings.search.grid ** 2 + settings.search.random + settings.search.steps + 1
-    settled = int((~outcome.robust).sum())
+    forward = settings.search.grid ** 2 + settings.search.random
+    assert budget == forward + settings.search.steps + 1
+    settled, robust = int((~outcome.robust).sum()), int(outcome.robust.sum())
     assert settled > 0
     assert outcome.copies_evaluated < n * budget  # the broken and the clean-wrong samples stopped early
-    assert outcome.copies_evaluated >= int(outcome.robust.sum()) * budget + settled * settings.search.grid ** 2
+    # every robust sample saw the whole grid, every draw and at least one gradient step
+    assert outcome.copies_evaluated >= robust * (forward + 1) + settled * settings.search.grid ** 2
+    assert robust <= outcome.gradient_copies <= outcome.copies_evaluated
+
+
+def _plain_descent(model, x, y, cond, domain, cfg, generator):
+    """Signed-gradient descent without any early exit, every sample for every step: the reference."""
+    from pipeline.conditions.search import _uniform, margin_and_prediction
+
+    low, high = cond.box()
+    theta = _uniform(len(x), cond, generator, x.device)
+    lowest = torch.full((len(x),), float("inf"))
+    broken = torch.zeros(len(x), dtype=torch.bool)
+    for step in range(cfg.steps + 1):
+        t = theta.clone().requires_grad_(True)
+        margin, prediction = margin_and_prediction(model(cond.transform(x, t, domain)), y)
+        (grad,) = torch.autograd.grad(margin.sum(), t)
+        lowest, broken = torch.minimum(lowest, margin.detach()), broken | (prediction != y)
+        theta = torch.maximum(torch.minimum(theta - cfg.step_fraction * (high - low) * grad.sign(), high), low)
+    return lowest, broken
+
+
+@pytest.mark.parametrize("spec", [{"kind": "brightness", "range": [-0.3, 0.3]},
+                                  {"kind": "rotation", "range": [-30, 30]}])
+def test_the_descent_stops_only_where_it_would_repeat_itself(digits_model, spec):
+    """Leaving the descent at a repeated point saves gradient copies and changes nothing the search finds:
+    the same verdict and the same lowest margin as the descent that runs every step for every sample."""
+    model, x, y, domain = digits_model
+    cond, settings = condition(spec)
+    outcome = search(model, x, y, cond, domain, settings.search, torch.Generator().manual_seed(3), 512,
+                     use=("gradient",), random_draws=0)
+    lowest, broken = _plain_descent(model, x, y, cond, domain, settings.search, torch.Generator().manual_seed(3))
+    assert torch.equal(outcome.robust, outcome.clean_correct & ~broken)
+    robust = outcome.robust
+    assert torch.allclose(outcome.worst.margin[robust], lowest[robust], atol=1e-5)
+    alive = int(outcome.clean_correct.sum())
+    assert outcome.gradient_copies < alive * settings.search.steps  # repeats were left out
 
 
 def test_batching_several_points_per_forward_finds_the_same_worst_case(digits_model):

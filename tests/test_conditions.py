@@ -193,6 +193,40 @@ def test_stage_reevaluates_only_the_changed_condition_and_is_deterministic(tmp_p
     assert np.load(root / "artifacts/conditions/glare.npz")["x"].ndim in (0, 4)
 
 
+def test_a_code_or_runtime_change_reevaluates_every_condition(tmp_path, capsys):
+    """The cache key holds the package's code and the runtime, so a carried-over record never mixes
+    figures computed by other code or on other threads with the runtime the file records."""
+    import shutil
+
+    from pipeline.stages.conditions import PACKAGE, package_sha256
+
+    package_copy = tmp_path / "pipeline"
+    shutil.copytree(PACKAGE, package_copy, ignore=shutil.ignore_patterns("__pycache__"))
+    before = package_sha256(package_copy)
+    assert before == package_sha256(PACKAGE)
+    search_module = package_copy / "conditions" / "search.py"
+    search_module.write_text(search_module.read_text() + "\n# an edit\n")
+    package_sha256.cache_clear()
+    assert package_sha256(package_copy) != before
+
+    root = make_workspace(tmp_path / "ws")
+    for stage in ("prepare", "train", "conditions"):
+        assert run_stage(stage, root) == 0
+    assert json.loads((root / "metrics/conditions.json").read_text())["runtime"]["threads"] == torch.get_num_threads()
+    params = _params_with(TINY_PARAMS["conditions"]["threats"])
+    params["runtime"] = {"threads": 1}
+    (root / "params.yaml").write_text(__import__("yaml").safe_dump(params))
+    previous = torch.get_num_threads()
+    capsys.readouterr()
+    try:
+        assert run_stage("conditions", root) == 0
+    finally:
+        torch.set_num_threads(previous)
+    assert "carried over" not in capsys.readouterr().out
+    again = json.loads((root / "metrics/conditions.json").read_text())
+    assert again["runtime"]["threads"] == 1 and not any(v.get("reused") for v in again.values() if isinstance(v, dict))
+
+
 def test_every_kind_is_configurable():
     """The params union and the threat classes name the same kinds."""
     from pipeline.config import CONDITION_KINDS

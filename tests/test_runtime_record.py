@@ -9,6 +9,7 @@ import json
 import torch
 
 from pipeline import claims, results
+from pipeline.runtime import cpu_identity
 from tests.conftest import TINY_PARAMS, make_workspace, run_stage
 
 
@@ -19,9 +20,11 @@ def test_every_computing_stage_records_its_runtime(pipeline_workspace):
         assert record["threads"] >= 1 and record["processes"] == 1
         assert record["torch"] == torch.__version__
         assert record["cpu_capability"] == torch.backends.cpu.get_cpu_capability()
+        assert record["cpu"] == cpu_identity() and record["gpu"] is None
         results.load(stage, pipeline_workspace / "metrics" / f"{stage}.json")  # the schema accepts it
     html = (pipeline_workspace / "reports" / "build" / "report.html").read_text()
     assert "Computed with" in html and f"torch {torch.__version__}" in html
+    assert f"CPU {cpu_identity()}" in html
 
 
 def test_threads_from_params_are_the_ones_recorded(tmp_path):
@@ -39,11 +42,15 @@ def test_threads_from_params_are_the_ones_recorded(tmp_path):
 
 def test_runtime_sentence_groups_stages_that_computed_alike():
     one = {"device": "cpu", "threads": 2, "processes": 1, "precision": "float32", "torch": "2.13.0+cpu",
-           "cpu_capability": "AVX2"}
+           "cpu_capability": "AVX2", "cpu": "GenuineIntel family 6 model 85 stepping 7 (Xeon), flags 0123456789ab"}
     sharded = {**one, "threads": 1, "processes": 2}
     text = claims.runtime_used({"train": {"runtime": one}, "attack": {"runtime": sharded},
                                 "certify": {"runtime": one}, "smooth": {}})
     assert "train and certify: cpu, 1 process of 2 threads" in text
     assert "attack: cpu, 2 processes of 1 thread," in text
     assert "smooth" not in text.split(".")[0]
+    assert "CPU GenuineIntel family 6 model 85 stepping 7" in text and "processor" in text
+    other_cpu = {**one, "cpu": "AuthenticAMD family 25 model 17 stepping 1 (EPYC), flags ba9876543210"}
+    split = claims.runtime_used({"train": {"runtime": one}, "certify": {"runtime": other_cpu}})
+    assert "train: cpu" in split and "certify: cpu" in split  # another processor is another group
     assert claims.runtime_used({}).startswith("not recorded")

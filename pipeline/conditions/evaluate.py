@@ -55,6 +55,7 @@ def _search_record(outcome: SearchOutcome, condition: Condition, cfg, seconds: f
         components=components, grid_points=len(outcome.grid), random_draws=0 if outcome.exhaustive else cfg.random,
         gradient_steps=cfg.steps if "gradient" in components else 0,
         restarts=cfg.restarts if "gradient" in components else 0, copies_per_sample=outcome.copies_per_sample,
+        copies_evaluated=outcome.copies_evaluated, gradient_copies=outcome.gradient_copies,
         exhaustive=outcome.exhaustive, seconds=round(seconds, 3))
 
 
@@ -180,11 +181,11 @@ def evaluate_condition(model, x, y, condition: Condition, domain: Domain, num_cl
                                  params=[round(float(v), 6) for v in worst.theta[i]]) for i in broken]
     images = {}
     if broken:
-        idx = torch.as_tensor(broken)
+        idx = torch.as_tensor(broken, device=x.device)
         with torch.no_grad():
-            images = {"x": x[idx].numpy(), "x_condition": condition.transform(
-                x[idx], worst.theta[idx], domain, _replay_noise(condition, x[idx], seed)).numpy(),
-                "y": y[idx].numpy(), "prediction": np.array([f.prediction for f in failures])}
+            images = {"x": x[idx].cpu().numpy(), "x_condition": condition.transform(
+                x[idx], worst.theta[idx], domain, _replay_noise(condition, x[idx], seed)).cpu().numpy(),
+                "y": y[idx].cpu().numpy(), "prediction": np.array([f.prediction for f in failures])}
     rows = [{"index": i, "label": int(y[i]), "clean_correct": bool(outcome.clean_correct[i]),
              "robust": bool(outcome.robust[i]), "worst_margin": float(worst.margin[i]),
              "worst_params": [float(v) for v in worst.theta[i]]} for i in range(n)]
@@ -212,5 +213,5 @@ def _replay_noise(condition: Condition, x: torch.Tensor, seed: int):
     if not condition.stochastic:
         return None
     generator = generator_for(seed, condition.name + "/gallery")
-    return torch.randn(x.shape, generator=generator)
+    return torch.randn(x.shape, generator=generator).to(x.device)
 

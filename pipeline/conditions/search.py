@@ -5,10 +5,12 @@ grid, random draws and, where the transform is differentiable in its parameters,
 descent on the margin from the worst points found. A sample counts as robust only when it is
 classified correctly and no evaluated parameter changes the decision: an upper bound.
 
-Cost: grid points and random draws of all samples share batched forwards (several parameter points
-per forward when the samples are fewer than the batch), and a sample leaves the random and gradient
-phases once it is broken or was wrong on the clean input (its verdict cannot change); the grid is
-always evaluated in full, since the heat map needs every sample at every point.
+Cost: the (sample, parameter) copies of the grid and of the random draws go through the model in
+full batches, gathered as they are needed; a sample leaves the random and gradient phases once it is
+broken or was wrong on the clean input (its verdict cannot change), and the descent once it comes
+back to a point it already evaluated; the grid is always evaluated in full, since the heat map needs
+every sample at every point. bench/conditions_cost.py measures the cost against plain batched
+forwards of the same copies.
 """
 from __future__ import annotations
 
@@ -19,22 +21,27 @@ import torch
 
 from pipeline.conditions.threats import Condition, grid_points
 from pipeline.threat import Domain
+PACKED_BATCHES = 2
+
+
 
 
 def margin_and_prediction(logits: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """f_y − max_{j≠y} f_j (negative: misclassified) and the predicted class."""
     true = logits.gather(1, y[:, None]).squeeze(1)
     others = logits.scatter(1, y[:, None], float("-inf"))
-    return true - others.max(dim=1).values, logits.argmax(dim=1)
+    return true - others.amax(dim=1), logits.argmax(dim=1)
 
 
 class Evaluator:
-    """Transforms and classifies batches; counts the transformed copies it evaluated."""
+    """Transforms and classifies (sample, parameter) pairs in full batches; counts the transformed
+    copies it evaluated."""
 
     def __init__(self, model, condition: Condition, domain: Domain, batch_size: int, generator: torch.Generator):
         self.model, self.condition, self.domain = model, condition, domain
         self.batch_size, self.generator = batch_size, generator
         self.copies = 0
+        self.gradient_copies = 0  # of which with a backward pass (each costs several forwards)
 
     def noise(self, x: torch.Tensor):
         if not self.condition.stochastic:
@@ -42,16 +49,27 @@ class Evaluator:
         return torch.randn(x.shape, generator=self.generator, device=self.generator.device).to(x.device)
 
     def __call__(self, x, y, theta) -> tuple[torch.Tensor, torch.Tensor]:
+        """Margins and predictions, shaped (k, n), of the n samples (x, y) under k parameter sets:
+        `theta` is (k, d), one point for every sample, or (k, n, d), a point per sample. The k·n
+        copies go through the model point-major in batches of `batch_size` rows, each gathered
+        from x as it is needed (the k copies are never held at once)."""
+        n, k = len(x), len(theta)
+        flat = theta.repeat_interleave(n, dim=0) if theta.dim() == 2 else theta.reshape(k * n, -1)
         margins, predictions = [], []
         with torch.no_grad():
-            for start in range(0, len(x), self.batch_size):
-                part = slice(start, start + self.batch_size)
-                moved = self.condition.transform(x[part], theta[part], self.domain, self.noise(x[part]))
-                margin, prediction = margin_and_prediction(self.model(moved), y[part])
+            for start in range(0, k * n, self.batch_size):
+                stop = min(start + self.batch_size, k * n)
+                if start // n == (stop - 1) // n:  # inside one point's block: a view of the samples
+                    part, labels = x[start % n:(stop - 1) % n + 1], y[start % n:(stop - 1) % n + 1]
+                else:
+                    samples = torch.arange(start, stop, device=x.device) % n
+                    part, labels = x.index_select(0, samples), y.index_select(0, samples)
+                moved = self.condition.transform(part, flat[start:stop], self.domain, self.noise(part))
+                margin, prediction = margin_and_prediction(self.model(moved), labels)
                 margins.append(margin)
                 predictions.append(prediction)
-        self.copies += len(x)
-        return torch.cat(margins), torch.cat(predictions)
+        self.copies += k * n
+        return torch.cat(margins).view(k, n), torch.cat(predictions).view(k, n)
 
     def gradient(self, x, y, theta) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Margins, predictions and d margin / d θ."""
@@ -59,6 +77,7 @@ class Evaluator:
         margin, prediction = margin_and_prediction(self.model(self.condition.transform(x, theta, self.domain)), y)
         (grad,) = torch.autograd.grad(margin.sum(), theta)
         self.copies += len(x)
+        self.gradient_copies += len(x)
         return margin.detach(), prediction, grad
 
 
@@ -87,11 +106,12 @@ class SearchOutcome:
     clean_correct: torch.Tensor  # (N,) bool
     robust: torch.Tensor  # (N,) bool: correct, and no evaluated parameter broke it
     worst: Worst
-    copies_per_sample: int  # the budget: transformed copies a sample that is never broken gets
+    copies_per_sample: int  # the budget: the most transformed copies one sample is given
     exhaustive: bool
     grid: np.ndarray  # (M, d) grid points
     grid_accuracy: np.ndarray  # (M,) accuracy at each grid point
     copies_evaluated: int = 0  # transformed copies actually evaluated, all samples (early exit saves the rest)
+    gradient_copies: int = 0  # of which evaluated with a gradient
 
 
 def _uniform(n: int, condition: Condition, generator: torch.Generator, device) -> torch.Tensor:
@@ -115,20 +135,16 @@ def search(model, x, y, condition: Condition, domain: Domain, cfg, generator: to
     gridded = "grid" in use or finite is not None
     points = grid_points(condition, cfg.grid) if gridded else np.zeros((0, condition.dims))
     grid_accuracy = np.zeros(len(points))
-    per_forward = max(1, batch_size // max(n, 1))  # parameter points per batched forward (small n: several)
     budget = len(points)
-    for first in range(0, len(points), per_forward):
-        chunk = torch.as_tensor(points[first:first + per_forward], device=device)  # (k, d)
-        theta = chunk.repeat_interleave(n, dim=0)  # point-major: k blocks of n rows
-        margin, prediction = evaluate(_tile(x, len(chunk)), y.repeat(len(chunk)), theta)
-        for j in range(len(chunk)):
-            rows = slice(j * n, (j + 1) * n)
-            worst.update(margin[rows], theta[rows], prediction[rows])
-            grid_accuracy[first + j] = float((prediction[rows] == y).float().mean())
+    if len(points):
+        grid = torch.as_tensor(points, device=device)
+        margin, prediction = evaluate(x, y, grid)  # (points, n): the heat map needs every cell
+        grid_accuracy = (prediction == y).double().mean(dim=1).cpu().numpy()
+        _update_best(worst, None, margin, grid, prediction)
     if finite is None:
         draws = cfg.random if random_draws is None else random_draws
         if draws:
-            _random(evaluate, x, y, condition, worst, clean_correct, generator, draws, per_forward)
+            _random(evaluate, x, y, condition, worst, clean_correct, generator, draws)
         budget += draws
         if condition.differentiable and "gradient" in use:
             steps = cfg.steps if gradient_steps is None else gradient_steps
@@ -137,17 +153,7 @@ def search(model, x, y, condition: Condition, domain: Domain, cfg, generator: to
     broken = worst.prediction != y
     broken &= worst.prediction >= 0
     return SearchOutcome(clean_correct, clean_correct & ~broken, worst, budget, finite is not None, points,
-                         grid_accuracy, evaluate.copies)
-
-
-def _pair(result, theta):
-    margin, prediction = result
-    return margin, theta, prediction
-
-
-def _tile(x: torch.Tensor, times: int) -> torch.Tensor:
-    """`times` copies of the batch, one after the other (block j holds the j-th parameter point)."""
-    return x.repeat(times, *([1] * (x.dim() - 1)))
+                         grid_accuracy, evaluate.copies, evaluate.gradient_copies)
 
 
 def _alive(worst: Worst, y: torch.Tensor, clean_correct: torch.Tensor) -> torch.Tensor:
@@ -165,29 +171,51 @@ def _update_rows(worst: Worst, rows: torch.Tensor, margin, theta, prediction) ->
     worst.prediction[chosen] = prediction[better]
 
 
+def _update_best(worst: Worst, rows: torch.Tensor | None, margin, theta, prediction) -> None:
+    """The best of k evaluations of the samples `rows` (None: all): margin and prediction (k, samples),
+    theta (k, d) or (k, samples, d). The first of equal minima wins, as in evaluation order."""
+    if len(margin) == 1:
+        margin, prediction = margin[0], prediction[0]
+        theta = theta[0].expand(len(margin), -1) if theta.dim() == 2 else theta[0]
+    else:
+        best = margin.argmin(dim=0)
+        cols = torch.arange(margin.shape[1], device=margin.device)
+        margin, prediction = margin[best, cols], prediction[best, cols]
+        theta = theta[best] if theta.dim() == 2 else theta[best, cols]
+    if rows is None:
+        worst.update(margin, theta, prediction)
+    else:
+        _update_rows(worst, rows, margin, theta, prediction)
+
+
 def _random(evaluate: Evaluator, x, y, condition: Condition, worst: Worst, clean_correct, generator,
-            draws: int, per_forward: int) -> None:
-    """`draws` uniform parameters per sample. Every draw is made (the random stream does not depend on which
-    samples are left); the samples still alive are evaluated, several draws per batched forward."""
+            draws: int) -> None:
+    """`draws` uniform parameters per sample. Every draw is made, in order, before any is evaluated
+    (the random stream does not depend on which samples are left); the samples still alive are
+    evaluated, as many draws per batched forward as fill a batch."""
     n = len(x)
-    for first in range(0, draws, per_forward):
-        count = min(per_forward, draws - first)
-        thetas = [_uniform(n, condition, generator, x.device) for _ in range(count)]
+    thetas = torch.stack([_uniform(n, condition, generator, x.device) for _ in range(draws)])  # (draws, n, d)
+    first = 0
+    while first < draws:
         alive = _alive(worst, y, clean_correct)
         if not len(alive):
-            continue
-        theta = torch.cat([t[alive] for t in thetas])
-        margin, prediction = evaluate(_tile(x[alive], count), y[alive].repeat(count), theta)
-        for j in range(count):
-            rows = slice(j * len(alive), (j + 1) * len(alive))
-            _update_rows(worst, alive, margin[rows], theta[rows], prediction[rows])
+            return
+        count = -(-PACKED_BATCHES * evaluate.batch_size // len(alive))  # draws that fill whole batches
+        block = thetas[first:first + count][:, alive]
+        margin, prediction = evaluate(x[alive], y[alive], block)
+        _update_best(worst, alive, margin, block, prediction)
+        first += count
 
 
 def _descend(evaluate: Evaluator, x, y, condition: Condition, cfg, worst: Worst, generator, steps: int,
              clean_correct: torch.Tensor | None = None) -> None:
     """Signed-gradient descent on the margin in parameter space, projected onto the box: the first
     restart from the worst point found so far (a random point when nothing was evaluated yet),
-    the others from random points. A sample leaves the descent once it is broken (early exit)."""
+    the others from random points. A sample leaves the descent once it is broken (early exit), and
+    once its next point is one its descent already evaluated: the transform and the model are
+    deterministic, so from there the descent would only repeat itself (a corner the gradient pushes
+    out of, or a step that oscillates across a minimum). On digits 97% of the samples that start
+    at the worst grid point reach such a point within one step (bench/results/conditions_cost_digits.md)."""
     low, high = condition.box(x.device)
     step = cfg.step_fraction * (high - low)
     if clean_correct is None:
@@ -199,13 +227,15 @@ def _descend(evaluate: Evaluator, x, y, condition: Condition, cfg, worst: Worst,
             theta = _uniform(len(x), condition, generator, x.device)
         alive = _alive(worst, y, clean_correct)
         theta = theta[alive]
+        visited = theta[None]  # (points so far, alive samples, d): this descent's evaluated points
         for _ in range(steps):
             if not len(alive):
                 break
             margin, prediction, grad = evaluate.gradient(x[alive], y[alive], theta)
             _update_rows(worst, alive, margin, theta, prediction)
             theta = torch.maximum(torch.minimum(theta - step * grad.sign(), high), low)
-            still = prediction == y[alive]
-            alive, theta = alive[still], theta[still]
+            new = (prediction == y[alive]) & ~(visited == theta[None]).all(dim=2).any(dim=0)
+            alive, theta, visited = alive[new], theta[new], torch.cat([visited[:, new], theta[new][None]])
         if len(alive):
-            _update_rows(worst, alive, *_pair(evaluate(x[alive], y[alive], theta), theta))
+            margin, prediction = evaluate(x[alive], y[alive], theta[None])
+            _update_rows(worst, alive, margin[0], theta, prediction[0])

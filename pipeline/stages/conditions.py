@@ -2,15 +2,19 @@
 
 Per condition: the worst case found by the search (an upper bound), a certificate where one is
 possible (enumeration of a finite set, CROWN with branch and bound over a photometric parameter
-box), both cross-checked, the heat map and the failures. A condition whose settings, model and
-data are unchanged since the last run is carried over from `metrics/conditions.json` (the run is
-deterministic, so this is a cache, not an approximation): editing one condition re-evaluates that
-one only. Every condition is checked against the data before any work, so a bad one writes nothing.
+box), both cross-checked, the heat map and the failures. A condition whose settings, model, data,
+code and runtime are unchanged since the last run is carried over from `metrics/conditions.json`
+(the run is deterministic, so this is a cache, not an approximation): editing one condition
+re-evaluates that one only, while a change to the package's code or to the threads or processor
+re-evaluates them all. Every condition is checked against the data before any work, so a bad one
+writes nothing.
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
+from pathlib import Path
 
 import numpy as np
 
@@ -20,19 +24,35 @@ from pipeline.conditions.threats import from_config
 from pipeline.errors import UsageError
 from pipeline.io import atomic_write, sha256_file, write_json, write_text
 from pipeline.results import ConditionsResult
-from pipeline.stages.common import load_data, load_model_for, seed_everything, tensors
+from pipeline.stages.common import load_data, load_model_for, seed_everything, start_runtime, tensors
 from pipeline.workspace import Workspace
 
 ARTIFACTS = "artifacts/conditions"
 
 
-def config_sha256(params, name: str, model_sha256: str, data_fingerprint: str) -> str:
-    """Everything a condition's figures depend on."""
+def config_sha256(params, name: str, model_sha256: str, data_fingerprint: str, runtime: dict) -> str:
+    """Everything a condition's figures depend on: its settings, the model, the data, the code that
+    computes them and where it ran (threads and processor order the floating-point reductions)."""
     cfg = params.conditions
     payload = {"condition": cfg.threats[name].model_dump(mode="json"),
                "settings": cfg.model_dump(mode="json", exclude={"threats"}),
-               "seed": params.seed, "model": model_sha256, "data": data_fingerprint}
+               "seed": params.seed, "model": model_sha256, "data": data_fingerprint, "code": package_sha256(),
+               "runtime": runtime}
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
+
+
+PACKAGE = Path(__file__).resolve().parents[1]
+
+
+@functools.cache
+def package_sha256(root: Path = PACKAGE) -> str:
+    """One digest of every module of the `pipeline` package: any change to the code may change a figure.
+    (Coarser than the stage's import closure, which DVC tracks: a change elsewhere in the package only
+    re-evaluates conditions that were re-run anyway.)"""
+    digest = hashlib.sha256()
+    for path in sorted(root.rglob("*.py")):
+        digest.update(path.relative_to(root).as_posix().encode() + b"\0" + path.read_bytes() + b"\0")
+    return digest.hexdigest()
 
 
 def _previous(ws: Workspace) -> dict:
@@ -52,19 +72,21 @@ def main(ws: Workspace) -> int:
     conditions = {name: from_config(name, spec, shape) for name, spec in cfg.threats.items()}
     for name, condition in conditions.items():
         condition.check(domain, shape, f"conditions.threats.{name}")
+    runtime = start_runtime(params, processes=1)
     model_sha = sha256_file(ws.checkpoint)
-    model, _ = load_model_for(ws, params, data, data_fingerprint)
+    model, _ = load_model_for(ws, params, data, data_fingerprint, runtime.device)
+    domain = domain.to(runtime.device)
     if getattr(model, "not_differentiable", None):  # onnxruntime alone: grid and random search, no gradient steps
         print(f"conditions: forward passes only ({model.not_differentiable}): no gradient search steps")
         cfg = cfg.model_copy(update={"search": cfg.search.model_copy(update={"steps": 0})})
     seed_everything(params.seed)
-    x, y = tensors(data, "test", cfg.max_samples)
+    x, y = tensors(data, "test", cfg.max_samples, runtime.device)
     previous = _previous(ws)
     folder = ws.root / ARTIFACTS
     folder.mkdir(parents=True, exist_ok=True)  # the DVC output exists also when no condition is named
     records = {}
     for name, condition in conditions.items():
-        digest = config_sha256(params, name, model_sha, data_fingerprint)
+        digest = config_sha256(params, name, model_sha, data_fingerprint, runtime.record())
         rows_path, images_path = folder / f"{name}.jsonl", folder / f"{name}.npz"
         old = previous.get(name)
         if old and old["config_sha256"] == digest and rows_path.is_file() and images_path.is_file():
@@ -99,6 +121,6 @@ def main(ws: Workspace) -> int:
         if stale.stem not in conditions:
             stale.unlink()
     result = ConditionsResult(seed=params.seed, dataset_fingerprint=data_fingerprint, model_sha256=model_sha,
-                              n=len(y), **records)
+                              n=len(y), runtime=results.RuntimeRecord(**runtime.record()), **records)
     write_json(ws.metrics("conditions"), results.dump(result))
     return 0
