@@ -114,9 +114,12 @@ class SearchOutcome:
     gradient_copies: int = 0  # of which evaluated with a gradient
 
 
-def _uniform(n: int, condition: Condition, generator: torch.Generator, device) -> torch.Tensor:
+def _uniform(n: int, condition: Condition, generator: torch.Generator, device, draws: int | None = None) -> torch.Tensor:
+    """n uniform parameter points (n, d), or `draws` sets of them (draws, n, d): the same numbers as
+    `draws` calls of n points in turn."""
     low, high = condition.box(device)
-    draw = torch.rand((n, condition.dims), generator=generator, device=generator.device).to(device)
+    shape = (n, condition.dims) if draws is None else (draws, n, condition.dims)
+    draw = torch.rand(shape, generator=generator, device=generator.device).to(device)
     return low + draw * (high - low)
 
 
@@ -178,10 +181,9 @@ def _update_best(worst: Worst, rows: torch.Tensor | None, margin, theta, predict
         margin, prediction = margin[0], prediction[0]
         theta = theta[0].expand(len(margin), -1) if theta.dim() == 2 else theta[0]
     else:
-        best = margin.argmin(dim=0)
-        cols = torch.arange(margin.shape[1], device=margin.device)
-        margin, prediction = margin[best, cols], prediction[best, cols]
-        theta = theta[best] if theta.dim() == 2 else theta[best, cols]
+        margin, best = margin.min(dim=0)
+        prediction = prediction.gather(0, best[None]).squeeze(0)
+        theta = theta[best] if theta.dim() == 2 else theta[best, torch.arange(len(best), device=best.device)]
     if rows is None:
         worst.update(margin, theta, prediction)
     else:
@@ -194,7 +196,7 @@ def _random(evaluate: Evaluator, x, y, condition: Condition, worst: Worst, clean
     (the random stream does not depend on which samples are left); the samples still alive are
     evaluated, as many draws per batched forward as fill a batch."""
     n = len(x)
-    thetas = torch.stack([_uniform(n, condition, generator, x.device) for _ in range(draws)])  # (draws, n, d)
+    thetas = _uniform(n, condition, generator, x.device, draws)  # (draws, n, d)
     first = 0
     while first < draws:
         alive = _alive(worst, y, clean_correct)
