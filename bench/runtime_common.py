@@ -19,9 +19,24 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 MNIST = REPO.parent / "shared" / "data" / "mnist"
 RESULTS = REPO / "bench" / "results" / "runtime.md"
-_WRAPPER = ("import resource, sys; from pipeline.cli import main; rc = main(sys.argv[1:]); "
-            "print('MAXRSS_KB', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, "
-            "resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss, file=sys.stderr); sys.exit(rc)")
+_WRAPPER = (
+    "import resource, sys, threading, time\n"
+    "peak = [0]\n"
+    "def sample():\n"  # anonymous resident memory, read every 5 ms: what the process itself allocated
+    "    while True:\n"
+    "        try:\n"
+    "            for line in open('/proc/self/status'):\n"
+    "                if line.startswith('RssAnon:'):\n"
+    "                    peak[0] = max(peak[0], int(line.split()[1]))\n"
+    "        except OSError:\n"
+    "            return\n"
+    "        time.sleep(0.005)\n"
+    "threading.Thread(target=sample, daemon=True).start()\n"
+    "from pipeline.cli import main\n"
+    "rc = main(sys.argv[1:])\n"
+    "print('MAXRSS_KB', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, "
+    "resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss, peak[0], file=sys.stderr)\n"
+    "sys.exit(rc)\n")
 
 
 def digits_28() -> tuple[np.ndarray, np.ndarray]:
@@ -73,6 +88,14 @@ def set_params(root: Path, changes: dict) -> None:
 def stage(root: Path, name: str) -> tuple[float, float]:
     """Run one stage as a subprocess: (wall seconds, peak RSS in MiB of it or of its largest child:
     evaluation shards and torchrun ranks are children)."""
+    return stage_memory(root, name)[:2]
+
+
+def stage_memory(root: Path, name: str) -> tuple[float, float, float]:
+    """:func:`stage` plus the stage process's peak anonymous memory in MiB, sampled every 5 ms.
+    Peak RSS also counts the pages of memory-mapped files the stage read or wrote (the prepared
+    split, the adversarial examples' scratch file): the kernel reclaims those under pressure, so
+    anonymous memory is what the stage needs of the machine."""
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
     started = time.perf_counter()
     run = subprocess.run([sys.executable, "-c", _WRAPPER, name, "--workspace", str(root)], env=env,
@@ -81,8 +104,8 @@ def stage(root: Path, name: str) -> tuple[float, float]:
     if run.returncode != 0:
         raise SystemExit(f"{name} failed:\n{run.stderr[-3000:]}")
     line = next(l for l in run.stderr.splitlines() if l.startswith("MAXRSS_KB"))
-    own, children = (int(v) for v in line.split()[1:])
-    return seconds, max(own, children) / 1024
+    own, children, anonymous = (int(v) for v in line.split()[1:])
+    return seconds, max(own, children) / 1024, anonymous / 1024
 
 
 def machine() -> str:

@@ -9,9 +9,13 @@ import hashlib
 import json
 import math
 import os
+import struct
 import tempfile
+import zipfile
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterable, Mapping
+
+import numpy as np
 
 from pipeline.errors import UsageError
 
@@ -51,6 +55,59 @@ def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
         os.replace(tmp_path, path)
     finally:
         tmp_path.unlink(missing_ok=True)
+
+
+def write_npz(path: Path, arrays: Mapping[str, Any]) -> None:
+    """`np.savez`, streamed and reproducible: each array (a memory map too) is written into its member
+    in chunks (numpy.lib.format.write_array buffers 16 MiB of a non-file stream), so an output the
+    size of the test split is never held in memory; members are stored uncompressed (so
+    :func:`npz_member` can map them) with a fixed timestamp, so equal arrays give equal bytes."""
+    def write(tmp: Path) -> None:
+        with zipfile.ZipFile(tmp, "w", zipfile.ZIP_STORED, allowZip64=True) as archive:
+            for name, value in arrays.items():
+                info = zipfile.ZipInfo(f"{name}.npy", date_time=(1980, 1, 1, 0, 0, 0))
+                with archive.open(info, "w", force_zip64=True) as member:
+                    np.lib.format.write_array(member, np.asanyarray(value), allow_pickle=False)
+
+    atomic_write(path, write)
+
+
+def npz_member(path: Path, name: str) -> np.ndarray:
+    """Array `name` of an .npz file, memory-mapped when the member is stored uncompressed (as
+    :func:`write_npz` and `np.savez` store them): a consumer reads only the rows it indexes. The map is
+    copy-on-write (writable for torch, never written back), like the prepared split's. A compressed
+    member is read whole."""
+    with zipfile.ZipFile(path) as archive:
+        info = archive.getinfo(f"{name}.npy")
+        if info.compress_type != zipfile.ZIP_STORED:
+            with archive.open(info) as member:
+                return np.lib.format.read_array(member, allow_pickle=False)
+    with open(path, "rb") as handle:
+        handle.seek(info.header_offset)
+        local = handle.read(30)  # the local file header: its name and extra field lengths end it
+        if local[:4] != b"PK\x03\x04":
+            raise ValueError(f"{path}: member {name}.npy has no local header at its offset")
+        name_length, extra_length = struct.unpack("<HH", local[26:30])
+        handle.seek(info.header_offset + 30 + name_length + extra_length)
+        version = np.lib.format.read_magic(handle)
+        read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+        shape, fortran, dtype = read_header(handle)
+        offset = handle.tell()
+    if dtype.hasobject:
+        raise ValueError(f"{path}: member {name}.npy holds Python objects; refusing to load it")
+    if not int(np.prod(shape)):
+        return np.zeros(shape, dtype=dtype)
+    return np.memmap(path, dtype=dtype, mode="c", shape=shape, offset=offset, order="F" if fortran else "C")
+
+
+def write_lines(path: Path, lines: Iterable[str]) -> None:
+    """Text lines written as they come (a JSONL sidecar of every sample is never one string), atomically."""
+    def write(tmp: Path) -> None:
+        with open(tmp, "w", encoding="utf-8") as handle:
+            for line in lines:
+                handle.write(line + "\n")
+
+    atomic_write(path, write)
 
 
 def _json_ready(value: Any) -> Any:

@@ -89,9 +89,10 @@ def run_checks(model, suite: SuiteResult, attacks, sweep: list[dict], x, y, thre
     checks.append(Check("converged", base - doubled <= tolerance,
                         f"PGD {base:.4f} vs doubled steps and restarts {doubled:.4f} (tolerance {tolerance})",
                         {"robust_accuracy": base, "robust_accuracy_doubled": doubled}))
-    with torch.no_grad():
-        noisy = threat.random_start(x, domain, generator)
-        noise_robust = share((model(noisy).argmax(1) == y) & suite.clean_correct)
+    with torch.no_grad():  # batch by batch: x may be read as it is indexed (pipeline.data.loader.DeviceRows)
+        noisy_correct = torch.cat([model(threat.random_start(x[i:i + batch_size], domain, generator)).argmax(1)
+                                   for i in range(0, len(y), batch_size)]) == y
+        noise_robust = share(noisy_correct & suite.clean_correct)
     checks.append(Check("noise_weaker_than_attacks", noise_robust + tolerance >= worst,
                         f"accuracy under random noise {noise_robust:.4f} vs worst-case attack {worst:.4f}",
                         {"noise_accuracy": noise_robust, "worst_case_robust_accuracy": worst}))

@@ -115,6 +115,27 @@ def in_batches(dataset: ArrayDataset, batch_size: int, device="cpu") -> Iterator
         yield x.to(device), y.to(device)
 
 
+class DeviceRows:
+    """The samples of an array (a memory map) read as they are indexed: `len`, `shape`, a slice or an
+    index tensor give a float32 tensor of just those rows on `device`. Evaluation code that indexes a
+    split the way it would index one tensor of it runs unchanged on a split it never holds whole."""
+
+    def __init__(self, array, device="cpu"):
+        self.array, self.device = array, torch.device(device)
+
+    def __len__(self) -> int:
+        return len(self.array)
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(self.array.shape)
+
+    def __getitem__(self, key) -> torch.Tensor:
+        if isinstance(key, torch.Tensor):
+            key = key.cpu().numpy()
+        return torch.from_numpy(np.array(self.array[key], dtype=np.float32)).to(self.device)  # a copy we own
+
+
 def as_dataset(x, y=None) -> ArrayDataset:
     """`x` when it is a dataset already, else the dataset over the arrays (x, y)."""
     return x if isinstance(x, ArrayDataset) else ArrayDataset(x, y)

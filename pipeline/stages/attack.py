@@ -3,8 +3,11 @@ an ε sweep, per-class figures and the gradient-masking sanity checks."""
 from __future__ import annotations
 
 import json
+import os
 import sys
+import tempfile
 from dataclasses import dataclass, replace
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -17,13 +20,13 @@ from pipeline.attacks.square import Square
 from pipeline.attacks.suite import SuiteResult, robust_mask, run_suite, share
 from pipeline.errors import UsageError
 from pipeline.feasibility import apgd_targets, resolve_attacks
-from pipeline.io import atomic_write, confine, sha256_file, write_json, write_text
+from pipeline.io import confine, sha256_file, write_json, write_lines, write_npz
 from pipeline.policy import load_policy
 from pipeline.results import (Accuracy, AttackRecord, AttackResult, AttackSweep, ClassRecord, NotApplicable,
                               ReferenceCoverage, RuntimeRecord, ThreatRecord, dump)
 from pipeline.runtime import block_generator, release_freed_memory, run_shards, shard_ranges
 from pipeline.stages.common import (check_model_outputs, load_data, load_model_for, seed_everything, shard_setup,
-                                    start_runtime, tensors)
+                                    start_runtime, streamed_rows)
 from pipeline.stats import proportion
 from pipeline.threat import LpBall, from_params
 from pipeline.workspace import Workspace
@@ -91,27 +94,48 @@ class SamplesResult:
 
 
 def attack_samples(model, params, x, y, domain, num_classes: int, seed: int, start: int = 0,
-                   progress=None, data=None) -> SamplesResult:
+                   progress=None, data=None, adversarial: np.ndarray | None = None) -> SamplesResult:
     """Attack samples start..start+len(x) of the test split, one block of attack.batch_size at a
     time, each block drawing from :func:`block_generator` (seed, its first sample index): so the
-    per-sample result does not depend on which process runs which block (see pipeline/runtime.py)."""
+    per-sample result does not depend on which process runs which block (see pipeline/runtime.py).
+    `x` is a tensor or :class:`DeviceRows` (read block by block). `adversarial`: a writable array for
+    these samples' adversarial examples, filled block by block (the result then holds none of them),
+    else they are kept in the result."""
     cfg, threat = params.attack, from_params(params, data)
     names = runnable_attacks(cfg, num_classes, model)[0]
     attacks = build_attacks(cfg, names, num_classes)
     grid = sweep_grid(cfg, threat, domain)
-    sweep_end = cfg.sweep.max_samples if cfg.sweep.max_samples is not None else start + len(y)  # first samples
-    pieces, sweeps = [], []
-    for offset in range(0, len(y), cfg.batch_size):
+    n = len(y)
+    sweep_end = cfg.sweep.max_samples if cfg.sweep.max_samples is not None else start + n  # first samples
+    # The per-sample results, allocated once and filled block by block: no block leaves small tensors
+    # behind among its freed activations (they fragmented the heap: peak RSS grew with the blocks).
+    clean, robust = torch.zeros(n, dtype=torch.bool), torch.zeros(n, dtype=torch.bool)
+    broken = {attack.name: torch.zeros(n, dtype=torch.bool) for attack in attacks}
+    adv_pred, broken_by, kept = torch.zeros(n, dtype=torch.int64), [], []
+    sweep = torch.zeros((len(grid), max(0, min(n, sweep_end - start))), dtype=torch.bool)
+    for offset in range(0, n, cfg.batch_size):
         xb, yb = x[offset:offset + cfg.batch_size], y[offset:offset + cfg.batch_size]
+        rows = slice(offset, offset + len(yb))
         generator = block_generator(seed, start + offset, x.device)
-        pieces.append(run_suite(model, attacks, xb, yb, threat, domain, cfg.batch_size, generator,
-                                progress=progress, sequential=cfg.mode == "sequential"))
+        piece = run_suite(model, attacks, xb, yb, threat, domain, cfg.batch_size, generator, progress=progress,
+                          sequential=cfg.mode == "sequential")
+        clean[rows], robust[rows], adv_pred[rows] = piece.clean_correct.cpu(), piece.robust.cpu(), piece.adv_pred.cpu()
+        for name, hit in piece.broken.items():
+            broken[name][rows] = hit.cpu()
+        broken_by.extend(piece.broken_by)
+        if adversarial is not None:  # written out now: the stage never holds the split's adversarial examples
+            adversarial[rows] = piece.x_adv.cpu().numpy()
+        else:
+            kept.append(piece.x_adv.cpu())
         inside = max(0, min(len(yb), sweep_end - start - offset))
-        sweeps.append(torch.stack([
-            robust_mask(model, sweep_attack(cfg, threat, eps, model), xb[:inside], yb[:inside],
-                        threat.with_epsilon(eps), domain, cfg.batch_size, generator).cpu() for eps in grid])
-            if inside else torch.zeros((len(grid), 0), dtype=torch.bool))
-    return SamplesResult(merge_suites(pieces), torch.cat(sweeps, dim=1))
+        for k, eps in enumerate(grid if inside else []):
+            sweep[k, offset:offset + inside] = robust_mask(model, sweep_attack(cfg, threat, eps, model), xb[:inside],
+                                                           yb[:inside], threat.with_epsilon(eps), domain,
+                                                           cfg.batch_size, generator).cpu()
+        del piece, xb
+    x_adv = torch.cat(kept) if kept else torch.zeros((0, *x.shape[1:]))
+    return SamplesResult(SuiteResult(clean, broken, robust, broken_by, x_adv, adv_pred, cfg.mode == "sequential"),
+                         sweep)
 
 
 def merge_suites(pieces: list[SuiteResult]) -> SuiteResult:
@@ -234,58 +258,69 @@ def main(ws: Workspace) -> int:
     model_sha = sha256_file(ws.checkpoint)
     model, _ = load_model_for(ws, params, data, data_fingerprint, runtime.device)
     generator = seed_everything(params.seed)
-    x, y = tensors(data, "test", cfg.max_samples, runtime.device)
-    check_model_outputs(model, x, data.num_classes)
-    samples = None
-    if runtime.processes > 1:  # the per-sample part in shards, merged in sample order; the rest here
-        ranges = shard_ranges(len(y), runtime.processes, cfg.batch_size)
-        print(f"attack: {len(y)} samples in {len(ranges)} processes of {runtime.threads} thread(s)")
-        samples = merge_samples(run_shards(_attack_shard, [(ws, data_fingerprint, a, b) for a, b in ranges],
-                                           runtime.threads))
-    bar = tqdm(total=len(x) * len(resolve_attacks(cfg, data.num_classes)[0]), desc="attack", unit="img",
-               file=sys.stderr, mininterval=1.0, disable=samples is not None)
-    metrics, result = evaluate(
-        model, params, x, y, domain.to(runtime.device), data.num_classes, generator, model_sha256=model_sha,
-        data_fingerprint=data_fingerprint, data=data, samples=samples,
-        progress=lambda name, count: (bar.set_postfix_str(name, refresh=False), bar.update(count),
-                                     release_freed_memory()))
-    bar.close()
-    x, y = x.cpu(), y.cpu()
-    names = list(metrics.attacks)
-    n = metrics.n
-
-    def save_adversarial(tmp):
-        with open(tmp, "wb") as handle:
-            np.savez(
-                handle,
-                x=x.numpy(), x_adv=result.x_adv.numpy(), y=y.numpy(), adv_pred=result.adv_pred.numpy(),
-                clean_correct=result.clean_correct.numpy(), robust=result.robust.numpy(),
-                broken_by=np.array(result.broken_by, dtype="U16"),
-                epsilon=np.float32(threat.epsilon), norm=np.str_(threat.norm), attacks=np.array(names),
-                model_sha256=np.str_(model_sha),
-            )
-
-    rows = [
-        json.dumps({"index": i, "label": int(y[i]), "clean_correct": bool(result.clean_correct[i]),
+    x, y = streamed_rows(data, "test", cfg.max_samples, runtime.device)  # inputs read block by block
+    check_model_outputs(model, x[:256], data.num_classes)
+    ws.adversarial.parent.mkdir(parents=True, exist_ok=True)
+    fd, scratch = tempfile.mkstemp(prefix=".x_adv.", suffix=".npy", dir=ws.adversarial.parent)
+    os.close(fd)
+    scratch = Path(scratch)
+    try:
+        adversarial = np.lib.format.open_memmap(scratch, mode="w+", dtype=np.float32, shape=x.shape)
+        samples = None
+        if runtime.processes > 1:  # the per-sample part in shards, merged in sample order; the rest here
+            ranges = shard_ranges(len(y), runtime.processes, cfg.batch_size)
+            print(f"attack: {len(y)} samples in {len(ranges)} processes of {runtime.threads} thread(s)")
+            adversarial.flush()
+            samples = merge_samples(run_shards(_attack_shard, [(ws, data_fingerprint, a, b, scratch)
+                                                               for a, b in ranges], runtime.threads))
+        bar = tqdm(total=len(y) * len(resolve_attacks(cfg, data.num_classes)[0]), desc="attack", unit="img",
+                   file=sys.stderr, mininterval=1.0, disable=samples is not None)
+        if samples is None:
+            samples = attack_samples(model, params, x, y, domain.to(runtime.device), data.num_classes,
+                                     generator.initial_seed(), 0, data=data, adversarial=adversarial,
+                                     progress=lambda name, count: (bar.set_postfix_str(name, refresh=False),
+                                                                   bar.update(count), release_freed_memory()))
+        bar.close()
+        adversarial.flush()
+        del adversarial
+        metrics, result = evaluate(model, params, x, y, domain.to(runtime.device), data.num_classes, generator,
+                                   model_sha256=model_sha, data_fingerprint=data_fingerprint, data=data,
+                                   samples=samples)
+        names = list(metrics.attacks)
+        labels = y.cpu()
+        write_npz(ws.adversarial, {  # streamed from the prepared split and the scratch file: never held whole
+            "x": data.x["test"][:len(y)], "x_adv": np.load(scratch, mmap_mode="r"), "y": labels.numpy(),
+            "adv_pred": result.adv_pred.numpy(), "clean_correct": result.clean_correct.cpu().numpy(),
+            "robust": result.robust.cpu().numpy(), "broken_by": np.array(result.broken_by, dtype="U16"),
+            "epsilon": np.float32(threat.epsilon), "norm": np.str_(threat.norm), "attacks": np.array(names),
+            "model_sha256": np.str_(model_sha)})
+    finally:
+        scratch.unlink(missing_ok=True)
+    write_lines(ws.attack_samples, (
+        json.dumps({"index": i, "label": int(labels[i]), "clean_correct": bool(result.clean_correct[i]),
                     "adv_pred": int(result.adv_pred[i]), "robust": bool(result.robust[i]),
                     "broken_by": result.broken_by[i]})
-        for i in range(n)
-    ]
-    atomic_write(ws.adversarial, save_adversarial)
-    write_text(ws.attack_samples, "\n".join(rows) + "\n")
+        for i in range(metrics.n)))
     write_json(ws.root / "plots" / "attack_sweep.json", [p.model_dump() for p in metrics.sweep.points])
     write_json(ws.metrics("attack"), dump(metrics.model_copy(update={"runtime": RuntimeRecord(**runtime.record())})))
     robust = metrics.robust_accuracy
     print(f"attack: clean {metrics.clean_accuracy.value:.3f} robust {robust.value:.3f} "
-          f"[{robust.ci[0]:.3f}, {robust.ci[1]:.3f}] n={n} ({', '.join(names)}, {threat.norm} ε={threat.epsilon})")
+          f"[{robust.ci[0]:.3f}, {robust.ci[1]:.3f}] n={metrics.n} ({', '.join(names)}, {threat.norm} "
+          f"ε={threat.epsilon})")
     for name, check in metrics.masking.items():
         status = {"not_run": "not run", "pass": "pass", "fail": "FAIL"}[check.status]
         print(f"  masking check {name}: {status}: {check.detail}")
     return 0
 
 
-def _attack_shard(ws: Workspace, data_fingerprint: str, start: int, stop: int) -> SamplesResult:
-    """One shard of :func:`main`, in its own process: test samples [start, stop)."""
-    s = shard_setup(ws, data_fingerprint, start, stop)
-    return attack_samples(s.model, s.params, s.x, s.y, s.domain, s.data.num_classes, s.params.seed,
-                          start, progress=lambda name, count: release_freed_memory(), data=s.data)
+def _attack_shard(ws: Workspace, data_fingerprint: str, start: int, stop: int, scratch: Path) -> SamplesResult:
+    """One shard of :func:`main`, in its own process: test samples [start, stop), read block by block,
+    their adversarial examples written into rows [start, stop) of the parent's scratch file."""
+    s = shard_setup(ws, data_fingerprint, start, stop, streamed=True)
+    adversarial = np.lib.format.open_memmap(scratch, mode="r+")
+    try:
+        return attack_samples(s.model, s.params, s.x, s.y, s.domain, s.data.num_classes, s.params.seed, start,
+                              progress=lambda name, count: release_freed_memory(), data=s.data,
+                              adversarial=adversarial[start:stop])
+    finally:
+        adversarial.flush()

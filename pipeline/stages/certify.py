@@ -19,7 +19,7 @@ import torch
 from pipeline.certify.bounds import BoundComputer, NotBoundable, margins_of
 from pipeline import results
 from pipeline.errors import IntegrityMismatch, SoundnessViolation, UsageError
-from pipeline.io import sha256_file, write_json, write_text
+from pipeline.io import npz_member, sha256_file, write_json, write_text
 from pipeline.results import (Accuracy, CertifyMethodRecord, CertifyResult, CertifySweep, CombinedRecord,
                               NotApplicable, Soundness, ThreatRecord)
 from pipeline.runtime import block_generator, run_shards, shard_ranges
@@ -36,7 +36,8 @@ def _attack_evidence(ws: Workspace, n: int, threat: LpBall):
         if float(archive["epsilon"]) != np.float32(threat.epsilon) or str(archive["norm"]) != threat.norm:
             raise UsageError(f"{ws.adversarial} is for {archive['norm']} ε={float(archive['epsilon'])}; re-run attack")
         m = min(n, len(archive["y"]))
-        return torch.as_tensor(archive["x_adv"][:m]), torch.as_tensor(archive["robust"][:m]), m
+        robust = torch.as_tensor(archive["robust"][:m])
+    return torch.as_tensor(np.array(npz_member(ws.adversarial, "x_adv")[:m])), robust, m  # only m rows read
 
 
 def containment_violations(cert, model, x, y, x_adv, threat: LpBall, domain, generator, random_points: int,

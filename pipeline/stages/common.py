@@ -7,6 +7,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from pipeline.data.loader import DeviceRows
 from pipeline.data.split import PreparedData, fingerprint
 from pipeline.data.store import load_prepared, stored_fingerprint
 from pipeline.errors import UsageError
@@ -69,6 +70,16 @@ def check_model_outputs(model, x: torch.Tensor, num_classes: int) -> None:
         raise UsageError("model returns NaN or inf logits on the test split; fix the model before evaluating it")
 
 
+def streamed_rows(data: PreparedData, split: str, limit: int | None = None,
+                  device="cpu", start: int = 0) -> tuple[DeviceRows, torch.Tensor]:
+    """Samples [start, limit) of `split`: the inputs read batch by batch as they are indexed, the labels
+    (one integer a sample) as a tensor."""
+    x, y = data.x[split], data.y[split]
+    if limit is not None:
+        x, y = x[:limit], y[:limit]
+    return DeviceRows(x[start:], device), torch.as_tensor(y[start:], dtype=torch.int64, device=device)
+
+
 def tensors(data: PreparedData, split: str, limit: int | None = None,
             device="cpu", start: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """Samples [start, limit) of `split` as tensors: only those pages of the memory map are read."""
@@ -113,13 +124,14 @@ class Shard:
     y: torch.Tensor
 
 
-def shard_setup(ws: Workspace, data_fingerprint: str, start: int, stop: int) -> Shard:
+def shard_setup(ws: Workspace, data_fingerprint: str, start: int, stop: int, streamed: bool = False) -> Shard:
     """The set-up every sharded stage repeats in its worker process, in the parent's order (runtime,
-    data, model, then the seed), so a shard draws exactly what one process would."""
+    data, model, then the seed), so a shard draws exactly what one process would. `streamed`: the
+    shard's inputs as :class:`DeviceRows` (read batch by batch), else one tensor."""
     params = ws.params()
     runtime = start_runtime(params)
     data, domain = load_data(ws, params, data_fingerprint)[:2]
     model, _ = load_model_for(ws, params, data, data_fingerprint, runtime.device)
     seed_everything(params.seed)
-    x, y = tensors(data, "test", stop, runtime.device, start)
+    x, y = (streamed_rows if streamed else tensors)(data, "test", stop, runtime.device, start)
     return Shard(params, runtime, data, domain, model, x, y)

@@ -9,7 +9,7 @@ import onnx
 
 from pipeline import __version__
 from pipeline.errors import IntegrityMismatch, ParityFailure, UsageError
-from pipeline.io import sha256_file, write_json
+from pipeline.io import npz_member, sha256_file, write_json
 from pipeline.onnx_export import EXPORTER, ExportError, export_onnx, latency, onnx_logits, parity, torch_logits
 from pipeline.stages.common import load_data, load_model_for, seed_everything
 from pipeline.results import ExportResult, dump
@@ -25,8 +25,9 @@ def main(ws: Workspace) -> int:
     seed_everything(params.seed)
     if not ws.adversarial.is_file():
         raise UsageError(f"missing {ws.adversarial}: run `robustgate attack` first")
+    x_adv = npz_member(ws.adversarial, "x_adv")  # mapped: the parity checks read it batch by batch
     with np.load(ws.adversarial, allow_pickle=False) as archive:
-        x_adv, y_adv = archive["x_adv"], archive["y"]
+        y_adv = archive["y"]
         torch_robust = float(archive["robust"].mean())
         attacked = str(archive["model_sha256"]) if "model_sha256" in archive.files else "unknown"
     if attacked != model_sha:

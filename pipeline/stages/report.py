@@ -20,7 +20,7 @@ import numpy as np
 
 from pipeline import __version__, claims
 from pipeline.evidence import artifact_paths, collect_metrics, hash_artifacts, model_hashes, traceability
-from pipeline.io import atomic_write, confine, read_json, write_json, write_text
+from pipeline.io import atomic_write, confine, npz_member, read_json, write_json, write_text
 from pipeline.manifest import build_manifest, canonical_bytes, sign
 from pipeline.plots import (accuracy_bars, adversarial_gallery, clinical_plots, condition_gallery, condition_heat_map,
                             epsilon_curve, training_curves)
@@ -75,9 +75,10 @@ def previous_approved(ws: Workspace, model_name: str) -> dict | None:
 def gallery(ws: Workspace, count: int = 4) -> str | None:
     """Clean / perturbation / adversarial for the first broken samples, for image data only."""
     with np.load(ws.adversarial, allow_pickle=False) as archive:
-        x, x_adv, y = archive["x"], archive["x_adv"], archive["y"]
+        y = archive["y"]
         broken = np.flatnonzero(archive["clean_correct"] & ~archive["robust"])[:count]
         adv_pred = archive["adv_pred"]
+    x, x_adv = npz_member(ws.adversarial, "x"), npz_member(ws.adversarial, "x_adv")  # mapped: a few rows are read
     if x.ndim != 4 or x.shape[1] not in (1, 3) or len(broken) == 0:
         return None
     return adversarial_gallery(x[broken], x_adv[broken], y[broken], y[broken], adv_pred[broken], count)
