@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import tempfile
 from pathlib import Path
 
@@ -43,6 +44,8 @@ def params(size: int, total: int, tiny: bool) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tiny", action="store_true", help="smoke run at 500 and 1,000 images; writes nothing")
+    parser.add_argument("--repeats", type=int, default=3, help="runs of each stage per size; medians are reported "
+                        "(one run's peak varies by tens of MiB between identical runs here)")
     args = parser.parse_args()
     x, y = mnist_t10k()
     sizes = (500, 1000) if args.tiny else (2000, 10000)
@@ -51,14 +54,16 @@ def main() -> None:
              "(channels 32, 64; dense 256: 3.3 M parameters), one torch thread; standard training for 1 epoch (batch "
              "128), attacks fgsm + pgd on the whole test split (batch 256), IBP + CROWN on 20 samples (batch 10), "
              "smoothing n = 100 on 10 samples. Wall seconds / peak RSS / peak anonymous memory (MiB) of the stage "
-             "process.", "",
+             f"process, each the median of {args.repeats} runs.", "",
              "| images | train / test split | " + " | ".join(f"{s} s / RSS / anon" for s in STAGES) + " |",
              "|---:|---|" + "---|" * len(STAGES)]
     peaks = {}
     with tempfile.TemporaryDirectory() as tmp:
         for size in sizes:
             root = workspace(Path(tmp) / f"mnist{size}", x, y, params(size, len(y), args.tiny))
-            cells = {name: stage_memory(root, name) for name in STAGES}
+            cells = {name: tuple(statistics.median(v) for v in zip(*(stage_memory(root, name)
+                                                                      for _ in range(args.repeats))))
+                     for name in STAGES}
             peaks[size] = cells
             split = json.loads((root / "metrics" / "prepare.json").read_text())["samples"]
             lines.append(f"| {size:,} | {split['train']:,} / {split['test']:,} | "
