@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from pipeline.results import KERNEL_VARIABLES
+
 ATTACK_NAMES = {
     "fgsm": "FGSM", "pgd": "PGD", "pgd_cw": "PGD (CW loss)", "apgd_ce": "APGD-CE", "apgd_dlr": "APGD-DLR",
     "apgd_t": "APGD-T", "fab_t": "FAB-T", "square": "Square",
@@ -192,18 +194,27 @@ def runtime_used(metrics: dict) -> str:
         record = (metrics.get(stage) or {}).get("runtime")
         if record:
             key = (record["device"], record["threads"], record["processes"], record["precision"], record["torch"],
-                   record["cpu_capability"], record["cpu"], record.get("gpu"))
+                   record["cpu_capability"], record["cpu"], record.get("gpu"),
+                   None if record.get("environment") is None else tuple(sorted(record["environment"].items())))
             groups.setdefault(key, []).append(stage)
     if not groups:
         return "not recorded (metrics from before the runtime record)"
     parts = []
-    for (device, threads, processes, precision, torch_version, capability, cpu, gpu), stages in groups.items():
+    for (device, threads, processes, precision, torch_version, capability, cpu, gpu, environment), stages \
+            in groups.items():
+        if environment is None:
+            variables = ", thread and kernel variables not recorded"
+        elif environment:
+            variables = ", with " + ", ".join(f"{name}={value}" for name, value in environment)
+        else:
+            variables = f", none of {', '.join(KERNEL_VARIABLES)} set"
         parts.append(f"{listing(stages)}: {device}{f' ({gpu})' if gpu else ''}, {processes} "
                      f"process{'es' if processes > 1 else ''} of {threads} thread{'s' if threads > 1 else ''}, "
-                     f"{precision}, torch {torch_version}, CPU {cpu}, kernels {capability}")
+                     f"{precision}, torch {torch_version}, CPU {cpu}, kernels {capability}"
+                     + variables)
     return ("; ".join(parts) + ". Re-running with the same params and seed reproduces these figures bit for bit "
-            "only with the same threads, torch build and processor: floating-point reductions are ordered by "
-            "them, and another processor may train a different model.")
+            "only with the same threads, torch build, processor and thread or kernel variables: floating-point "
+            "reductions are ordered by them, and another processor may train a different model.")
 
 
 def supplied_shipping(train: dict) -> str:
@@ -395,6 +406,18 @@ def lp_and_conditions_coverage(threat: dict, conditions_metrics: dict) -> str:
             "weather beyond a uniform haze, sensor faults and distribution shift are not covered.")
 
 
+def search_exits(components: list[str]) -> str:
+    """Why fewer copies were evaluated than the budget allows, for the phases that ran: random draws and the
+    descent skip broken samples; the descent also stops where it would repeat a point."""
+    phases = [SEARCH_LABELS[c] for c in components if c in ("random", "gradient")]
+    if not phases:
+        return ""
+    text = f": a sample leaves the {listing(phases)} once it is broken"
+    if "gradient" in components:
+        text += ", and the descent stops once it returns to a point it already evaluated"
+    return text
+
+
 def condition_scope(record: dict, name: str = "", train: dict | None = None) -> list[str]:
     """What one condition's figures mean and where they stop, from its record (and, given the train metrics,
     whether the model was trained for it)."""
@@ -411,8 +434,7 @@ def condition_scope(record: dict, name: str = "", train: dict | None = None) -> 
         gradient = (f", {search['gradient_copies']:,} of them with a gradient" if search["gradient_copies"] else "")
         notes.append(f"Robust accuracy under {label} is an upper bound: the worst case found by {how} "
                      f"(up to {search['copies_per_sample']} transformed copies per sample, "
-                     f"{search['copies_evaluated']:,} evaluated in all{gradient}: a sample leaves the search once "
-                     "it is broken, and the gradient descent once it returns to a point it already evaluated); "
+                     f"{search['copies_evaluated']:,} evaluated in all{gradient}{search_exits(search['components'])}); "
                      "a stronger search may lower it.")
     if record["kind"] == "noise":
         notes.append("The noise direction is drawn at random for each evaluation: the worst case is over the "

@@ -23,7 +23,12 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from pipeline.errors import UsageError
 from pipeline.stats import clopper_pearson
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
+
+# Environment variables that change which kernels run or how their reductions are ordered; the runtime
+# record lists those set, since the same seed can give other figures under them.
+KERNEL_VARIABLES = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "MKL_CBWR", "MKL_ENABLE_INSTRUCTIONS",
+                    "ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA", "ATEN_CPU_CAPABILITY", "CUBLAS_WORKSPACE_CONFIG")
 
 AccuracyKind = Literal["point", "upper_bound", "lower_bound", "probabilistic_certificate"]
 KIND_MEANING = {
@@ -72,7 +77,7 @@ class ThreatRecord(_Record):
 
 
 class _StageResult(_Record):
-    schema_version: Literal[2] = SCHEMA_VERSION
+    schema_version: Literal[3] = SCHEMA_VERSION
     seed: int
     dataset_fingerprint: str
 
@@ -89,6 +94,9 @@ class RuntimeRecord(_Record):
     cpu_capability: str
     cpu: str = Field(description="vendor, family, model, stepping, name and a digest of the flags")
     gpu: Optional[str] = None
+    environment: Optional[dict[str, str]] = Field(default=None, description=(
+        "the KERNEL_VARIABLES that were set (empty: none of "
+        "them); None: not recorded"))
 
 
 class _ModelResult(_StageResult):
@@ -106,7 +114,7 @@ class DomainRecord(_Record):
 
 
 class PrepareResult(_Record):
-    schema_version: Literal[2] = SCHEMA_VERSION
+    schema_version: Literal[3] = SCHEMA_VERSION
     dataset: str
     dataset_name: str
     class_names: list[str]
@@ -296,7 +304,7 @@ class SmoothPoint(_Record):
 
 
 class SmoothResult(_Record):
-    schema_version: Literal[2] = SCHEMA_VERSION
+    schema_version: Literal[3] = SCHEMA_VERSION
     status: Literal["ok", "not_run"]
     reason: Optional[str] = None
     seed: Optional[int] = None
@@ -418,7 +426,7 @@ class SubgroupRecord(_Record):
 
 
 class ClinicalResult(_Record):
-    schema_version: Literal[2] = SCHEMA_VERSION
+    schema_version: Literal[3] = SCHEMA_VERSION
     status: Literal["ok", "not_applicable"]
     reason: Optional[str] = None
     seed: Optional[int] = None
@@ -633,7 +641,7 @@ class Row:
 
 
 class GateResult(_Record):
-    schema_version: Literal[2] = SCHEMA_VERSION
+    schema_version: Literal[3] = SCHEMA_VERSION
     passed: bool
     policy: str
     policy_name: str
@@ -647,7 +655,7 @@ class GateResult(_Record):
 
 
 class RegisterResult(_Record):
-    schema_version: Literal[2] = SCHEMA_VERSION
+    schema_version: Literal[3] = SCHEMA_VERSION
     model_name: str
     version: str
     run_id: str

@@ -28,6 +28,7 @@ import numpy as np
 import torch
 
 from pipeline.errors import UsageError
+from pipeline.results import KERNEL_VARIABLES
 
 
 @dataclass(frozen=True)
@@ -52,11 +53,20 @@ class Runtime:
         return {"device": str(self.device), "threads": self.threads, "processes": self.processes,
                 "precision": self.precision, "torch": torch.__version__,
                 "cpu_capability": torch.backends.cpu.get_cpu_capability(), "cpu": cpu_identity(),
-                "gpu": torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else None}
+                "gpu": torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else None,
+                "environment": kernel_environment()}
 
     def grad_scaler(self):
         """float16 gradients underflow without loss scaling; bf16 and float32 need none."""
         return torch.amp.GradScaler(self.device.type) if self.precision == "fp16" else None
+
+
+# Variables that change which kernels or thread pools compute, hence the figures, without changing
+# what torch reports: MKL_CBWR=AVX2 or ONEDNN_MAX_CPU_ISA=AVX2 each trained another model from the
+# default params on one processor (bench/results/runtime.md).
+def kernel_environment() -> dict[str, str]:
+    """Those of :data:`KERNEL_VARIABLES` this process has set (none: an empty mapping)."""
+    return {name: os.environ[name] for name in KERNEL_VARIABLES if os.environ.get(name)}
 
 
 @functools.cache

@@ -4,7 +4,7 @@
 verdict, the data, clean and robust accuracy with intervals, the verified and smoothed
 figures, the diagnostic figures and the triggering conditions when they ran, and the export
 check. Everything else stays in metrics/*.json, `dvc metrics show` and the report. Every
-metrics file follows the typed schema (pipeline/results.py, schema_version 2): an accuracy is
+metrics file follows the typed schema (pipeline/results.py, schema_version 3): an accuracy is
 `{status: ok, value, ci, n, ...}` or `{status: not_applicable | not_run, reason}`.
 """
 from __future__ import annotations

@@ -3,7 +3,8 @@ batches, a sample leaves the random and gradient phases once it is broken (early
 descent once it returns to a point it already evaluated (from there it would only repeat itself).
 
 The descent test compares against signed-gradient descent without any exit: the exit may save
-copies, never change a verdict or a worst margin. The batching test pins that batching does not
+copies, never change a verdict or a worst margin (exactly so only up to the last bits of batched
+forwards over fewer samples; on this model it changes neither). The batching test pins that batching does not
 change what the search finds (a regression guard for the batched grid, stated as such)."""
 from __future__ import annotations
 
@@ -78,3 +79,18 @@ def test_batching_several_points_per_forward_finds_the_same_worst_case(digits_mo
     assert (abs(one.grid_accuracy - many.grid_accuracy) < 1e-9).all()
     # robust samples saw the same points either way; broken ones may stop at another draw of a batch
     assert torch.allclose(one.worst.margin[one.robust], many.worst.margin[one.robust], atol=1e-4)
+
+
+def test_a_nan_margin_does_not_hide_a_draw_that_breaks_the_sample():
+    """Three draws of two samples: the second draw of sample 0 is NaN (non-finite logits), its first
+    breaks it. `min` alone would return the NaN and the break would be lost."""
+    from pipeline.conditions.search import Worst, _update_best
+
+    worst = Worst.start(2, 1, "cpu")
+    margin = torch.tensor([[-1.0, 2.0], [float("nan"), 1.0], [0.5, float("nan")]])
+    prediction = torch.tensor([[3, 0], [0, 0], [0, 0]])
+    theta = torch.tensor([[0.1], [0.2], [0.3]])
+    _update_best(worst, None, margin, theta, prediction)
+    assert worst.margin.tolist() == [-1.0, 1.0]
+    assert worst.prediction.tolist() == [3, 0]
+    assert torch.allclose(worst.theta.flatten(), torch.tensor([0.1, 0.2]))

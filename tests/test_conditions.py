@@ -227,6 +227,19 @@ def test_a_code_or_runtime_change_reevaluates_every_condition(tmp_path, capsys):
     assert again["runtime"]["threads"] == 1 and not any(v.get("reused") for v in again.values() if isinstance(v, dict))
 
 
+def test_the_cache_key_holds_the_versions_of_the_libraries_that_compute_the_figures(monkeypatch):
+    """Another auto_LiRPA, numpy or scipy may give other bounds or intervals for the same model and data."""
+    import pipeline.stages.conditions as stage
+
+    params = parse_params(_params_with(TINY_PARAMS["conditions"]["threats"]))
+    name = next(iter(params.conditions.threats))
+    installed = stage.library_versions()
+    assert set(installed) == {"auto-LiRPA", "numpy", "scipy"} and all(installed.values())
+    before = stage.config_sha256(params, name, "0" * 64, "data", {"threads": 1})
+    monkeypatch.setattr(stage, "library_versions", lambda: {**installed, "numpy": "0.0"})
+    assert stage.config_sha256(params, name, "0" * 64, "data", {"threads": 1}) != before
+
+
 def test_every_kind_is_configurable():
     """The params union and the threat classes name the same kinds."""
     from pipeline.config import CONDITION_KINDS

@@ -9,7 +9,7 @@ import json
 import torch
 
 from pipeline import claims, results
-from pipeline.runtime import cpu_identity
+from pipeline.runtime import KERNEL_VARIABLES, cpu_identity, kernel_environment
 from tests.conftest import TINY_PARAMS, make_workspace, run_stage
 
 
@@ -21,6 +21,7 @@ def test_every_computing_stage_records_its_runtime(pipeline_workspace):
         assert record["torch"] == torch.__version__
         assert record["cpu_capability"] == torch.backends.cpu.get_cpu_capability()
         assert record["cpu"] == cpu_identity() and record["gpu"] is None
+        assert record["environment"] == kernel_environment()
         results.load(stage, pipeline_workspace / "metrics" / f"{stage}.json")  # the schema accepts it
     html = (pipeline_workspace / "reports" / "build" / "report.html").read_text()
     assert "Computed with" in html and f"torch {torch.__version__}" in html
@@ -54,3 +55,29 @@ def test_runtime_sentence_groups_stages_that_computed_alike():
     split = claims.runtime_used({"train": {"runtime": one}, "certify": {"runtime": other_cpu}})
     assert "train: cpu" in split and "certify: cpu" in split  # another processor is another group
     assert claims.runtime_used({}).startswith("not recorded")
+
+
+def test_a_kernel_variable_is_recorded_and_printed(tmp_path, monkeypatch):
+    """MKL_CBWR=AVX2 trains another model while torch still reports the same kernel set, so a run made
+    under it must say so."""
+    for name in KERNEL_VARIABLES:
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("MKL_CBWR", "AVX2")
+    params = copy.deepcopy(TINY_PARAMS)
+    params["train"]["epochs"] = 1
+    root = make_workspace(tmp_path, params)
+    previous = torch.get_num_threads()
+    try:
+        assert run_stage("prepare", root) == 0 and run_stage("train", root) == 0
+    finally:
+        torch.set_num_threads(previous)
+    record = json.loads((root / "metrics" / "train.json").read_text())["runtime"]
+    assert record["environment"] == {"MKL_CBWR": "AVX2"}
+    assert ", with MKL_CBWR=AVX2" in claims.runtime_used({"train": {"runtime": record}})
+    unset = {**record, "environment": {}}
+    text = claims.runtime_used({"train": {"runtime": record}, "certify": {"runtime": unset}})
+    assert "train: cpu" in text and "certify: cpu" in text  # another variable is another group
+    assert "none of OMP_NUM_THREADS, MKL_NUM_THREADS, MKL_CBWR" in text
+    older = {key: value for key, value in record.items() if key != "environment"}  # a record from before the field
+    assert "thread and kernel variables not recorded" in claims.runtime_used({"train": {"runtime": older}})
+    assert "none of" not in claims.runtime_used({"train": {"runtime": older}})

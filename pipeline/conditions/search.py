@@ -176,7 +176,9 @@ def _update_rows(worst: Worst, rows: torch.Tensor, margin, theta, prediction) ->
 
 def _update_best(worst: Worst, rows: torch.Tensor | None, margin, theta, prediction) -> None:
     """The best of k evaluations of the samples `rows` (None: all): margin and prediction (k, samples),
-    theta (k, d) or (k, samples, d). The first of equal minima wins, as in evaluation order."""
+    theta (k, d) or (k, samples, d). The first of equal minima wins, as in evaluation order. A NaN margin
+    (non-finite logits) counts as no evidence either way: `min` would return it and hide a breaking draw."""
+    margin = torch.nan_to_num(margin, nan=float("inf"))
     if len(margin) == 1:
         margin, prediction = margin[0], prediction[0]
         theta = theta[0].expand(len(margin), -1) if theta.dim() == 2 else theta[0]
@@ -215,8 +217,10 @@ def _descend(evaluate: Evaluator, x, y, condition: Condition, cfg, worst: Worst,
     restart from the worst point found so far (a random point when nothing was evaluated yet),
     the others from random points. A sample leaves the descent once it is broken (early exit), and
     once its next point is one its descent already evaluated: the transform and the model are
-    deterministic, so from there the descent would only repeat itself (a corner the gradient pushes
-    out of, or a step that oscillates across a minimum). On digits 97% of the samples that start
+    deterministic, so from there the descent would repeat itself (a corner the gradient pushes out of,
+    or a step that oscillates across a minimum). Only nearly: a forward over fewer samples may differ
+    in the last bits, which can flip the sign of a gradient component that is almost zero. The same
+    seed still gives the same result; the exit's equivalence to a descent without it is tested, not proven. On digits 97% of the samples that start
     at the worst grid point reach such a point within one step (bench/results/conditions_cost_digits.md)."""
     low, high = condition.box(x.device)
     step = cfg.step_fraction * (high - low)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import importlib.metadata
 import json
 from pathlib import Path
 
@@ -32,16 +33,23 @@ ARTIFACTS = "artifacts/conditions"
 
 def config_sha256(params, name: str, model_sha256: str, data_fingerprint: str, runtime: dict) -> str:
     """Everything a condition's figures depend on: its settings, the model, the data, the code that
-    computes them and where it ran (threads and processor order the floating-point reductions)."""
+    computes them, the libraries it calls (bounds, statistics, arrays) and where it ran (threads and
+    processor order the floating-point reductions; the runtime record names the torch build)."""
     cfg = params.conditions
     payload = {"condition": cfg.threats[name].model_dump(mode="json"),
                "settings": cfg.model_dump(mode="json", exclude={"threats"}),
                "seed": params.seed, "model": model_sha256, "data": data_fingerprint, "code": package_sha256(),
-               "runtime": runtime}
+               "libraries": library_versions(), "runtime": runtime}
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
 
 
 PACKAGE = Path(__file__).resolve().parents[1]
+LIBRARIES = ("auto-LiRPA", "numpy", "scipy")
+
+
+def library_versions() -> dict[str, str]:
+    """The installed version of each library besides torch whose code computes a condition's figures."""
+    return {name: importlib.metadata.version(name) for name in LIBRARIES}
 
 
 @functools.cache
