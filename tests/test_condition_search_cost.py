@@ -94,3 +94,41 @@ def test_a_nan_margin_does_not_hide_a_draw_that_breaks_the_sample():
     assert worst.margin.tolist() == [-1.0, 1.0]
     assert worst.prediction.tolist() == [3, 0]
     assert torch.allclose(worst.theta.flatten(), torch.tensor([0.1, 0.2]))
+
+
+class BatchSizes(torch.nn.Module):
+    """The real model, recording the rows of every forward it is given."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model, self.sizes = model, []
+
+    def forward(self, x):
+        self.sizes.append(len(x))
+        return self.model(x)
+
+
+def test_the_random_phase_streams_full_batches_and_finds_what_every_draw_for_every_sample_finds(digits_model):
+    """Random draws only: the streamed phase (blocks of whole batches, a block may end inside a draw)
+    against the reference that evaluates every draw of every sample. The same verdicts, the same lowest
+    margin of every sample left robust, and only the phase's last batch short."""
+    from pipeline.conditions.search import _uniform, margin_and_prediction
+
+    model, x, y, domain = digits_model
+    cond, settings = condition({"kind": "brightness_contrast", "brightness": [-0.4, 0.4], "contrast": [0.5, 1.5]})
+    recorder, batch, draws = BatchSizes(model), 96, 20  # 96 does not divide the alive samples: draws split
+    outcome = search(recorder, x, y, cond, domain, settings.search, torch.Generator().manual_seed(5), batch,
+                     use=(), random_draws=draws)
+    thetas = _uniform(len(x), cond, torch.Generator().manual_seed(5), x.device, draws)
+    with torch.no_grad():
+        clean = model(x).argmax(1) == y
+        results = [margin_and_prediction(model(cond.transform(x, thetas[j], domain)), y) for j in range(draws)]
+    margins = torch.stack([m for m, _ in results])
+    broken = torch.stack([p != y for _, p in results]).any(0)
+    assert torch.equal(outcome.robust, clean & ~broken)
+    assert 0 < int(outcome.robust.sum()) < int(clean.sum())  # some samples broke and left early
+    robust = outcome.robust
+    assert torch.allclose(outcome.worst.margin[robust], margins.min(0).values[robust], atol=1e-5)
+    random_batches = recorder.sizes[1:]  # after the clean forward
+    assert all(size == batch for size in random_batches[:-1]) and 0 < random_batches[-1] <= batch
+    assert sum(random_batches) == outcome.copies_evaluated < draws * int(clean.sum())

@@ -6,11 +6,13 @@ descent on the margin from the worst points found. A sample counts as robust onl
 classified correctly and no evaluated parameter changes the decision: an upper bound.
 
 Cost: the (sample, parameter) copies of the grid and of the random draws go through the model in
-full batches, gathered as they are needed; a sample leaves the random and gradient phases once it is
-broken or was wrong on the clean input (its verdict cannot change), and the descent once it comes
-back to a point it already evaluated; the grid is always evaluated in full, since the heat map needs
-every sample at every point. bench/conditions_cost.py measures the cost against plain batched
-forwards of the same copies.
+full batches, gathered batch by batch as they are needed (the random draws stream: no batch is short
+but the phase's last); a sample leaves the random and gradient phases once it is broken or was wrong
+on the clean input (its verdict cannot change), and the descent once it comes back to a point it
+already evaluated; the grid is always evaluated in full, since the heat map needs every sample at
+every point. bench/conditions_cost.py measures the cost against plain batched forwards of the same
+copies: a gradient copy costs a forward and a backward (about five forwards on digits), which no
+batching removes.
 """
 from __future__ import annotations
 
@@ -21,9 +23,8 @@ import torch
 
 from pipeline.conditions.threats import Condition, grid_points
 from pipeline.threat import Domain
-PACKED_BATCHES = 2
-
-
+PACKED_BATCHES = 4  # random draws are evaluated in blocks of this many full batches
+MARGIN_ROWS = 4096  # logits rows gathered before margins are taken (bounds their memory)
 
 
 def margin_and_prediction(logits: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -55,21 +56,41 @@ class Evaluator:
         from x as it is needed (the k copies are never held at once)."""
         n, k = len(x), len(theta)
         flat = theta.repeat_interleave(n, dim=0) if theta.dim() == 2 else theta.reshape(k * n, -1)
-        margins, predictions = [], []
+
+        def rows(start, stop):
+            if start // n == (stop - 1) // n:  # inside one point's block: a view of the samples
+                return x[start % n:(stop - 1) % n + 1]
+            return x.index_select(0, torch.arange(start, stop, device=x.device) % n)
+
+        def labels(start, stop):
+            return y.index_select(0, torch.arange(start, stop, device=y.device) % n)
+
+        margin, prediction = self._classify(rows, labels, flat)
+        return margin.view(k, n), prediction.view(k, n)
+
+    def pairs(self, x, y, samples, theta) -> tuple[torch.Tensor, torch.Tensor]:
+        """Margins and predictions (m,) of the copies (x[samples[i]], theta[i]), gathered batch by batch."""
+        return self._classify(lambda start, stop: x.index_select(0, samples[start:stop]),
+                              lambda start, stop: y.index_select(0, samples[start:stop]), theta)
+
+    def _classify(self, rows, labels, theta) -> tuple[torch.Tensor, torch.Tensor]:
+        """Transform and classify the copies rows(start, stop) under theta[start:stop] in batches; margins
+        are taken over several batches' logits at once (fewer small operations, the same numbers)."""
+        total = len(theta)
+        margins, predictions, logits, first = [], [], [], 0
         with torch.no_grad():
-            for start in range(0, k * n, self.batch_size):
-                stop = min(start + self.batch_size, k * n)
-                if start // n == (stop - 1) // n:  # inside one point's block: a view of the samples
-                    part, labels = x[start % n:(stop - 1) % n + 1], y[start % n:(stop - 1) % n + 1]
-                else:
-                    samples = torch.arange(start, stop, device=x.device) % n
-                    part, labels = x.index_select(0, samples), y.index_select(0, samples)
-                moved = self.condition.transform(part, flat[start:stop], self.domain, self.noise(part))
-                margin, prediction = margin_and_prediction(self.model(moved), labels)
-                margins.append(margin)
-                predictions.append(prediction)
-        self.copies += k * n
-        return torch.cat(margins).view(k, n), torch.cat(predictions).view(k, n)
+            for start in range(0, total, self.batch_size):
+                stop = min(start + self.batch_size, total)
+                part = rows(start, stop)
+                logits.append(self.model(self.condition.transform(part, theta[start:stop], self.domain,
+                                                                  self.noise(part))))
+                if stop - first >= MARGIN_ROWS or stop == total:
+                    margin, prediction = margin_and_prediction(torch.cat(logits), labels(first, stop))
+                    margins.append(margin)
+                    predictions.append(prediction)
+                    logits, first = [], stop
+        self.copies += total
+        return torch.cat(margins), torch.cat(predictions)
 
     def gradient(self, x, y, theta) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Margins, predictions and d margin / d θ."""
@@ -195,20 +216,44 @@ def _update_best(worst: Worst, rows: torch.Tensor | None, margin, theta, predict
 def _random(evaluate: Evaluator, x, y, condition: Condition, worst: Worst, clean_correct, generator,
             draws: int) -> None:
     """`draws` uniform parameters per sample. Every draw is made, in order, before any is evaluated
-    (the random stream does not depend on which samples are left); the samples still alive are
-    evaluated, as many draws per batched forward as fill a batch."""
+    (the random stream does not depend on which samples are left). The (draw, sample) copies of the
+    samples still alive are evaluated draw-major in blocks of whole batches: a block may end inside a
+    draw, the next one starts where it stopped with the samples still alive, so no batch is short
+    but the phase's last."""
     n = len(x)
     thetas = _uniform(n, condition, generator, x.device, draws)  # (draws, n, d)
-    first = 0
-    while first < draws:
-        alive = _alive(worst, y, clean_correct)
-        if not len(alive):
+    done = torch.zeros(n, dtype=torch.int64, device=x.device)  # draws evaluated, per sample
+    block = PACKED_BATCHES * evaluate.batch_size
+    while True:
+        pending = _alive(worst, y, clean_correct)
+        pending = pending[done[pending] < draws]
+        if not len(pending):
             return
-        count = -(-PACKED_BATCHES * evaluate.batch_size // len(alive))  # draws that fill whole batches
-        block = thetas[first:first + count][:, alive]
-        margin, prediction = evaluate(x[alive], y[alive], block)
-        _update_best(worst, alive, margin, block, prediction)
-        first += count
+        # the pending samples are at most one draw apart: the lagging ones finish their draw first
+        draw = int(done[pending].min())
+        lagging = pending[done[pending] == draw]
+        count = min(block, len(lagging) + len(pending) * (draws - draw - 1))
+        rest = torch.arange(max(count - len(lagging), 0), device=x.device)
+        samples = torch.cat([lagging, pending[rest % len(pending)]])[:count]
+        drawn = torch.cat([torch.full_like(lagging, draw), draw + 1 + rest // len(pending)])[:count]
+        theta = thetas[drawn, samples]
+        margin, prediction = evaluate.pairs(x, y, samples, theta)
+        _update_each(worst, samples, margin, theta, prediction)
+        done += torch.bincount(samples, minlength=n)
+
+
+def _update_each(worst: Worst, samples: torch.Tensor, margin, theta, prediction) -> None:
+    """`Worst.update` from evaluations (m,) of the samples `samples` (m,), a sample possibly several
+    times: its lowest margin counts, the first of equal minima in evaluation order."""
+    n = len(worst.margin)
+    margin = torch.nan_to_num(margin, nan=float("inf"))
+    lowest = torch.full((n,), float("inf"), device=margin.device).scatter_reduce(0, samples, margin, "amin")
+    order = torch.arange(len(samples), device=margin.device)
+    candidates = torch.where(margin == lowest[samples], order, len(samples))
+    first = torch.full((n,), len(samples), device=margin.device).scatter_reduce(0, samples, candidates, "amin")
+    rows = torch.nonzero(first < len(samples)).flatten()
+    chosen = first[rows]
+    _update_rows(worst, rows, margin[chosen], theta[chosen], prediction[chosen])
 
 
 def _descend(evaluate: Evaluator, x, y, condition: Condition, cfg, worst: Worst, generator, steps: int,
