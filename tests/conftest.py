@@ -18,6 +18,7 @@ TINY_PARAMS = {
     "model": {"name": "mlp", "hidden": [32]},
     "threat": {"norm": "linf", "epsilon": 0.05, "features": None, "unlisted": None},
     "clinical": None,
+    "runtime": {"device": "auto", "precision": "float32", "threads": None, "processes": 1, "workers": 0},
     "train": {"method": "pgd_at", "epochs": 4, "batch_size": 64, "lr": 0.005,
               "pgd": {"steps": 3, "step_size": 0.02}, "val_pgd": {"steps": 3, "step_size": 0.02}},
     "attack": {"attacks": ["fgsm", "pgd", "apgd_ce", "square"], "pgd": {"steps": 10, "step_size": 0.01, "restarts": 1},

@@ -148,6 +148,27 @@ def test_report_prose_reruns_report_and_register_only(repo_copy):
     assert set(ran(sh(["dvc", "repro"], root).stdout)) <= {"report", "gate", "register"}
 
 
+def test_the_runtime_keys_that_shape_figures_rerun_the_stages_they_shape(repo_copy):
+    """Before: no stage listed `runtime`, so `threads: 1` (another model bit for bit) left the 2-thread
+    model and its evidence "up to date". Shards do not change an evaluation's figures: `processes` re-runs
+    training (data-parallel) only."""
+    root = repo_copy
+    sh(["dvc", "repro"], root)
+    original = (root / "params.yaml").read_text()
+    evaluations = {"attack", "certify", "smooth", "conditions"}
+    params = yaml.safe_load(original)
+    params["runtime"]["threads"] = 1
+    (root / "params.yaml").write_text(yaml.safe_dump(params))
+    assert {"train", *evaluations} <= changed_stages(root)
+    params = yaml.safe_load(original)
+    params["runtime"]["processes"] = 2
+    (root / "params.yaml").write_text(yaml.safe_dump(params))
+    changed = changed_stages(root)
+    assert "train" in changed and not changed & evaluations
+    (root / "params.yaml").write_text(original)
+    assert changed_stages(root) == set()
+
+
 def test_metrics_are_committed_and_diffed_across_commits(repo_copy):
     """Before: metrics/ was git-ignored, so `dvc metrics diff` had nothing to compare."""
     root = repo_copy
