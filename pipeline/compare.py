@@ -24,7 +24,8 @@ from pipeline.models import build_model, set_input_statistics
 from pipeline.results import dump
 from pipeline.stages.attack import evaluate as evaluate_attacks
 from pipeline.stages.certify import certify_model
-from pipeline.stages.common import load_data, seed_everything, tensors
+from pipeline.runtime import Runtime
+from pipeline.stages.common import load_data, seed_everything, start_runtime, tensors
 from pipeline.stages.train import fit_config
 from pipeline.training.loop import TrainingDiverged, fit
 from pipeline.training.methods import METHODS
@@ -33,9 +34,11 @@ from pipeline.workspace import Workspace
 
 def study_key(params) -> str:
     """SHA-256 of every params section a row depends on except `train.method`, the one the study varies,
-    and `threat.rationale` (report prose; studies/dvc.yaml lists threat.norm and threat.epsilon only)."""
-    return params.section_hash("seed", "data", "model", "threat", "train", "attack", "certify",
-                               exclude={"train": {"method"}, "threat": {"rationale"}})
+    `threat.rationale` (report prose; studies/dvc.yaml lists threat.norm and threat.epsilon only) and the
+    runtime keys a row does not use (it runs in one process, its batches read in that process)."""
+    return params.section_hash("seed", "data", "model", "threat", "train", "attack", "certify", "runtime",
+                               exclude={"train": {"method"}, "threat": {"rationale"},
+                                        "runtime": {"processes", "workers"}})
 
 
 def weights_sha256(model) -> str:
@@ -45,28 +48,33 @@ def weights_sha256(model) -> str:
     return sha256_bytes(buffer.getvalue())
 
 
-def evaluate_method(method: str, params, data, domain, samples: int) -> dict:
+def evaluate_method(method: str, params, data, domain, samples: int, runtime: Runtime | None = None) -> dict:
     """Train with `method`, then evaluate with the attack and certify stages' own code (worst case over
     the configured attacks with the masking checks, every configured certifier with its soundness
-    cross-checks) on the first `samples` test samples."""
+    cross-checks) on the first `samples` test samples, on `runtime`'s device and precision as the train
+    stage would (the CPU in float32 when None)."""
+    device = runtime.device if runtime is not None else torch.device("cpu")
     generator = seed_everything(params.seed)
     model = build_model(params.model.name, list(data.x["train"].shape[1:]), data.num_classes,
                         params.model.factory_options())
     if data.tabular:
         set_input_statistics(model, data.mean, data.std)
+    model, domain = model.to(device), domain.to(device)
     cfg = fit_config(with_method(params, method), data)
+    hooks = {"autocast": runtime.autocast, "scaler": runtime.grad_scaler()} if runtime is not None else {}
     started = time.perf_counter()
     try:
         result = fit(model, *tensors(data, "train"), *tensors(data, "val"), domain, cfg, generator,
-                     num_classes=data.num_classes)
+                     num_classes=data.num_classes, **hooks)
     except TrainingDiverged as error:  # one method failing must not cost the others' results
         failed = {"value": "diverged", "reason": str(error)}
         return {"method": method, "train_seconds": time.perf_counter() - started, "epochs_run": 0,
+                "runtime": runtime.record() if runtime is not None else None,
                 "clean": failed, "robust": failed, "verified_crown": failed, "verified_any": failed}
     seconds = time.perf_counter() - started
     model.load_state_dict(result.best_state)
     model.eval()
-    x, y = tensors(data, "test", samples)
+    x, y = tensors(data, "test", samples, device=device)
     digest, fingerprint = weights_sha256(model), "compare"
     attack, suite = evaluate_attacks(model, params, x, y, domain, data.num_classes, generator,
                                      model_sha256=digest, data_fingerprint=fingerprint, data=data)
@@ -81,6 +89,7 @@ def evaluate_method(method: str, params, data, domain, samples: int) -> dict:
         return dump(found) if found is not None else {"value": "not_run", "reason": f"certify.methods has no {name}"}
 
     return {"method": method, "train_seconds": seconds, "epochs_run": len(result.history),
+            "runtime": runtime.record() if runtime is not None else None,
             "best_epoch": result.best_epoch, "clean": dump(attack.clean_accuracy),
             "robust": dump(attack.robust_accuracy), "verified_crown": verified("crown"),
             "verified_any": verified("any"), "masking_all_passed": attack.masking_all_passed,
@@ -92,6 +101,7 @@ def compare(ws: Workspace, methods: str = "standard,pgd_at,trades", samples: int
     params = ws.params()
     target = confine(out, ws.root, "--out")
     key = study_key(params)
+    runtime = None if collect else start_runtime(params, processes=1)  # threads applied, a missing device refused
     if collect:
         rows = collect_rows(target / "rows", key, load_data(ws, params)[2])
     else:
@@ -102,7 +112,7 @@ def compare(ws: Workspace, methods: str = "standard,pgd_at,trades", samples: int
         data, domain, fingerprint = load_data(ws, params)
         rows = []
         for method in chosen:
-            row = {**evaluate_method(method, params, data, domain, samples), "study_key": key,
+            row = {**evaluate_method(method, params, data, domain, samples, runtime), "study_key": key,
                    "dataset_fingerprint": fingerprint}
             write_json(target / "rows" / f"{method}.json", row)
             rows.append(row)

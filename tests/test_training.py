@@ -192,6 +192,21 @@ def test_compare_writes_table_and_plot(pipeline_workspace, tmp_path, capsys):
         capsys.readouterr()
         assert main(["compare", "--workspace", str(root), "--collect"]) == 2
         assert "standard.json" in capsys.readouterr().err
+    # the rows ran on the runtime's threads; another thread count trains another model, so --collect refuses
+    # them (processes, which a row does not use, is not part of the key)
+    import yaml
+
+    row_file.write_text(json.dumps(good))
+    assert good["runtime"]["threads"] == torch.get_num_threads() and good["runtime"]["processes"] == 1
+    params = yaml.safe_load((root / "params.yaml").read_text())
+    params["runtime"] = {**params.get("runtime", {}), "processes": 2}
+    (root / "params.yaml").write_text(yaml.safe_dump(params))
+    assert main(["compare", "--workspace", str(root), "--collect"]) == 0
+    params["runtime"]["threads"] = good["runtime"]["threads"] + 1
+    (root / "params.yaml").write_text(yaml.safe_dump(params))
+    capsys.readouterr()
+    assert main(["compare", "--workspace", str(root), "--collect"]) == 2
+    assert "trained under other params" in capsys.readouterr().err
 
 
 def test_interrupted_stage_resumes_to_identical_weights(pipeline_workspace, tmp_path):
