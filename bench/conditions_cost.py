@@ -64,6 +64,7 @@ def train(data, epochs: int, batch: int = 128):
 
 REPEATS = 5
 GOAL = 0.9
+ESTIMATORS = ("autograd", "differences")  # each descended condition is timed with both
 
 
 def gradient_floor(model, x, condition, domain, total: int, batch: int) -> float:
@@ -103,58 +104,76 @@ def cost_table(model, x, y, domain, cfg) -> list[str]:
              f"average {os.getloadavg()[0]:.1f} at the start._", "",
              f"{len(y)} test samples, {torch.get_num_threads()} threads, conditions.batch_size {cfg.batch_size}. "
              f"Search: grid {cfg.search.grid}, random {cfg.search.random}, gradient steps {cfg.search.steps}. "
+             "Gradient = how the descent takes d margin/dθ: autograd (a backward pass) or differences (its sign "
+             "from a forward difference, one more copy per parameter axis); - = no descent. "
              "Evaluated = transformed copies the search actually evaluated (a sample leaves once broken, the "
-             "descent once it repeats a point), gradient = of which with a backward pass. Forward floor = plain "
+             "descent once it repeats a point), gradient/sample = of which with a backward pass. Forward floor = plain "
              "batched forwards of all evaluated copies; compute floor = plain forwards of the forward copies plus "
              f"plain forward + backward of the gradient copies. Ratio = floor / search (goal >= {GOAL}). Minimum of "
              f"{REPEATS} interleaved repeats.", "",
-             "| condition | budget/sample | evaluated/sample | gradient/sample | search s | forward floor s | ratio | "
-             "compute floor s | ratio | robust (upper bound) |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "| condition | gradient | budget/sample | evaluated/sample | gradient/sample | search s | forward floor s | "
+             "ratio | compute floor s | ratio | robust (upper bound) |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     shape = tuple(x.shape[1:])
     ratios = {}
     for key in THREATS:
         condition = from_config(key, cfg.threats[key], shape)
         condition.check(domain, shape, key)
-        best = forward = compute = float("inf")
-        outcome = None
-        for _ in range(REPEATS):  # interleaved, minimum of each: a loaded machine slows both alike at best
-            started = time.perf_counter()
-            outcome = search(model, x, y, condition, domain, cfg.search, torch.Generator().manual_seed(0),
-                             cfg.batch_size)
-            best = min(best, time.perf_counter() - started)
-            forward = min(forward, floor(model, x, condition, domain, outcome.copies_evaluated, cfg.batch_size))
-            gradients = outcome.gradient_copies
-            compute = min(compute, floor(model, x, condition, domain, outcome.copies_evaluated - gradients,
-                                         cfg.batch_size)
-                          + (gradient_floor(model, x, condition, domain, gradients, cfg.batch_size) if gradients else 0))
-        n = len(x)
-        lines.append(f"| {key} | {outcome.copies_per_sample} | {outcome.copies_evaluated / n:.1f} | "
-                     f"{outcome.gradient_copies / n:.2f} | {best:.4f} | {forward:.4f} | {forward / best:.2f} | "
-                     f"{compute:.4f} | {compute / best:.2f} | {float(outcome.robust.float().mean()):.3f} |")
-        print(lines[-1], flush=True)
-        ratios[key] = (forward / best, compute / best, outcome.gradient_copies > 0)
+        for estimator in ESTIMATORS if condition.differentiable else ("-",):
+            settings = cfg.search if estimator == "-" else cfg.search.model_copy(update={"gradient": estimator})
+            best = forward = compute = float("inf")
+            outcome = None
+            for _ in range(REPEATS):  # interleaved, minimum of each: a loaded machine slows both alike at best
+                started = time.perf_counter()
+                outcome = search(model, x, y, condition, domain, settings, torch.Generator().manual_seed(0),
+                                 cfg.batch_size)
+                best = min(best, time.perf_counter() - started)
+                forward = min(forward, floor(model, x, condition, domain, outcome.copies_evaluated, cfg.batch_size))
+                gradients = outcome.gradient_copies
+                compute = min(compute, floor(model, x, condition, domain, outcome.copies_evaluated - gradients,
+                                             cfg.batch_size)
+                              + (gradient_floor(model, x, condition, domain, gradients, cfg.batch_size) if gradients
+                                 else 0))
+            n = len(x)
+            lines.append(f"| {key} | {estimator} | {outcome.copies_per_sample} | {outcome.copies_evaluated / n:.1f} | "
+                         f"{outcome.gradient_copies / n:.2f} | {best:.4f} | {forward:.4f} | {forward / best:.2f} | "
+                         f"{compute:.4f} | {compute / best:.2f} | {float(outcome.robust.float().mean()):.3f} |")
+            print(lines[-1], flush=True)
+            ratios[(key, estimator)] = (forward / best, compute / best, outcome.robust)
     return lines + ["", *cost_conclusion(ratios)]
 
 
-def cost_conclusion(ratios: dict[str, tuple[float, float, bool]]) -> list[str]:
-    """What the table says about the 0.9 goal, computed from it: per condition (forward-floor ratio,
-    compute-floor ratio, whether any copy had a gradient)."""
+def cost_conclusion(ratios: dict[tuple[str, str], tuple[float, float, torch.Tensor]]) -> list[str]:
+    """What the table says about the 0.9 goal, computed from it: per (condition, gradient estimator, "-"
+    where the search takes no gradient) the forward-floor ratio, the compute-floor ratio and the per-sample
+    robust verdicts."""
     def span(values):
         return f"{min(values):.2f}-{max(values):.2f}" if len(values) > 1 else f"{values[0]:.2f}"
 
-    met = [k for k, (forward, _, _) in ratios.items() if forward >= GOAL]
-    graded = [v for v in ratios.values() if v[2]]
-    text = (f"Goal (search >= {GOAL} of the forward floor) met by {len(met)} of {len(ratios)} conditions"
-            + (f" ({', '.join(met)})" if met else "") + ".")
-    if graded:
-        text += (f" The conditions searched with gradient steps reach {span([v[0] for v in graded])} of the forward "
-                 f"floor and {span([v[1] for v in graded])} of the compute floor, which charges each gradient copy "
-                 "a plain forward + backward.")
-    plain = [v for v in ratios.values() if not v[2]]
+    lines = []
+    for estimator, what in (("autograd", "with gradients by a backward pass"),
+                            ("differences", "with gradient signs by forward differences")):
+        rows = {k: v for k, v in ratios.items() if k[1] in (estimator, "-")}
+        if not any(k[1] == estimator for k in rows):
+            continue
+        met = [k[0] for k, (forward, _, _) in rows.items() if forward >= GOAL]
+        searched = [v for k, v in rows.items() if k[1] == estimator]
+        lines.append(f"Searching {what}: goal (search >= {GOAL} of the forward floor) met by {len(met)} of "
+                     f"{len(rows)} conditions" + (f" ({', '.join(met)})" if met else "") + "; the descended "
+                     f"conditions reach {span([v[0] for v in searched])} of the forward floor and "
+                     f"{span([v[1] for v in searched])} of the compute floor.")
+    plain = [v for k, v in ratios.items() if k[1] == "-"]
     if plain:
-        text += f" Searches without a gradient copy reach {span([v[0] for v in plain])} of the forward floor."
-    return [text]
+        lines.append(f"Searches without a descent reach {span([v[0] for v in plain])} of the forward floor.")
+    pairs = [(k[0], ratios[k][2], ratios[(k[0], "differences")][2]) for k in ratios
+             if k[1] == "autograd" and (k[0], "differences") in ratios]
+    if pairs:
+        differ = {name: int((a != d).sum()) for name, a, d in pairs if bool((a != d).any())}
+        total = sum(len(a) for _, a, _ in pairs)
+        lines.append("Per-sample verdicts of the two estimators: " + (
+            f"the same for all {total} (condition, sample) pairs." if not differ else
+            "differ on " + ", ".join(f"{n} samples of {name}" for name, n in differ.items()) + f" (of {total})."))
+    return lines
 
 
 def run(name: str, data, epochs: int, samples: int, bound_batch: int = 256,

@@ -258,9 +258,12 @@ def forward_only_scope(metrics: dict) -> list[str]:
             "requested_methods", [])]) + ")")
     records = [r for r in metrics.get("conditions", {}).values() if isinstance(r, dict) and "robust_accuracy" in r]
     if records:
-        did.append(f"the search of {len(records)} triggering condition(s) by grid and random draws")
+        order = list(SEARCH_LABELS)
+        methods = [m for _, m in sorted({(order.index(c), m) for r in records
+                                         for c, m in zip(r["search"]["components"], search_methods(r["search"]))})]
+        did.append(f"the search of {len(records)} triggering condition(s) by {listing(methods)}")
         if any(r["certified_accuracy"].get("status") == "not_applicable" for r in records):
-            did_not.append("their certification and gradient search")
+            did_not.append("their certification")
     exact = metrics.get("clinical", {}).get("exact")
     if isinstance(exact, dict) and exact.get("status") == "not_applicable":
         did_not.append("the clinical exact (MILP) check")
@@ -383,6 +386,14 @@ CONDITION_LABELS = {
 COVERS = {"brightness_contrast": ("brightness", "contrast")}
 SEARCH_LABELS = {"enumeration": "exhaustive enumeration", "grid": "a grid", "random": "random draws",
                  "gradient": "signed-gradient descent on the parameters"}
+ESTIMATOR_LABELS = {"differences": "gradient signs by forward differences", "autograd": "gradients by backpropagation"}
+
+
+def search_methods(search: dict) -> list[str]:
+    """The search components of a condition record in words; the descent says how it took its gradient
+    (records from before the estimator was recorded took it by backpropagation)."""
+    estimator = ESTIMATOR_LABELS[search.get("gradient_estimator") or "autograd"]
+    return [SEARCH_LABELS[c] + (f" ({estimator})" if c == "gradient" else "") for c in search["components"]]
 
 
 def conditions_of(metrics: dict) -> dict[str, dict]:
@@ -430,7 +441,7 @@ def condition_scope(record: dict, name: str = "", train: dict | None = None) -> 
                      f"({search['copies_per_sample']} transformed copies per sample): the robust accuracy is exact "
                      "for this finite set.")
     else:
-        how = listing([SEARCH_LABELS[c] for c in search["components"]])
+        how = listing(search_methods(search))
         gradient = (f", {search['gradient_copies']:,} of them with a gradient" if search["gradient_copies"] else "")
         notes.append(f"Robust accuracy under {label} is an upper bound: the worst case found by {how} "
                      f"(up to {search['copies_per_sample']} transformed copies per sample, "

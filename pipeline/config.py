@@ -794,6 +794,11 @@ class ConditionSearchConfig(_Section):
     steps: int = Field(10, ge=0, description="gradient-ascent steps on the parameters (differentiable kinds)")
     step_fraction: float = Field(0.1, gt=0.0, le=1.0, description="ascent step as a share of each axis' range")
     restarts: int = Field(1, ge=1, description="gradient ascents per sample (from the worst point found, then random)")
+    gradient: Literal["differences", "autograd"] = Field(
+        "differences", description="how the descent takes the sign of d margin/dθ. differences: a forward difference "
+                                   "per parameter axis (one more forward each; cheaper wherever a backward through "
+                                   "the model costs more forwards than the condition has axes); autograd: a "
+                                   "backward pass")
 
 
 class ConditionCertifyConfig(_Section):

@@ -488,6 +488,9 @@ class ConditionSearchRecord(_Record):
     copies_evaluated: int = Field(ge=0, description="transformed copies evaluated, all samples together (a "
                                   "sample leaves once broken, and the descent once it repeats a point)")
     gradient_copies: int = Field(ge=0, description="of which evaluated with a gradient")
+    gradient_estimator: Optional[Literal["differences", "autograd"]] = Field(
+        None, description="how the descent took the gradient's sign (forward differences or a backward pass); "
+                          "None without a descent")
     exhaustive: bool
     seconds: float
 

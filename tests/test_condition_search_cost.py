@@ -2,7 +2,9 @@
 batches, a sample leaves the random and gradient phases once it is broken (early exit), and the
 descent once it returns to a point it already evaluated (from there it would only repeat itself).
 
-The descent test compares against signed-gradient descent without any exit: the exit may save
+The descent's gradient signs come from forward differences (the default) or a backward pass: the
+difference tests pin that both give the same signs and verdicts. The exit test compares against
+signed-gradient descent without any exit: the exit may save
 copies, never change a verdict or a worst margin (exactly so only up to the last bits of batched
 forwards over fewer samples; on this model it changes neither). The batching test pins that batching does not
 change what the search finds (a regression guard for the batched grid, stated as such)."""
@@ -21,19 +23,63 @@ def condition(spec: dict):
     return from_config("c", params.conditions.threats["c"], (1, 8, 8)), params.conditions
 
 
-def test_broken_samples_leave_the_search_and_unbroken_ones_get_every_forward_copy(digits_model):
+@pytest.mark.parametrize("estimator", ["autograd", "differences"])
+def test_broken_samples_leave_the_search_and_unbroken_ones_get_every_forward_copy(digits_model, estimator):
     model, x, y, domain = digits_model
     cond, settings = condition({"kind": "brightness_contrast", "brightness": [-0.4, 0.4], "contrast": [0.5, 1.5]})
-    outcome = search(model, x, y, cond, domain, settings.search, torch.Generator().manual_seed(0), 512)
+    cfg = settings.search.model_copy(update={"gradient": estimator})
+    outcome = search(model, x, y, cond, domain, cfg, torch.Generator().manual_seed(0), 512)
     n, budget = len(y), outcome.copies_per_sample
-    forward = settings.search.grid ** 2 + settings.search.random
-    assert budget == forward + settings.search.steps + 1
+    forward = cfg.grid ** 2 + cfg.random
+    # a difference step adds a probe per axis (2 here); the first one reuses the known margin at its start
+    per_step = 1 if estimator == "autograd" else 1 + cond.dims
+    assert budget == forward + cfg.steps * per_step + 1 - (estimator == "differences")
     settled, robust = int((~outcome.robust).sum()), int(outcome.robust.sum())
     assert settled > 0
     assert outcome.copies_evaluated < n * budget  # the broken and the clean-wrong samples stopped early
-    # every robust sample saw the whole grid, every draw and at least one gradient step
-    assert outcome.copies_evaluated >= robust * (forward + 1) + settled * settings.search.grid ** 2
-    assert robust <= outcome.gradient_copies <= outcome.copies_evaluated
+    # every robust sample saw the whole grid, every draw and at least one descent step
+    first_step = 1 if estimator == "autograd" else cond.dims
+    assert outcome.copies_evaluated >= robust * (forward + first_step) + settled * cfg.grid ** 2
+    if estimator == "autograd":
+        assert robust <= outcome.gradient_copies <= outcome.copies_evaluated
+    else:
+        assert outcome.gradient_copies == 0  # forwards only
+
+
+def test_forward_difference_signs_are_the_gradient_signs(digits_model):
+    """The difference estimate takes the sign of d margin/dθ that a backward pass gives, also at the box's
+    upper face, where it probes inwards; only components too small for the probe step may differ."""
+    from pipeline.conditions.search import Evaluator, margin_and_prediction
+
+    model, x, y, domain = digits_model
+    cond, settings = condition({"kind": "brightness_contrast", "brightness": [-0.4, 0.4], "contrast": [0.5, 1.5]})
+    low, high = cond.box()
+    theta = low + torch.rand(len(x), 2, generator=torch.Generator().manual_seed(1)) * (high - low)
+    theta[: len(x) // 2, 0] = high[0]  # half the samples on the upper brightness face
+    evaluate = Evaluator(model, cond, domain, 64, torch.Generator().manual_seed(0))
+    margin, _, signs, copies = evaluate.difference_signs(x, y, torch.arange(len(x)), theta, high - low)
+    reference, _, grad = evaluate.gradient(x, y, theta)
+    assert torch.allclose(margin, reference, atol=1e-5)
+    assert len(copies[0]) == 3 * len(x)  # the point and one probe per axis
+    clear = grad.abs() > 1e-2 * grad.abs().max()
+    assert clear[: len(x) // 2, 0].sum() > 20  # the upper-face case is exercised
+    assert torch.equal(signs[clear], grad.sign()[clear])
+
+
+@pytest.mark.parametrize("spec", [{"kind": "brightness", "range": [-0.3, 0.3]},
+                                  {"kind": "rotation", "range": [-30, 30]},
+                                  {"kind": "brightness_contrast", "brightness": [-0.4, 0.4], "contrast": [0.5, 1.5]}])
+def test_the_difference_descent_finds_what_the_backpropagated_one_finds(digits_model, spec):
+    model, x, y, domain = digits_model
+    cond, settings = condition(spec)
+    found = {}
+    for estimator in ("autograd", "differences"):
+        cfg = settings.search.model_copy(update={"gradient": estimator})
+        found[estimator] = search(model, x, y, cond, domain, cfg, torch.Generator().manual_seed(3), 512,
+                                  use=("gradient",), random_draws=0)
+    by_autograd, by_differences = found["autograd"], found["differences"]
+    assert int((~by_autograd.robust & by_autograd.clean_correct).sum()) > 0  # the descent breaks some
+    assert torch.equal(by_differences.robust, by_autograd.robust)
 
 
 def _plain_descent(model, x, y, cond, domain, cfg, generator):
@@ -60,9 +106,10 @@ def test_the_descent_stops_only_where_it_would_repeat_itself(digits_model, spec)
     the same verdict and the same lowest margin as the descent that runs every step for every sample."""
     model, x, y, domain = digits_model
     cond, settings = condition(spec)
-    outcome = search(model, x, y, cond, domain, settings.search, torch.Generator().manual_seed(3), 512,
+    cfg = settings.search.model_copy(update={"gradient": "autograd"})
+    outcome = search(model, x, y, cond, domain, cfg, torch.Generator().manual_seed(3), 512,
                      use=("gradient",), random_draws=0)
-    lowest, broken = _plain_descent(model, x, y, cond, domain, settings.search, torch.Generator().manual_seed(3))
+    lowest, broken = _plain_descent(model, x, y, cond, domain, cfg, torch.Generator().manual_seed(3))
     assert torch.equal(outcome.robust, outcome.clean_correct & ~broken)
     robust = outcome.robust
     assert torch.allclose(outcome.worst.margin[robust], lowest[robust], atol=1e-5)

@@ -63,6 +63,10 @@ def test_unsupported_op_runs_square_on_onnxruntime_and_says_what_did_not(tmp_pat
     assert conditions["glare"]["robust_accuracy"]["value"] <= conditions["glare"]["clean_accuracy"]["value"]
     assert conditions["glare"]["certified_accuracy"]["status"] == "not_applicable"
     assert OP in conditions["glare"]["certified_accuracy"]["reason"]
+    descended = [r["search"] for r in conditions.values() if isinstance(r, dict) and "gradient" in r.get(
+        "search", {}).get("components", [])]  # on onnxruntime, by forward differences
+    assert descended and all(s["gradient_estimator"] == "differences" and s["gradient_copies"] == 0
+                             for s in descended)
     smooth = json.loads((root / "metrics" / "smooth.json").read_text())
     assert smooth["status"] == "ok"  # forward passes only: smoothing runs on onnxruntime
     assert (root / "models" / "model.onnx").read_bytes() == supplied.read_bytes()
@@ -72,8 +76,10 @@ def test_unsupported_op_runs_square_on_onnxruntime_and_says_what_did_not(tmp_pat
     assert f"ran on onnxruntime on the file: Square (robust accuracy at most {robust['value']:.3f}" in html
     not_possible = html.split("What needs gradients or bounds was not possible: ")[1].split(".")[0]
     assert all(name in not_possible for name in ("FGSM", "PGD", "APGD-CE", "bound propagation (IBP and CROWN)",
-                                                 "their certification and gradient search"))
-    assert "the search of 2 triggering condition(s) by grid and random draws" in html
+                                                 "their certification"))
+    assert "search" not in not_possible  # the descent needs forwards only: it ran
+    assert ("the search of 2 triggering condition(s) by exhaustive enumeration, a grid, random draws and "
+            "signed-gradient descent on the parameters (gradient signs by forward differences)") in html
     gate = json.loads((root / "metrics" / "gate.json").read_text())
     rows = {r["id"]: r for r in gate["rows"]}
     assert gate["passed"] is False and rows["VER"]["measured"] == "not_applicable" and OP in rows["VER"]["reason"]

@@ -56,7 +56,7 @@ def _search_record(outcome: SearchOutcome, condition: Condition, cfg, seconds: f
         gradient_steps=cfg.steps if "gradient" in components else 0,
         restarts=cfg.restarts if "gradient" in components else 0, copies_per_sample=outcome.copies_per_sample,
         copies_evaluated=outcome.copies_evaluated, gradient_copies=outcome.gradient_copies,
-        exhaustive=outcome.exhaustive, seconds=round(seconds, 3))
+        gradient_estimator=cfg.gradient if "gradient" in components else None, exhaustive=outcome.exhaustive, seconds=round(seconds, 3))
 
 
 def _robust_share(outcome: SearchOutcome) -> float:
@@ -72,6 +72,8 @@ def sanity_checks(model, x, y, condition: Condition, domain: Domain, settings, f
     if not settings.sanity.enabled:
         return checks
     if condition.differentiable and cfg.steps and not full.exhaustive:
+        # equal budget in points: random draws as many as the descent's points, each a gradient query (a forward
+        # difference's probes implement that query, as a backward pass would; they are not extra points)
         budget = cfg.steps + 1
         by_gradient = search(model, x, y, condition, domain, cfg, generator_for(seed, condition.name + "/g"),
                              settings.batch_size, use=("gradient",), random_draws=0)
@@ -80,7 +82,7 @@ def sanity_checks(model, x, y, condition: Condition, domain: Domain, settings, f
         g, r = _robust_share(by_gradient), _robust_share(by_random)
         checks["gradient_vs_random"] = ConditionSanity(
             status="pass" if g <= r + tolerance else "fail",
-            detail=f"gradient search {g:.3f} vs random search {r:.3f} robust at {budget} evaluations per sample",
+            detail=f"gradient search {g:.3f} vs random search {r:.3f} robust at {budget} points per sample",
             values={"gradient": g, "random": r, "budget": budget})
     else:
         why = ("the set is finite and enumerated" if full.exhaustive

@@ -2,7 +2,11 @@
 
 Exhaustive enumeration where the set is finite (integer translations, patch positions), else a
 grid, random draws and, where the transform is differentiable in its parameters, signed-gradient
-descent on the margin from the worst points found. A sample counts as robust only when it is
+descent on the margin from the worst points found. The gradient's sign comes from forward differences
+by default (`search.gradient: differences`: one more forward per parameter axis, at most two here)
+or from a backward pass (`autograd`); the first is cheaper wherever a backward through the model costs
+more than that many forwards (about five forwards on digits), and on the bench models both reach the
+same per-sample verdicts (bench/results/conditions_cost_*.md). A sample counts as robust only when it is
 classified correctly and no evaluated parameter changes the decision: an upper bound.
 
 Cost: the (sample, parameter) copies of the grid and of the random draws go through the model in
@@ -12,7 +16,7 @@ on the clean input (its verdict cannot change), and the descent once it comes ba
 already evaluated; the grid is always evaluated in full, since the heat map needs every sample at
 every point. bench/conditions_cost.py measures the cost against plain batched forwards of the same
 copies: a gradient copy costs a forward and a backward (about five forwards on digits), which no
-batching removes.
+batching removes; a difference probe is one more forward copy.
 """
 from __future__ import annotations
 
@@ -25,6 +29,7 @@ from pipeline.conditions.threats import Condition, grid_points
 from pipeline.threat import Domain
 PACKED_BATCHES = 4  # random draws are evaluated in blocks of this many full batches
 MARGIN_ROWS = 4096  # logits rows gathered before margins are taken (bounds their memory)
+DIFFERENCE_FRACTION = 1e-3  # forward-difference step, as a share of each axis' range
 
 
 def margin_and_prediction(logits: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -101,6 +106,26 @@ class Evaluator:
         self.gradient_copies += len(x)
         return margin.detach(), prediction, grad
 
+    def difference_signs(self, x, y, samples, theta, width, known=None):
+        """Margins and predictions at theta (m, d) of the samples `samples` (m,), and the sign of each
+        d margin / d θ_i from a forward difference: one more copy per axis, stepped inwards from the
+        box's upper face, all in full batches. `known` (margin, prediction) at theta skips that copy.
+        Also returns every copy evaluated (samples, margin, theta, prediction) for the worst-case record."""
+        m, d = theta.shape
+        _, high = self.condition.box(theta.device)
+        h = DIFFERENCE_FRACTION * width
+        inwards = torch.where(theta + h <= high, 1.0, -1.0).to(theta.dtype)  # (m, d)
+        probes = theta[None] + (inwards * h)[None] * torch.eye(d, dtype=theta.dtype, device=theta.device)[:, None, :]
+        points = probes.reshape(d * m, d) if known is not None else torch.cat([theta, probes.reshape(d * m, d)])
+        rows = samples.repeat(len(points) // m)
+        margins, predictions = self.pairs(x, y, rows, points)
+        if known is None:
+            margin, prediction, probed = margins[:m], predictions[:m], margins[m:]
+        else:
+            (margin, prediction), probed = known, margins
+        signs = ((probed.view(d, m) - margin[None]).T * inwards).sign()
+        return margin, prediction, signs, (rows, margins, points, predictions)
+
 
 @dataclass
 class Worst:
@@ -172,12 +197,20 @@ def search(model, x, y, condition: Condition, domain: Domain, cfg, generator: to
         budget += draws
         if condition.differentiable and "gradient" in use:
             steps = cfg.steps if gradient_steps is None else gradient_steps
+            from_worst = budget > 0 and steps > 0  # the first descent starts at an evaluated point
             _descend(evaluate, x, y, condition, cfg, worst, generator, steps, clean_correct)
-            budget += cfg.restarts * (steps + 1)
+            budget += cfg.restarts * (steps * copies_per_step(condition, cfg) + 1)
+            budget -= 1 if from_worst and cfg.gradient == "differences" else 0  # its margin there is known
     broken = worst.prediction != y
     broken &= worst.prediction >= 0
     return SearchOutcome(clean_correct, clean_correct & ~broken, worst, budget, finite is not None, points,
                          grid_accuracy, evaluate.copies, evaluate.gradient_copies)
+
+
+def copies_per_step(condition: Condition, cfg) -> int:
+    """Transformed copies one descent step evaluates per sample: the point itself, plus one probe per
+    parameter axis when the gradient's sign comes from forward differences."""
+    return 1 + (condition.dims if cfg.gradient == "differences" else 0)
 
 
 def _alive(worst: Worst, y: torch.Tensor, clean_correct: torch.Tensor) -> torch.Tensor:
@@ -272,20 +305,27 @@ def _descend(evaluate: Evaluator, x, y, condition: Condition, cfg, worst: Worst,
     if clean_correct is None:
         clean_correct = torch.ones(len(x), dtype=torch.bool, device=x.device)
     for restart in range(cfg.restarts):
-        if restart == 0 and torch.isfinite(worst.margin).all():
-            theta = worst.theta.clone()
-        else:
-            theta = _uniform(len(x), condition, generator, x.device)
+        from_worst = restart == 0 and bool(torch.isfinite(worst.margin).all())
+        theta = worst.theta.clone() if from_worst else _uniform(len(x), condition, generator, x.device)
         alive = _alive(worst, y, clean_correct)
         theta = theta[alive]
+        # the worst point's margin is known: a difference estimate needs only the probes there
+        known = (worst.margin[alive], worst.prediction[alive]) if from_worst else None
         visited = theta[None]  # (points so far, alive samples, d): this descent's evaluated points
         for _ in range(steps):
             if not len(alive):
                 break
-            margin, prediction, grad = evaluate.gradient(x[alive], y[alive], theta)
-            _update_rows(worst, alive, margin, theta, prediction)
-            theta = torch.maximum(torch.minimum(theta - step * grad.sign(), high), low)
-            new = (prediction == y[alive]) & ~(visited == theta[None]).all(dim=2).any(dim=0)
+            if cfg.gradient == "autograd":
+                margin, prediction, grad = evaluate.gradient(x[alive], y[alive], theta)
+                direction = grad.sign()
+                _update_rows(worst, alive, margin, theta, prediction)
+            else:
+                margin, prediction, direction, copies = evaluate.difference_signs(x, y, alive, theta, high - low, known)
+                _update_each(worst, *copies)  # a probe that breaks the sample counts
+                known = None
+            theta = torch.maximum(torch.minimum(theta - step * direction, high), low)
+            unbroken = (prediction == y[alive]) & (worst.prediction[alive] == y[alive])
+            new = unbroken & ~(visited == theta[None]).all(dim=2).any(dim=0)
             alive, theta, visited = alive[new], theta[new], torch.cat([visited[:, new], theta[new][None]])
         if len(alive):
             margin, prediction = evaluate(x[alive], y[alive], theta[None])

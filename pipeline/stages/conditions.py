@@ -84,9 +84,11 @@ def main(ws: Workspace) -> int:
     model_sha = sha256_file(ws.checkpoint)
     model, _ = load_model_for(ws, params, data, data_fingerprint, runtime.device)
     domain = domain.to(runtime.device)
-    if getattr(model, "not_differentiable", None):  # onnxruntime alone: grid and random search, no gradient steps
-        print(f"conditions: forward passes only ({model.not_differentiable}): no gradient search steps")
-        cfg = cfg.model_copy(update={"search": cfg.search.model_copy(update={"steps": 0})})
+    if getattr(model, "not_differentiable", None) and cfg.search.gradient != "differences":
+        # onnxruntime alone: the descent can still take its gradient signs from forward differences
+        print(f"conditions: forward passes only ({model.not_differentiable}): the descent takes its gradient "
+              "signs by forward differences, not search.gradient: autograd")
+        cfg = cfg.model_copy(update={"search": cfg.search.model_copy(update={"gradient": "differences"})})
     seed_everything(params.seed)
     x, y = tensors(data, "test", cfg.max_samples, runtime.device)
     previous = _previous(ws)
