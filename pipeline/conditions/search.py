@@ -197,7 +197,8 @@ def search(model, x, y, condition: Condition, domain: Domain, cfg, generator: to
         budget += draws
         if condition.differentiable and "gradient" in use:
             steps = cfg.steps if gradient_steps is None else gradient_steps
-            from_worst = budget > 0 and steps > 0  # the first descent starts at an evaluated point
+            # the first descent starts at the worst evaluated point when every sample has one (as _descend decides)
+            from_worst = steps > 0 and bool(torch.isfinite(worst.margin).all())
             _descend(evaluate, x, y, condition, cfg, worst, generator, steps, clean_correct)
             budget += cfg.restarts * (steps * copies_per_step(condition, cfg) + 1)
             budget -= 1 if from_worst and cfg.gradient == "differences" else 0  # its margin there is known
@@ -291,9 +292,10 @@ def _update_each(worst: Worst, samples: torch.Tensor, margin, theta, prediction)
 
 def _descend(evaluate: Evaluator, x, y, condition: Condition, cfg, worst: Worst, generator, steps: int,
              clean_correct: torch.Tensor | None = None) -> None:
-    """Signed-gradient descent on the margin in parameter space, projected onto the box: the first
-    restart from the worst point found so far (a random point when nothing was evaluated yet),
-    the others from random points. A sample leaves the descent once it is broken (early exit), and
+    """Signed-gradient descent on the margin in parameter space, projected onto the box, the signs by
+    forward differences or a backward pass (`cfg.gradient`): the first restart from the worst point
+    found so far (a random point when nothing was evaluated yet), the others from random points. A
+    sample leaves the descent once it is broken (by a point or a difference probe: early exit), and
     once its next point is one its descent already evaluated: the transform and the model are
     deterministic, so from there the descent would repeat itself (a corner the gradient pushes out of,
     or a step that oscillates across a minimum). Only nearly: a forward over fewer samples may differ
