@@ -57,7 +57,7 @@ def test_forward_difference_signs_are_the_gradient_signs(digits_model):
     theta = low + torch.rand(len(x), 2, generator=torch.Generator().manual_seed(1)) * (high - low)
     theta[: len(x) // 2, 0] = high[0]  # half the samples on the upper brightness face
     evaluate = Evaluator(model, cond, domain, 64, torch.Generator().manual_seed(0))
-    margin, _, signs, copies = evaluate.difference_signs(x, y, torch.arange(len(x)), theta, high - low)
+    margin, _, signs, copies = evaluate.difference_signs(x, y, torch.arange(len(x)), theta)
     reference, _, grad = evaluate.gradient(x, y, theta)
     assert torch.allclose(margin, reference, atol=1e-5)
     assert len(copies[0]) == 3 * len(x)  # the point and one probe per axis

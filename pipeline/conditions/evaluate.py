@@ -56,7 +56,8 @@ def _search_record(outcome: SearchOutcome, condition: Condition, cfg, seconds: f
         gradient_steps=cfg.steps if "gradient" in components else 0,
         restarts=cfg.restarts if "gradient" in components else 0, copies_per_sample=outcome.copies_per_sample,
         copies_evaluated=outcome.copies_evaluated, gradient_copies=outcome.gradient_copies,
-        gradient_estimator=cfg.gradient if "gradient" in components else None, exhaustive=outcome.exhaustive, seconds=round(seconds, 3))
+        gradient_estimator=cfg.gradient if "gradient" in components else None, exhaustive=outcome.exhaustive,
+        seconds=round(seconds, 3))
 
 
 def _robust_share(outcome: SearchOutcome) -> float:

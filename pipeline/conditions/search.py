@@ -106,14 +106,14 @@ class Evaluator:
         self.gradient_copies += len(x)
         return margin.detach(), prediction, grad
 
-    def difference_signs(self, x, y, samples, theta, width, known=None):
+    def difference_signs(self, x, y, samples, theta, known=None):
         """Margins and predictions at theta (m, d) of the samples `samples` (m,), and the sign of each
         d margin / d θ_i from a forward difference: one more copy per axis, stepped inwards from the
         box's upper face, all in full batches. `known` (margin, prediction) at theta skips that copy.
         Also returns every copy evaluated (samples, margin, theta, prediction) for the worst-case record."""
         m, d = theta.shape
-        _, high = self.condition.box(theta.device)
-        h = DIFFERENCE_FRACTION * width
+        low, high = self.condition.box(theta.device)
+        h = DIFFERENCE_FRACTION * (high - low)
         inwards = torch.where(theta + h <= high, 1.0, -1.0).to(theta.dtype)  # (m, d)
         probes = theta[None] + (inwards * h)[None] * torch.eye(d, dtype=theta.dtype, device=theta.device)[:, None, :]
         points = probes.reshape(d * m, d) if known is not None else torch.cat([theta, probes.reshape(d * m, d)])
@@ -197,21 +197,11 @@ def search(model, x, y, condition: Condition, domain: Domain, cfg, generator: to
         budget += draws
         if condition.differentiable and "gradient" in use:
             steps = cfg.steps if gradient_steps is None else gradient_steps
-            # the first descent starts at the worst evaluated point when every sample has one (as _descend decides)
-            from_worst = steps > 0 and bool(torch.isfinite(worst.margin).all())
-            _descend(evaluate, x, y, condition, cfg, worst, generator, steps, clean_correct)
-            budget += cfg.restarts * (steps * copies_per_step(condition, cfg) + 1)
-            budget -= 1 if from_worst and cfg.gradient == "differences" else 0  # its margin there is known
+            budget += _descend(evaluate, x, y, condition, cfg, worst, generator, steps, clean_correct)
     broken = worst.prediction != y
     broken &= worst.prediction >= 0
     return SearchOutcome(clean_correct, clean_correct & ~broken, worst, budget, finite is not None, points,
                          grid_accuracy, evaluate.copies, evaluate.gradient_copies)
-
-
-def copies_per_step(condition: Condition, cfg) -> int:
-    """Transformed copies one descent step evaluates per sample: the point itself, plus one probe per
-    parameter axis when the gradient's sign comes from forward differences."""
-    return 1 + (condition.dims if cfg.gradient == "differences" else 0)
 
 
 def _alive(worst: Worst, y: torch.Tensor, clean_correct: torch.Tensor) -> torch.Tensor:
@@ -291,7 +281,7 @@ def _update_each(worst: Worst, samples: torch.Tensor, margin, theta, prediction)
 
 
 def _descend(evaluate: Evaluator, x, y, condition: Condition, cfg, worst: Worst, generator, steps: int,
-             clean_correct: torch.Tensor | None = None) -> None:
+             clean_correct: torch.Tensor | None = None) -> int:
     """Signed-gradient descent on the margin in parameter space, projected onto the box, the signs by
     forward differences or a backward pass (`cfg.gradient`): the first restart from the worst point
     found so far (a random point when nothing was evaluated yet), the others from random points. A
@@ -301,13 +291,19 @@ def _descend(evaluate: Evaluator, x, y, condition: Condition, cfg, worst: Worst,
     or a step that oscillates across a minimum). Only nearly: a forward over fewer samples may differ
     in the last bits, which can flip the sign of a gradient component that is almost zero. The same
     seed still gives the same result; the exit's equivalence to a descent without it is tested, not proven. On digits 97% of the samples that start
-    at the worst grid point reach such a point within one step (bench/results/conditions_cost_digits.md)."""
+    at the worst grid point reach such a point within one step (bench/results/conditions_cost_digits.md).
+    Returns the budget: the most transformed copies it can give one sample (each step the point, plus one
+    probe per axis for differences; each descent's last point; a start with a known margin saves a copy)."""
     low, high = condition.box(x.device)
     step = cfg.step_fraction * (high - low)
     if clean_correct is None:
         clean_correct = torch.ones(len(x), dtype=torch.bool, device=x.device)
+    differences = cfg.gradient == "differences"
+    budget = cfg.restarts * (steps * (1 + condition.dims * differences) + 1)
     for restart in range(cfg.restarts):
         from_worst = restart == 0 and bool(torch.isfinite(worst.margin).all())
+        if from_worst and differences and steps:
+            budget -= 1  # the first difference step reuses the start's known margin
         theta = worst.theta.clone() if from_worst else _uniform(len(x), condition, generator, x.device)
         alive = _alive(worst, y, clean_correct)
         theta = theta[alive]
@@ -317,12 +313,12 @@ def _descend(evaluate: Evaluator, x, y, condition: Condition, cfg, worst: Worst,
         for _ in range(steps):
             if not len(alive):
                 break
-            if cfg.gradient == "autograd":
+            if not differences:
                 margin, prediction, grad = evaluate.gradient(x[alive], y[alive], theta)
                 direction = grad.sign()
                 _update_rows(worst, alive, margin, theta, prediction)
             else:
-                margin, prediction, direction, copies = evaluate.difference_signs(x, y, alive, theta, high - low, known)
+                margin, prediction, direction, copies = evaluate.difference_signs(x, y, alive, theta, known)
                 _update_each(worst, *copies)  # a probe that breaks the sample counts
                 known = None
             theta = torch.maximum(torch.minimum(theta - step * direction, high), low)
@@ -332,3 +328,4 @@ def _descend(evaluate: Evaluator, x, y, condition: Condition, cfg, worst: Worst,
         if len(alive):
             margin, prediction = evaluate(x[alive], y[alive], theta[None])
             _update_rows(worst, alive, margin[0], theta, prediction[0])
+    return budget
